@@ -1,0 +1,23 @@
+"""zrepl: hot-standby replication for Python state machines.
+
+The public surface is documented in the README and ``docs/``; everything
+listed in ``__all__`` is stable.
+"""
+
+from .config import Config
+from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
+                     ReplicationError, StaleLeader, StorageError, StorageLocked, Timeout,
+                     WALTruncated)
+from .filestorage import FileStorage
+from .interfaces import App, Follower, Manager, Node, Storage
+from .storage import MemoryStorage
+from .types import FollowerState, NodeRole, NodeStatus, WALEntry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
+    "FollowerState", "Manager", "MemoryStorage", "Node", "NodeRole", "NodeStatus",
+    "NotLeader", "ProtocolError", "ReplicationError", "StaleLeader", "Storage",
+    "StorageError", "StorageLocked", "Timeout", "WALEntry", "WALTruncated", "__version__",
+]

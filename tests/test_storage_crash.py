@@ -35,36 +35,33 @@ def _run_until_killed(data_dir: Path, rng: random.Random) -> tuple[int, tuple[in
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
     proc = subprocess.Popen([sys.executable, str(WRITER), str(data_dir), str(rng.randrange(2**32))],
                             stdout=subprocess.PIPE, text=True, env=env)
-    acked, in_flight = 0, None
+    state = {"acked": 0, "in_flight": None, "acks": 0}
+
+    def consume(line: str) -> None:
+        kind, *ids = line.split()
+        if kind == "begin":
+            state["in_flight"] = (int(ids[0]), int(ids[1]))
+        else:
+            state.update(acked=int(ids[0]), in_flight=None, acks=state["acks"] + 1)
+
     target = rng.randint(1, 30)
     try:
-        seen = 0
         for line in proc.stdout:
-            kind, *ids = line.split()
-            if kind == "begin":
-                in_flight = (int(ids[0]), int(ids[1]))
-            else:
-                acked, in_flight = int(ids[0]), None
-                seen += 1
-                if seen >= target:
-                    break
+            consume(line)
+            if state["acks"] >= target:
+                break
         else:
             pytest.fail(f"writer exited by itself with {proc.wait()}")
         _spin(rng.uniform(0, 0.004))
         proc.send_signal(signal.SIGKILL)
-        # Lines written before the kill still count: drain the pipe.
-        for line in proc.stdout:
-            kind, *ids = line.split()
-            if kind == "begin":
-                in_flight = (int(ids[0]), int(ids[1]))
-            else:
-                acked, in_flight = int(ids[0]), None
+        for line in proc.stdout:  # lines written before the kill still count
+            consume(line)
     finally:
         proc.kill()
         proc.wait(timeout=30)
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    return acked, in_flight
+    return state["acked"], state["in_flight"]
 
 
 @pytest.mark.timeout(300)

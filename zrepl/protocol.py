@@ -1,0 +1,293 @@
+"""Wire protocol: endpoints, frames, error mapping.  No sockets here.
+
+Every message is msgpack and starts with the protocol version.  Three
+kinds of traffic:
+
+* **control** (REQ -> ROUTER): a map ``{"v": 1, "op": NAME, "args": {...}}``;
+  the reply is ``{"v": 1, "ok": RESULT}`` or ``{"v": 1, "err": [TYPE, MESSAGE,
+  EXTRA]}``.  Not on the hot path, so readable maps.
+* **data** (PUSH -> PULL, downstream): arrays, one msgpack call per batch::
+
+      [1, WAL,         leader_id, stream, first_wal_id, [data, ...]]
+      [1, STATE_BEGIN, leader_id, stream, snapshot_wal_id, zrepl_section]
+      [1, STATE,       leader_id, stream, seq, [data, ...]]
+      [1, STATE_END,   leader_id, stream, snapshot_wal_id, entry_count]
+
+* **acks** (PUSH -> PULL, upstream)::
+
+      [1, ACK, stream, kind, position, codes, error]
+
+  ``kind`` is WAL or STATE; ``position`` the batch's last WAL id (WAL) or
+  its sequence number (STATE); ``codes`` the response codes as little-endian
+  uint16 bytes, so the leader compares a whole batch with one ``==``;
+  ``error`` is None or ``[TYPE, MESSAGE]``.
+
+``stream`` is a random token the upstream picks at each handshake: a
+follower accepts data only from the stream it last agreed to, and an
+upstream ignores acks of any other stream, so a deposed leader's leftovers
+can never be confused with the current conversation.
+
+Client submissions (REQ/DEALER -> ROUTER on the client endpoint)::
+
+      request: [1, "submit", request_id, data]
+      reply:   [1, request_id, code, error]      (error None on success)
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+
+from . import errors
+
+PROTOCOL_VERSION = 1
+
+# data message kinds
+WAL = 1
+STATE_BEGIN = 2
+STATE = 3
+STATE_END = 4
+ACK = 5
+
+packb = msgpack.packb
+
+
+def unpackb(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+# --- endpoints ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    control: str
+    data: str
+    ack: str
+    client: str
+
+
+def endpoints(address: str) -> Endpoints:
+    """Derive a node's four endpoints from its address.
+
+    ``tcp://HOST:PORT`` uses PORT (control), PORT+1 (data), PORT+2 (acks)
+    and PORT+3 (clients); ``ipc://PATH`` uses PATH, PATH.data, PATH.ack and
+    PATH.client.  Raises ``ValueError`` for anything else.
+    """
+    if not isinstance(address, str) or not address:
+        raise ValueError(f"node address must be a non-empty string, got {address!r}")
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        if not path:
+            raise ValueError(f"ipc address needs a path: {address!r}")
+        return Endpoints(address, f"{address}.data", f"{address}.ack", f"{address}.client")
+    if address.startswith("tcp://"):
+        parts = urlsplit(address)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        host = parts.hostname
+        if not host or port is None or not 0 < port <= 65532:
+            raise ValueError(f"tcp address must be tcp://HOST:PORT with PORT <= 65532 "
+                             f"(four consecutive ports are used), got {address!r}")
+        h = f"[{host}]" if ":" in host else host
+        return Endpoints(*(f"tcp://{h}:{port + i}" for i in range(4)))
+    raise ValueError(f"node address must start with tcp:// or ipc://, got {address!r}")
+
+
+# --- codes ----------------------------------------------------------------------------
+
+
+def codes_to_bytes(codes: Any) -> bytes:
+    """Response codes as compact uint16 bytes; raises ValueError on codes
+    that are not ints in 0..65535 (an App bug)."""
+    try:
+        a = array("H", codes)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"App.apply must return ints in 0..65535: {exc}") from None
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def codes_from_bytes(raw: bytes) -> list[int]:
+    a = array("H")
+    a.frombytes(raw)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tolist()
+
+
+# --- errors on the wire ----------------------------------------------------------------
+
+_ERROR_TYPES = {cls.__name__: cls for cls in (
+    errors.ReplicationError, errors.NotLeader, errors.StaleLeader, errors.Timeout,
+    errors.ProtocolError, errors.StorageError, errors.WALTruncated, errors.StorageLocked,
+    errors.CorruptStorage, errors.FollowerMismatch)}
+
+
+def error_to_wire(exc: BaseException) -> list:
+    extra: dict[str, Any] = {}
+    if isinstance(exc, errors.NotLeader):
+        extra["leader_address"] = exc.leader_address
+    elif isinstance(exc, errors.StaleLeader):
+        extra["leader_id"] = exc.leader_id
+        extra["current_leader_id"] = exc.current_leader_id
+    name = type(exc).__name__ if type(exc).__name__ in _ERROR_TYPES else "ReplicationError"
+    return [name, str(exc), extra]
+
+
+def error_from_wire(err: Any) -> errors.ReplicationError:
+    """Rebuild the exception a peer reported.  A malformed error report is
+    itself a ProtocolError."""
+    if not isinstance(err, (list, tuple)) or len(err) < 2 or not isinstance(err[1], str):
+        return errors.ProtocolError(f"malformed error report from peer: {err!r:.200}")
+    name, message = err[0], err[1]
+    extra = err[2] if len(err) > 2 and isinstance(err[2], dict) else {}
+    cls = _ERROR_TYPES.get(name, errors.ReplicationError)
+    if cls is errors.NotLeader:
+        return errors.NotLeader(message, str(extra.get("leader_address", "") or ""))
+    if cls is errors.StaleLeader:
+        return errors.StaleLeader(message, int(extra.get("leader_id", 0) or 0),
+                                  int(extra.get("current_leader_id", 0) or 0))
+    if cls is errors.WALTruncated:
+        return errors.WALTruncated(message)
+    return cls(message)
+
+
+# --- control messages ------------------------------------------------------------------
+
+
+def control_request(op: str, args: dict[str, Any]) -> bytes:
+    return packb({"v": PROTOCOL_VERSION, "op": op, "args": args})
+
+
+def control_ok(result: Any) -> bytes:
+    return packb({"v": PROTOCOL_VERSION, "ok": result})
+
+
+def control_err(exc: BaseException) -> bytes:
+    return packb({"v": PROTOCOL_VERSION, "err": error_to_wire(exc)})
+
+
+def parse_control_request(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """Decode a control request; raises ProtocolError naming what is wrong."""
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:  # msgpack raises several types
+        raise errors.ProtocolError(f"malformed control frame: {exc}") from None
+    if not isinstance(msg, dict):
+        raise errors.ProtocolError("control frame must be a map")
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise errors.ProtocolError(
+            f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    op, args = msg.get("op"), msg.get("args", {})
+    if not isinstance(op, str) or not isinstance(args, dict):
+        raise errors.ProtocolError("control frame needs a string 'op' and a map 'args'")
+    return op, args
+
+
+def parse_control_reply(raw: bytes) -> Any:
+    """Return the result of a control reply or raise the error it carries."""
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:
+        raise errors.ProtocolError(f"malformed control reply: {exc}") from None
+    if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+        raise errors.ProtocolError(f"control reply of an unknown protocol version: {msg!r:.200}")
+    if "err" in msg:
+        raise error_from_wire(msg["err"])
+    if "ok" not in msg:
+        raise errors.ProtocolError("control reply carries neither 'ok' nor 'err'")
+    return msg["ok"]
+
+
+# --- data and ack messages ----------------------------------------------------------------
+
+
+def wal_message(leader_id: int, stream: int, first_id: int, datas: list[bytes]) -> bytes:
+    return packb([PROTOCOL_VERSION, WAL, leader_id, stream, first_id, datas])
+
+
+def ack_message(stream: int, kind: int, position: int, codes: bytes,
+                error: BaseException | None = None) -> bytes:
+    err = error_to_wire(error)[:2] if error is not None else None
+    return packb([PROTOCOL_VERSION, ACK, stream, kind, position, codes, err])
+
+
+def parse_data(raw: bytes) -> list:
+    """Decode and shape-check a data or ack message; ProtocolError if bad."""
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:
+        raise errors.ProtocolError(f"malformed data frame: {exc}") from None
+    if type(msg) is not list or len(msg) < 2:
+        raise errors.ProtocolError("data frame must be an array [version, kind, ...]")
+    if msg[0] != PROTOCOL_VERSION:
+        raise errors.ProtocolError(
+            f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    kind = msg[1]
+    if kind in (WAL, STATE):
+        # Item types are checked by Storage.write_wal (one C-level pass).
+        ok = len(msg) == 6 and _uints(msg[2:5]) and type(msg[5]) is list
+    elif kind == STATE_BEGIN:
+        ok = len(msg) == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
+    elif kind == STATE_END:
+        ok = len(msg) == 6 and _uints(msg[2:6])
+    elif kind == ACK:
+        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
+              and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
+    else:
+        ok = False
+    if not ok:
+        raise errors.ProtocolError(f"data frame of kind {kind!r} has the wrong shape")
+    return msg
+
+
+def _uints(values: list) -> bool:
+    return all(type(v) is int and v >= 0 for v in values)
+
+
+# --- client submissions -------------------------------------------------------------------
+
+
+def submit_request(request_id: int, data: bytes) -> bytes:
+    return packb([PROTOCOL_VERSION, "submit", request_id, data])
+
+
+def submit_reply(request_id: Any, code: int | None, error: BaseException | None = None) -> bytes:
+    return packb([PROTOCOL_VERSION, request_id, code,
+                  error_to_wire(error) if error is not None else None])
+
+
+def parse_submit(raw: bytes) -> tuple[Any, bytes]:
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:
+        raise errors.ProtocolError(f"malformed client frame: {exc}") from None
+    if type(msg) is not list or len(msg) < 4:
+        raise errors.ProtocolError("client frame must be [version, op, request_id, data]")
+    if msg[0] != PROTOCOL_VERSION:
+        raise errors.ProtocolError(
+            f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    if msg[1] != "submit" or type(msg[3]) is not bytes:
+        raise errors.ProtocolError(f"unknown client op {msg[1]!r} or data not bytes")
+    return msg[2], msg[3]
+
+
+def parse_submit_reply(raw: bytes) -> tuple[Any, int | None, errors.ReplicationError | None]:
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:
+        raise errors.ProtocolError(f"malformed client reply: {exc}") from None
+    if type(msg) is not list or len(msg) != 4 or msg[0] != PROTOCOL_VERSION:
+        raise errors.ProtocolError(f"unexpected client reply {msg!r:.200}")
+    err = error_from_wire(msg[3]) if msg[3] is not None else None
+    return msg[1], msg[2], err

@@ -1,0 +1,341 @@
+"""Snapshots: the framed, versioned stream of a node's state at one WAL id.
+
+The same format serves two purposes: the stream a leader sends to a
+follower that needs a full state sync, and the local *checkpoint* file a
+node restarts from.  A stream is a sequence of frames::
+
+    u32 length | u32 crc32(payload) | payload (msgpack)
+
+preceded, in a file, by the 16-byte file header (``ZREPLCKP``, version).
+Payloads, in order::
+
+    ["header",  {"format": 1, "wal_id": S, "leader_id": L, "created_ns": T}]
+    ["section", "zrepl", {"epoch_history": [[leader_id, first_wal_id], ...]}]
+    ["section", "app"]
+    ["batch",   [data, ...]]        # App commands from iter_state(), encoded
+    ...
+    ["end",     {"entries": N}]
+
+zrepl's own replicated state comes first, the App's after it; a reader
+skips sections it does not know, so later versions can add sections (the
+table of client sessions, for instance) without breaking older readers.
+A stream without its ``end`` frame, or with any frame failing its checksum,
+is invalid as a whole.
+
+Producing a snapshot: :func:`fork_snapshot` forks the process.  The child
+shares the parent's memory copy-on-write, so it sees the App frozen at the
+moment of the fork (which the caller makes a point between two applies,
+holding the App's lock) while the parent keeps applying.  The child never
+touches the parent's sockets or locks: it iterates the state, writes frames
+to a pipe or a file, and leaves with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import signal
+import struct
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+
+from .errors import CorruptStorage
+from .fsutil import fsync_dir
+from .types import WALEntry
+
+FILE_MAGIC = b"ZREPLCKP"
+FORMAT = 1
+FILE_HEADER = struct.Struct("<8sII")
+FRAME = struct.Struct("<II")
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{20})\.zck$")
+MAX_FRAME = 1 << 30
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def frame(payload_obj: Any) -> bytes:
+    payload = _packb(payload_obj)
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+class FrameWriter:
+    """Buffered frame output to a file descriptor (blocking writes)."""
+
+    def __init__(self, fd: int, buffer_bytes: int = 1 << 20):
+        self.fd = fd
+        self._buf: list[bytes] = []
+        self._size = 0
+        self._limit = buffer_bytes
+
+    def write(self, payload_obj: Any) -> None:
+        data = frame(payload_obj)
+        self._buf.append(data)
+        self._size += len(data)
+        if self._size >= self._limit:
+            self.flush()
+
+    def flush(self) -> None:
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._size = 0
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+class FrameReader:
+    """Incremental frame parser: feed bytes, take whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> Iterator[list]:
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= FRAME.size:
+                length, crc = FRAME.unpack_from(buf, pos)
+                if length > MAX_FRAME:
+                    raise CorruptStorage(f"snapshot frame of {length} bytes is too large")
+                end = pos + FRAME.size + length
+                if end > len(buf):
+                    break
+                payload = bytes(buf[pos + FRAME.size:end])
+                if zlib.crc32(payload) != crc:
+                    raise CorruptStorage("snapshot frame fails its checksum")
+                obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                if type(obj) is not list or not obj or not isinstance(obj[0], str):
+                    raise CorruptStorage("snapshot frame is not [kind, ...]")
+                pos = end
+                yield obj
+        finally:
+            del buf[:pos]
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+
+def write_snapshot(out: FrameWriter, app: Any, wal_id: int, leader_id: int,
+                   zrepl_section: dict, batch_entries: int) -> int:
+    """Write a whole snapshot of ``app`` (in this process).  Returns the
+    number of App commands written."""
+    out.write(["header", {"format": FORMAT, "wal_id": wal_id, "leader_id": leader_id,
+                          "created_ns": time.time_ns()}])
+    out.write(["section", "zrepl", zrepl_section])
+    out.write(["section", "app"])
+    batch: list[bytes] = []
+    count = 0
+    encode = app.encode_cmd
+    for cmd in app.iter_state():
+        batch.append(encode(cmd, WALEntry(0)).data)
+        if len(batch) >= batch_entries:
+            out.write(["batch", batch])
+            count += len(batch)
+            batch = []
+    if batch:
+        out.write(["batch", batch])
+        count += len(batch)
+    out.write(["end", {"entries": count}])
+    out.flush()
+    return count
+
+
+def _child_main(fn, *args) -> None:  # pragma: no cover - runs in the forked child
+    code = 0
+    try:
+        gc.disable()  # no finalizer may close the parent's sockets from here
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        fn(*args)
+    except BaseException:
+        code = 1
+        try:
+            os.write(2, ("zrepl snapshot child failed:\n" + traceback.format_exc()).encode())
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int, zrepl_section: dict,
+                          batch_entries: int) -> tuple[int, int]:
+    """Fork a child streaming a snapshot into a pipe.  Call it from the
+    thread that owns the App, between two applies.  Returns (pid, read fd);
+    the caller reads frames, then reaps the child with ``os.waitpid``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        _child_main(lambda: write_snapshot(FrameWriter(w), app, wal_id, leader_id,
+                                           zrepl_section, batch_entries))
+    os.close(w)
+    os.set_blocking(r, False)
+    return pid, r
+
+
+# --- checkpoint files --------------------------------------------------------------------
+
+
+def checkpoint_name(wal_id: int) -> str:
+    return f"ckpt-{wal_id:020d}.zck"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(wal_id, path) of the complete-looking checkpoint files, oldest first."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for p in directory.iterdir():
+        m = CHECKPOINT_NAME.match(p.name)
+        if m:
+            out.append((int(m.group(1)), p))
+    out.sort()
+    return out
+
+
+class CheckpointFileWriter:
+    """Writes a checkpoint file atomically: a temp file, renamed into place
+    by :meth:`commit` after an fsync, then the directory is fsynced."""
+
+    def __init__(self, directory: Path, wal_id: int):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.wal_id = wal_id
+        self.final = directory / checkpoint_name(wal_id)
+        self.tmp = directory / f".{checkpoint_name(wal_id)}.tmp.{os.getpid()}"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self.fd, FILE_HEADER.pack(FILE_MAGIC, FORMAT, 0))
+        self.frames = FrameWriter(self.fd)
+
+    def write_raw_frame(self, payload_obj: Any) -> None:
+        self.frames.write(payload_obj)
+
+    def commit(self) -> Path:
+        self.frames.flush()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.dir)
+        return self.final
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
+                     zrepl_section: dict, batch_entries: int) -> Path:
+    w = CheckpointFileWriter(directory, wal_id)
+    try:
+        write_snapshot(w.frames, app, wal_id, leader_id, zrepl_section, batch_entries)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def fork_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
+                    zrepl_section: dict, batch_entries: int) -> int:
+    """Fork a child that writes a checkpoint file; returns its pid.  Its
+    exit status says whether the file was committed."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        _child_main(write_checkpoint, directory, app, wal_id, leader_id, zrepl_section,
+                    batch_entries)
+    return pid
+
+
+@dataclass
+class Snapshot:
+    """What a verified checkpoint file holds (its App batches are read
+    again, streamed, by :func:`iter_app_batches`)."""
+
+    path: Path
+    wal_id: int
+    leader_id: int
+    zrepl: dict
+    entries: int
+
+
+def _iter_file_frames(path: Path) -> Iterator[list]:
+    with open(path, "rb") as f:
+        head = f.read(FILE_HEADER.size)
+        if len(head) < FILE_HEADER.size:
+            raise CorruptStorage(f"{path.name}: shorter than its header")
+        magic, version, _ = FILE_HEADER.unpack(head)
+        if magic != FILE_MAGIC:
+            raise CorruptStorage(f"{path.name}: not a zrepl checkpoint")
+        if version != FORMAT:
+            raise CorruptStorage(f"{path.name}: unsupported checkpoint format {version}")
+        reader = FrameReader()
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            reader.feed(chunk)
+            yield from reader.frames()
+        if reader.pending_bytes:
+            raise CorruptStorage(f"{path.name}: torn final frame")
+
+
+def read_checkpoint(path: Path) -> Snapshot:
+    """Verify a checkpoint file whole (every checksum, section order, the
+    end frame and its count) without keeping its batches in memory."""
+    snap: Snapshot | None = None
+    section = ""
+    ended = False
+    count = 0
+    try:
+        for obj in _iter_file_frames(path):
+            kind = obj[0]
+            if ended:
+                raise CorruptStorage(f"{path.name}: frames after the end frame")
+            if kind == "header":
+                hdr = obj[1] if len(obj) > 1 else None
+                if snap is not None or not isinstance(hdr, dict) or hdr.get("format") != FORMAT:
+                    raise CorruptStorage(f"{path.name}: bad header frame")
+                snap = Snapshot(path, int(hdr["wal_id"]), int(hdr.get("leader_id", 0)), {}, 0)
+            elif snap is None:
+                raise CorruptStorage(f"{path.name}: first frame is not the header")
+            elif kind == "section":
+                section = obj[1]
+                if section == "zrepl" and isinstance(obj[2], dict):
+                    snap.zrepl = obj[2]
+            elif kind == "batch":
+                if section == "app":
+                    count += len(obj[1])
+            elif kind == "end":
+                if obj[1].get("entries") != count:
+                    raise CorruptStorage(f"{path.name}: end frame counts "
+                                         f"{obj[1].get('entries')} entries, the file holds {count}")
+                snap.entries = count
+                ended = True
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise CorruptStorage(f"{path.name}: malformed frame ({exc})") from None
+    if snap is None or not ended:
+        raise CorruptStorage(f"{path.name}: incomplete (no end frame)")
+    return snap
+
+
+def iter_app_batches(path: Path) -> Iterator[list[bytes]]:
+    """The App section's batches of a checkpoint verified by
+    :func:`read_checkpoint` (checksums are checked again as it goes)."""
+    section = ""
+    for obj in _iter_file_frames(path):
+        if obj[0] == "section":
+            section = obj[1]
+        elif obj[0] == "batch" and section == "app":
+            yield obj[1]

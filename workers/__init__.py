@@ -1,0 +1,1 @@
+"""Ready-to-run replicated services built on zrepl."""

@@ -1,0 +1,109 @@
+"""workers.kv:KV — a replicated key-value store, the reference App.
+
+Commands (tuples, msgpack-encoded on the wire and in the WAL):
+
+    ("set", key, value)            -> OK
+    ("delete", key)                -> OK, NOT_FOUND
+    ("incr", key, n)               -> OK (a missing key counts as 0), WRONG_TYPE
+    ("cas", key, expected, new)    -> OK, NOT_FOUND, COMPARE_FAILED
+                                      (expected None means "the key is absent")
+
+Keys are str or bytes; values anything msgpack encodes.  Reads (``get``)
+are local: on the leader they see every acknowledged write (and, briefly,
+writes whose acknowledgement is still in flight); on a follower they may
+be stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import msgpack
+
+from zrepl import App, WALEntry
+
+OK = 0
+NOT_FOUND = 1
+COMPARE_FAILED = 2
+WRONG_TYPE = 3
+
+_ARITY = {"set": 3, "delete": 2, "incr": 3, "cas": 4}
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def encode(cmd: tuple) -> bytes:
+    """A command's wire form (what remote clients submit)."""
+    check(cmd)
+    return _packb(cmd)
+
+
+def check(cmd: Any) -> None:
+    if not isinstance(cmd, (tuple, list)) or not cmd or cmd[0] not in _ARITY:
+        raise ValueError(f"KV command must be (op, ...) with op in {sorted(_ARITY)}; got {cmd!r:.80}")
+    if len(cmd) != _ARITY[cmd[0]]:
+        raise ValueError(f"KV {cmd[0]!r} takes {_ARITY[cmd[0]] - 1} arguments; got {cmd!r:.80}")
+    if not isinstance(cmd[1], (str, bytes)):
+        raise ValueError(f"KV keys are str or bytes; got {type(cmd[1]).__name__}")
+    if cmd[0] == "incr" and (type(cmd[2]) is not int):
+        raise ValueError("KV incr takes an int")
+
+
+class KV(App):
+    def __init__(self) -> None:
+        self.data: dict[Any, Any] = {}
+
+    # --- App -------------------------------------------------------------------
+    def encode_cmd(self, cmd: Any, entry: WALEntry) -> WALEntry:
+        entry.data = encode(cmd)
+        return entry
+
+    def decode_cmd(self, entry: WALEntry) -> Any:
+        try:
+            cmd = msgpack.unpackb(entry.data, raw=False, use_list=False)
+        except Exception as exc:
+            raise ValueError(f"not a KV command: {exc}") from None
+        check(cmd)
+        return cmd
+
+    def apply(self, cmds: list) -> list[int]:
+        data = self.data
+        codes = []
+        for cmd in cmds:
+            op = cmd[0]
+            if op == "set":
+                data[cmd[1]] = cmd[2]
+                codes.append(OK)
+            elif op == "delete":
+                codes.append(OK if data.pop(cmd[1], _MISSING) is not _MISSING else NOT_FOUND)
+            elif op == "incr":
+                cur = data.get(cmd[1], 0)
+                if type(cur) is not int:
+                    codes.append(WRONG_TYPE)
+                else:
+                    data[cmd[1]] = cur + cmd[2]
+                    codes.append(OK)
+            else:  # cas
+                key, expected, new = cmd[1], cmd[2], cmd[3]
+                cur = data.get(key, _MISSING)
+                if cur is _MISSING and expected is not None:
+                    codes.append(NOT_FOUND)
+                elif (cur is _MISSING and expected is None) or cur == expected:
+                    data[key] = new
+                    codes.append(OK)
+                else:
+                    codes.append(COMPARE_FAILED)
+        return codes
+
+    def clear_state(self) -> None:
+        self.data.clear()
+
+    def iter_state(self) -> Iterator[Any]:
+        for key, value in self.data.items():
+            yield ("set", key, value)
+
+    # --- reads -------------------------------------------------------------------
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+
+_MISSING = object()

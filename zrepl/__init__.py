@@ -10,14 +10,17 @@ from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
                      WALTruncated)
 from .filestorage import FileStorage
 from .interfaces import App, Follower, Manager, Node, Storage
+from .remote import Client, NodeClient, RemoteFollower
+from .replica import Replica
 from .storage import MemoryStorage
 from .types import FollowerState, NodeRole, NodeStatus, WALEntry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
-    "FollowerState", "Manager", "MemoryStorage", "Node", "NodeRole", "NodeStatus",
-    "NotLeader", "ProtocolError", "ReplicationError", "StaleLeader", "Storage",
+    "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
+    "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole", "NodeStatus",
+    "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "ReplicationError",
+    "StaleLeader", "Storage",
     "StorageError", "StorageLocked", "Timeout", "WALEntry", "WALTruncated", "__version__",
 ]

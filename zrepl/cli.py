@@ -62,11 +62,42 @@ def cmd_wal_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    from .node_main import SetupError, config_from, run_node
+    overrides = {"fsync": args.fsync, "require_sync": True if args.require_sync else None,
+                 "checkpoint_entries": args.checkpoint_entries}
+    try:
+        config = config_from(args.config, overrides)
+        return run_node(args.app, args.data, args.listen, config, args.log_level)
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zrepl", description="Hot-standby replication for Python state machines.")
     parser.add_argument("--version", action="version", version=f"zrepl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    node = sub.add_parser(
+        "node", help="run a node",
+        description="Run one zrepl node: the App, its WAL and checkpoints in DIR, serving on "
+                    "ENDPOINT (tcp://HOST:PORT uses PORT..PORT+3; ipc://PATH uses PATH and "
+                    "PATH.data/.ack/.client).  Stops on SIGTERM, SIGINT or a stop call.")
+    node.add_argument("--app", required=True, metavar="MODULE:CLASS",
+                      help="the App class, e.g. workers.kv:KV")
+    node.add_argument("--data", required=True, metavar="DIR", help="data directory")
+    node.add_argument("--listen", required=True, metavar="ENDPOINT",
+                      help="this node's address, e.g. tcp://127.0.0.1:7400")
+    node.add_argument("--config", metavar="FILE.toml",
+                      help="settings (zrepl.Config field names) in a TOML file")
+    node.add_argument("--fsync", choices=["always", "batch", "off"], help="WAL fsync policy")
+    node.add_argument("--require-sync", action="store_true",
+                      help="refuse to commit without a synchronous follower")
+    node.add_argument("--checkpoint-entries", type=int, metavar="N",
+                      help="checkpoint every N applied entries (0: never by count)")
+    node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    node.set_defaults(func=cmd_node)
 
     wal = sub.add_parser("wal", help="inspect a node's WAL offline")
     wal_sub = wal.add_subparsers(dest="wal_command", metavar="WAL_COMMAND")

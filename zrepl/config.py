@@ -59,6 +59,80 @@ class Config:
     """Largest encoded WAL batch accepted by ``write_wal``.  Guards the
     length field of the record format and the reader's memory."""
 
+    # --- replication ------------------------------------------------------
+
+    ack_timeout: float = 0.5
+    """Seconds a leader waits for its follower to acknowledge a batch before
+    it declares the link failed.  While a synchronous follower is silent,
+    commits stall this long at most; 0.5 s is far above a healthy round
+    trip (well under 1 ms) and short enough not to freeze writers."""
+
+    commit_timeout: float = 10.0
+    """Longest time ``Manager.apply`` waits for its command to commit
+    before raising ``Timeout`` (outcome unknown)."""
+
+    require_sync: bool = False
+    """If true, a leader without a synchronous follower does not commit
+    locally: ``apply`` waits up to ``sync_wait_timeout`` for one and then
+    raises ``Timeout``, and a batch whose follower fails before
+    acknowledging it raises ``Timeout``.  Off by default: availability
+    first, the write is still durable on the leader."""
+
+    sync_wait_timeout: float = 5.0
+    """With ``require_sync``: how long ``apply`` waits for a synchronous
+    follower before raising ``Timeout``."""
+
+    window: int = 8
+    """Batches sent downstream and not yet acknowledged, at most.  Enough
+    to keep leader and follower busy at the same time; bounds memory."""
+
+    max_batch_entries: int = 1024
+    """Commands packed into one WAL batch at most (group commit)."""
+
+    max_batch_data: int = 4 * 1024 * 1024
+    """Bytes of command data in one batch, at most (a single larger
+    command travels alone)."""
+
+    rpc_timeout: float = 0.5
+    """Seconds to wait for a reply to a control call (handshake, status)
+    before the socket is reopened and the call fails."""
+
+    connect_backoff_min: float = 0.05
+    """First retry delay after a failed handshake with the follower;
+    doubles on every failure up to ``connect_backoff_max``."""
+
+    connect_backoff_max: float = 1.0
+    """Longest delay between handshake retries."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest ZeroMQ message any endpoint accepts; a peer that sends a
+    larger one is disconnected.  Larger than any batch zrepl sends."""
+
+    stream_batch_entries: int = 2048
+    """WAL entries per batch when a follower catches up from the log."""
+
+    snapshot_batch_entries: int = 4096
+    """App commands per batch of a full state sync or checkpoint."""
+
+    max_retained_wal: int = 10_000_000
+    """WAL entries kept beyond the newest checkpoint for a follower that
+    is syncing or disconnected (like a replication slot).  A follower that
+    falls further behind gets a full state sync instead."""
+
+    checkpoint_entries: int = 1_000_000
+    """Write a checkpoint after this many entries were applied since the
+    last one (0 disables).  Restart time is checkpoint load + replay of at
+    most this many entries."""
+
+    checkpoint_interval: float = 300.0
+    """Also write a checkpoint this many seconds after the last one, if
+    anything was applied since (0 disables)."""
+
+    checkpoints_kept: int = 2
+    """Checkpoint files kept; older ones are removed.  Two, so that a
+    checkpoint that turns out unreadable still leaves one to fall back on
+    (the WAL is only truncated up to the older kept one)."""
+
     # --- helpers ----------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -70,15 +144,21 @@ class Config:
             raise ValueError(
                 f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {self.fsync!r}"
             )
-        positive = {
-            "fsync_interval": self.fsync_interval,
-            "fsync_bytes": self.fsync_bytes,
-            "segment_bytes": self.segment_bytes,
-            "max_batch_bytes": self.max_batch_bytes,
-        }
+        positive = {name: getattr(self, name) for name in (
+            "fsync_interval", "fsync_bytes", "segment_bytes", "max_batch_bytes",
+            "ack_timeout", "commit_timeout", "sync_wait_timeout", "window",
+            "max_batch_entries", "max_batch_data", "rpc_timeout", "connect_backoff_min",
+            "connect_backoff_max", "max_message_bytes", "stream_batch_entries",
+            "snapshot_batch_entries", "max_retained_wal", "checkpoints_kept")}
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number; got {value!r}")
+        for name in ("checkpoint_entries", "checkpoint_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0 (0 disables); got {value!r}")
+        if not isinstance(self.require_sync, bool):
+            raise ValueError(f"require_sync must be true or false; got {self.require_sync!r}")
         if self.max_batch_bytes >= 2**32:
             raise ValueError("max_batch_bytes must be below 4 GiB (record length field)")
 

@@ -125,6 +125,12 @@ class FileStorage(BaseStorage):
             self._check_open()
             return entries_from(start_id, self._wal.read(start_id, max_count))
 
+    def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
+        check_read(start_id, max_count)
+        with self._lock:
+            self._check_open()
+            return self._wal.read(start_id, max_count)
+
     def max_wal(self) -> int:
         with self._lock:
             return self._wal.max_id

@@ -198,6 +198,12 @@ class Storage(abc.ABC):
 
     # --- extensions needed by the engine (epoch history, lifecycle) --------
 
+    def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
+        """Like :meth:`read_wal` but only the entries' data (ids follow from
+        ``start_id``).  Streaming uses it; implementations may override it
+        to skip building WALEntry objects."""
+        return [e.data for e in self.read_wal(start_id, max_count)]
+
     @abc.abstractmethod
     def epoch_history(self) -> list[tuple[int, int]]:
         """The (leader_id, first WAL id of that leadership) list, oldest

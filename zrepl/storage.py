@@ -267,6 +267,9 @@ class MemoryStorage(BaseStorage):
             self._drop_before_index(bisect.bisect_left(self._times, ns))
 
     def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
+        return entries_from(start_id, self.read_wal_data(start_id, max_count))
+
+    def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
         check_read(start_id, max_count)
         with self._lock:
             if not self._datas or start_id > self.max_wal():
@@ -276,4 +279,4 @@ class MemoryStorage(BaseStorage):
                     f"WAL entry {start_id} is no longer held (oldest is {self._first})",
                     start_id, self._first)
             i = start_id - self._first
-            return entries_from(start_id, self._datas[i:i + max_count])
+            return self._datas[i:i + max_count]

@@ -1,0 +1,182 @@
+"""Real node processes for the integration tests.
+
+Each node is ``python3 -m zrepl node`` in its own process, with its data
+directory and an ipc:// address inside one temporary directory that the
+cluster removes at the end (so no socket file is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from zrepl import Client, NodeClient, NodeRole, ReplicationError
+from zrepl.types import FollowerState
+
+from . import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+DEFAULT_SETTINGS = {
+    "fsync": "batch",
+    "segment_bytes": 64 * 1024,
+    "checkpoint_entries": 0,
+    "checkpoint_interval": 0,
+}
+
+
+def kv_set(key: str, value: Any) -> bytes:
+    return msgpack.packb(("set", key, value), use_bin_type=True)
+
+
+def kv_incr(key: str, n: int = 1) -> bytes:
+    return msgpack.packb(("incr", key, n), use_bin_type=True)
+
+
+class NodeProc:
+    def __init__(self, cluster: "Cluster", name: str, settings: dict[str, Any]):
+        self.cluster = cluster
+        self.name = name
+        self.data = cluster.root / name
+        self.address = f"ipc://{cluster.root}/{name}.sock"
+        self.config_path = cluster.root / f"{name}.toml"
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+        self.log_path = cluster.root / f"{name}.log"
+        self._client: NodeClient | None = None
+
+    def write_config(self) -> None:
+        lines = []
+        for k, v in self.settings.items():
+            lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str)
+                         else f"{k} = {str(v).lower() if isinstance(v, bool) else v}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, wait: bool = True) -> "NodeProc":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.write_config()
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zrepl", "node", "--app", "workers.kv:KV",
+             "--data", str(self.data), "--listen", self.address,
+             "--config", str(self.config_path)],
+            stdout=log, stderr=log, env=env, cwd=ROOT)
+        log.close()
+        if wait:
+            wait_for(self._answers, timeout=20, what=f"node {self.name} to answer")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"node {self.name} exited with {self.proc.returncode}:\n"
+                                 + self.log_tail())
+        try:
+            return self.client.ping(timeout=0.2)
+        except ReplicationError:
+            return False
+
+    @property
+    def client(self) -> NodeClient:
+        if self._client is None:
+            self._client = NodeClient(self.address, timeout=5.0)
+        return self._client
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Graceful stop through the control endpoint."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.client.stop()
+            self.proc.wait(timeout=30)
+
+    def status(self):
+        return self.client.status()
+
+    def state(self) -> dict:
+        out = {}
+        for data in self.client.dump_state():
+            op, key, value = msgpack.unpackb(data, raw=False)
+            out[key] = value
+        return out
+
+    def digest(self) -> dict:
+        return self.client.state_digest()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class Cluster:
+    def __init__(self, **settings: Any):
+        self.root = Path(tempfile.mkdtemp(prefix="zr-"))
+        self.settings = {**DEFAULT_SETTINGS, **settings}
+        self.nodes: dict[str, NodeProc] = {}
+        self._clients: list[Client] = []
+
+    def node(self, name: str, **settings: Any) -> NodeProc:
+        n = NodeProc(self, name, {**self.settings, **settings})
+        self.nodes[name] = n
+        return n
+
+    def client(self, *nodes: NodeProc, timeout: float = 5.0) -> Client:
+        c = Client([n.address for n in nodes], timeout=timeout)
+        self._clients.append(c)
+        return c
+
+    def leader_with_follower(self, leader: NodeProc, follower: NodeProc, leader_id: int = 1
+                             ) -> None:
+        follower.client.set_role(NodeRole.FOLLOWER, leader_id)
+        leader.client.set_role(NodeRole.LEADER, leader_id)
+        leader.client.set_follower(follower.address)
+        follower.client.set_leader(leader.address)
+        wait_synchronous(leader)
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for n in self.nodes.values():
+            n.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def wait_synchronous(leader: NodeProc, timeout: float = 30) -> None:
+    def synchronous() -> bool:
+        st = leader.status()
+        return st.follower_state == FollowerState.SYNCHRONOUS
+    wait_for(synchronous, timeout=timeout, what=f"{leader.name}'s follower to be synchronous")
+
+
+def wait_applied(node: NodeProc, wal_id: int, timeout: float = 30) -> None:
+    wait_for(lambda: node.status().max_applied_wal >= wal_id, timeout=timeout,
+             what=f"{node.name} to apply WAL {wal_id}")

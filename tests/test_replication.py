@@ -1,0 +1,260 @@
+"""Leader and follower as real processes on loopback (ipc), with SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import msgpack
+import pytest
+
+from zrepl import FollowerState, NodeRole, ReplicationError, Timeout
+
+from .helpers import wait_for
+from .helpers.cluster import Cluster, kv_set, wait_applied, wait_synchronous
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Writer(threading.Thread):
+    """Writes unique keys through the client endpoint until stopped, and
+    records every key whose write was acknowledged."""
+
+    def __init__(self, cluster: Cluster, *nodes, prefix: str = "w", timeout: float = 2.0):
+        super().__init__(daemon=True)
+        self.client = cluster.client(*nodes, timeout=timeout)
+        self.prefix = prefix
+        self.acked: list[str] = []
+        self.failed = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self._halt.is_set():
+            key = f"{self.prefix}{i}"
+            i += 1
+            try:
+                if self.client.apply(kv_set(key, i)) == 0:
+                    self.acked.append(key)
+            except ReplicationError:
+                self.failed += 1  # unknown outcome: not counted as acknowledged
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def missing(node, keys) -> list[str]:
+    state = node.state()
+    return [k for k in keys if k not in state]
+
+
+def test_empty_follower_joins_a_big_leader_while_writes_continue():
+    with Cluster(max_retained_wal=1000) as c:
+        L = c.node("L").start()
+        F = c.node("F").start()
+        L.client.set_role(NodeRole.LEADER, 1)
+        c.client(L).apply_many([kv_set(f"k{i}", i) for i in range(100_000)])
+        L.client.checkpoint()  # lets the WAL start after 1: the follower needs a snapshot
+        wait_for(lambda: L.status().min_wal > 1, 30, "leader WAL truncation")
+        writer = Writer(c, L)
+        writer.start()
+        wait_for(lambda: len(writer.acked) > 50, 30, "writes before the join")
+        F.client.set_role(NodeRole.FOLLOWER, 1)
+        L.client.set_follower(F.address)
+        wait_synchronous(L)
+        wait_for(lambda: len(writer.acked) > 300, 30, "writes after the join")
+        writer.stop()
+        top = L.status().max_wal
+        wait_applied(F, top)
+        assert F.status().extra.get("state_syncs_received") == 1
+        assert sorted(L.client.dump_state()) == sorted(F.client.dump_state())
+        assert not missing(F, writer.acked)
+        size = len(F.state())  # writes with an unknown outcome may or may not be there
+        assert 100_000 + len(writer.acked) <= size <= 100_000 + len(writer.acked) + writer.failed
+
+
+def test_restarted_follower_catches_up_from_the_log_or_by_snapshot():
+    with Cluster(max_retained_wal=2000) as c:
+        L = c.node("L").start()
+        F = c.node("F").start()
+        c.leader_with_follower(L, F)
+        client = c.client(L)
+        client.apply_many([kv_set(f"a{i}", i) for i in range(1000)])
+        F.kill()
+        client.apply_many([kv_set(f"b{i}", i) for i in range(1500)])  # within retention
+        F.start()
+        wait_synchronous(L)
+        wait_applied(F, L.status().max_wal)
+        assert F.status().extra.get("state_syncs_received", 0) == 0  # log catch-up only
+        assert L.status().extra.get("log_catchups", 0) >= 2
+        assert L.digest() == F.digest()
+
+        # Now fall further behind than the leader keeps WAL for.
+        F.stop()
+        client.apply_many([kv_set(f"c{i}", i) for i in range(5000)])
+        L.client.checkpoint()
+        wait_for(lambda: L.status().min_wal > F_position(F, L), 30, "leader truncation")
+        F.start()
+        wait_synchronous(L)
+        wait_applied(F, L.status().max_wal)
+        assert F.status().extra.get("state_syncs_received") == 1
+        assert L.digest() == F.digest()
+
+
+def F_position(follower, leader) -> int:
+    # the follower is down: its position is what the leader last saw acked
+    return leader.status().follower_acked_wal + 1
+
+
+def test_killed_leader_loses_no_acknowledged_write_and_rejoins_as_follower():
+    with Cluster(require_sync=True, ack_timeout=0.3) as c:
+        L = c.node("L").start()
+        F = c.node("F").start()
+        c.leader_with_follower(L, F)
+        writer = Writer(c, L)
+        writer.start()
+        wait_for(lambda: len(writer.acked) > 500, 30, "acknowledged writes")
+        L.kill()
+        writer.stop()
+        assert writer.acked
+        F.client.set_role(NodeRole.LEADER, 2)
+        assert not missing(F, writer.acked)
+        # the old leader comes back as a follower of the new one
+        L.start()
+        L.client.set_role(NodeRole.FOLLOWER, 2)
+        F.client.set_follower(L.address)
+        wait_synchronous(F)
+        c.client(F).apply_many([kv_set(f"after{i}", i) for i in range(100)])
+        wait_applied(L, F.status().max_wal)
+        assert L.digest() == F.digest()
+        assert L.status().epoch_history == F.status().epoch_history == [(1, 1), (2, L_first(F))]
+
+
+def L_first(node) -> int:
+    return node.status().epoch_history[-1][1]
+
+
+def test_unacknowledged_tail_of_an_old_leader_is_cut():
+    # Without require_sync the leader keeps committing locally when its
+    # follower hangs: those entries exist on the old leader only.
+    with Cluster(ack_timeout=0.3) as c:
+        L = c.node("L").start()
+        F = c.node("F").start()
+        c.leader_with_follower(L, F)
+        client = c.client(L, timeout=3)
+        client.apply_many([kv_set(f"ok{i}", i) for i in range(100)])
+        F.kill(signal.SIGSTOP)  # the follower hangs
+        for i in range(5):
+            client.apply(kv_set(f"lost{i}", i))  # the first waits out ack_timeout
+        wait_for(lambda: L.status().follower_state != FollowerState.SYNCHRONOUS, 10,
+                 "leader to give up on the follower")
+        assert L.status().max_wal == 105
+        L.kill()
+        F.kill(signal.SIGCONT)
+        F.client.set_role(NodeRole.LEADER, 2)
+        on_f = F.state()
+        # lost0 may have been in F's socket buffer; lost1.. were never sent
+        assert not [k for k in on_f if k.startswith("lost") and k != "lost0"]
+        L.start()
+        L.client.set_role(NodeRole.FOLLOWER, 2)
+        F.client.set_follower(L.address)
+        wait_synchronous(F)
+        c.client(F).apply_many([kv_set(f"new{i}", i) for i in range(10)])
+        wait_applied(L, F.status().max_wal)
+        state = L.state()
+        assert state == F.state()
+        assert not [k for k in state if k.startswith("lost") and k != "lost0"]
+        assert all(f"ok{i}" in state for i in range(100))
+        assert all(f"new{i}" in state for i in range(10))
+        assert L.digest() == F.digest()
+        assert L.status().extra.get("state_syncs_received") == 1  # rebuilt: it had applied them
+
+
+def test_stale_leader_is_refused_and_cannot_commit_with_require_sync():
+    with Cluster(require_sync=True, ack_timeout=0.3, sync_wait_timeout=0.5) as c:
+        A = c.node("A").start()
+        B = c.node("B").start()
+        c.leader_with_follower(A, B)
+        client = c.client(A, timeout=3)
+        assert client.apply(kv_set("before", 1)) == 0
+        B.client.set_role(NodeRole.FOLLOWER, 2)  # a newer epoch exists somewhere
+        with pytest.raises(Timeout):
+            client.apply(kv_set("stale", 1))
+        wait_for(lambda: A.status().follower_state == FollowerState.ERROR, 20,
+                 "stale leader's link in ERROR")
+        assert "StaleLeader" in A.status().extra["follower_error"]
+        with pytest.raises(Timeout):
+            client.apply(kv_set("stale2", 1))
+        assert "stale" not in B.state() and "stale2" not in B.state()
+        assert B.state()["before"] == 1
+
+
+def test_all_nodes_killed_then_restarted_from_disk():
+    with Cluster(checkpoint_entries=3000, require_sync=True) as c:
+        L = c.node("L").start()
+        F = c.node("F").start()
+        c.leader_with_follower(L, F)
+        client = c.client(L)
+        acked = []
+        for chunk in range(10):
+            datas = [kv_set(f"k{chunk}-{i}", i) for i in range(1000)]
+            client.apply_many(datas)
+            acked += [f"k{chunk}-{i}" for i in range(1000)]
+        writer = Writer(c, L)
+        writer.start()
+        wait_for(lambda: len(writer.acked) > 100, 30, "writes in flight")
+        L.kill()
+        F.kill()
+        writer.stop()
+        assert list((L.data / "checkpoints").glob("ckpt-*.zck"))
+        L.start()
+        F.start()
+        wait_synchronous(L)
+        assert L.status().role == NodeRole.LEADER
+        everything = acked + writer.acked
+        assert not missing(L, everything)
+        wait_applied(F, L.status().max_wal)
+        assert L.digest() == F.digest()
+        assert c.client(L).apply(kv_set("afterwards", 1)) == 0
+
+
+def test_tcp_endpoints_work_too():
+    """The same leader/follower over real TCP on loopback."""
+    import socket
+
+    def free_base() -> int:
+        for _ in range(50):
+            socks = []
+            try:
+                base = None
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+                s.close()
+                if base > 65000:
+                    continue
+                for port in range(base, base + 4):
+                    t = socket.socket()
+                    t.bind(("127.0.0.1", port))
+                    socks.append(t)
+                return base
+            except OSError:
+                continue
+            finally:
+                for t in socks:
+                    t.close()
+        raise RuntimeError("no 4 free consecutive ports")
+
+    with Cluster() as c:
+        L = c.node("L")
+        L.address = f"tcp://127.0.0.1:{free_base()}"
+        L.start()
+        F = c.node("F")
+        F.address = f"tcp://127.0.0.1:{free_base()}"
+        F.start()
+        c.leader_with_follower(L, F)
+        assert c.client(L).apply_many([kv_set(f"t{i}", i) for i in range(500)]) == [0] * 500
+        wait_applied(F, 500)
+        assert L.digest() == F.digest()

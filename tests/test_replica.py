@@ -12,7 +12,7 @@ import pytest
 from workers.kv import KV
 from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, MemoryStorage,
                    NodeRole, NotLeader, ProtocolError, RemoteFollower, Replica, StaleLeader,
-                   Timeout, WALEntry)
+                   Timeout, WALEntry, WALGap)
 from zrepl.snapshot import list_checkpoints
 
 from .helpers import wait_for
@@ -177,7 +177,7 @@ def test_remote_follower_refuses_a_stale_leader(nodes):
         from workers.kv import encode
         assert handle.apply_wal(3, [WALEntry(1, encode(("set", "a", 1)))]) == [0]
         assert handle.max_applied_wal() == 1
-        with pytest.raises(ProtocolError, match="expects 2"):
+        with pytest.raises(WALGap, match="expects 2"):
             handle.apply_wal(3, [WALEntry(5, encode(("set", "b", 1)))])
     finally:
         handle.close()

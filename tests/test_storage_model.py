@@ -70,6 +70,24 @@ class StorageMachine(RuleBasedStateMachine):
         for e in entries:
             self.written[e.wal_id] = e.data
 
+    @rule(n=st.integers(0, 6), start=st.integers(1, 500))
+    def write_data(self, n, start):
+        """write_wal_data: the same log through the engine's fast path."""
+        first = self.mem.max_wal() + 1 if self.mem.max_wal() else start
+        datas = [b"d" + str(i).encode() for i in range(first, first + n)]
+        self.both("write_wal_data", first, datas)
+        for i, d in enumerate(datas):
+            self.written[first + i] = d
+
+    @precondition(lambda self: self.mem.max_wal() > 0)
+    @rule(offset=st.sampled_from([-2, 0, 2]), bad_type=st.booleans())
+    def bad_write_data(self, offset, bad_type):
+        first = self.mem.max_wal() + 1 + offset
+        datas = [b"x", "str"] if bad_type else [b"x"]
+        if offset == 0 and not bad_type:
+            return
+        assert self.both("write_wal_data", max(first, 1), datas) == ("err", StorageError)
+
     @precondition(lambda self: self.mem.max_wal() > 0)
     @rule(kind=st.sampled_from(["gap", "dup", "back", "inner", "type"]))
     def bad_write(self, kind):

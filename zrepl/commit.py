@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -36,29 +35,28 @@ class WaitSink(Sink):
     """For blocking callers (``apply`` / ``apply_many``): codes land in a
     list; a lock released on completion lets the caller block cheaply."""
 
-    __slots__ = ("codes", "error", "remaining", "_lock", "in_flight")
+    __slots__ = ("codes", "error", "remaining", "resolved", "_lock")
 
     def __init__(self, n: int):
         self.codes: list[int] = [0] * n
         self.error: BaseException | None = None
         self.remaining = n
-        self.in_flight = False  # some of its commands wait for a follower ack
+        self.resolved = False  # every code arrived, or an error did
         self._lock = threading.Lock()
         self._lock.acquire()
 
-    @property
-    def resolved(self) -> bool:
-        return self.remaining <= 0 or self.error is not None
-
     def done(self, offset: int, codes: list[int]) -> None:
-        self.codes[offset:offset + len(codes)] = codes
-        self.remaining -= len(codes)
-        if self.remaining <= 0 and self.error is None:
+        n = len(codes)
+        self.codes[offset:offset + n] = codes
+        self.remaining -= n
+        if self.remaining <= 0 and not self.resolved:
+            self.resolved = True
             self._release()
 
     def fail(self, exc: BaseException) -> None:
-        if self.error is None and self.remaining > 0:
+        if not self.resolved:
             self.error = exc
+            self.resolved = True
             self._release()
 
     def _release(self) -> None:
@@ -114,32 +112,57 @@ class CallbackSink(Sink):
             self.callback(None, exc)
 
 
-@dataclass
 class Submission:
     """Commands from one call: ``cmds`` (local: encoded by the leader) or
-    ``datas`` (remote: already encoded, decoded by the leader to apply)."""
+    ``datas`` (remote: already encoded, decoded by the leader to apply).
+    A plain slotted class: one is made per call on the commit path."""
 
-    sink: Sink
-    cmds: list | None = None
-    datas: list[bytes] | None = None
-    taken: int = 0  # commands already packed into batches
-    deadline: float = 0.0
+    __slots__ = ("sink", "cmds", "datas", "size", "taken", "deadline")
 
-    @property
-    def size(self) -> int:
-        return len(self.cmds if self.cmds is not None else self.datas)  # type: ignore[arg-type]
+    def __init__(self, sink: Sink, cmds: list | None = None, datas: list[bytes] | None = None,
+                 deadline: float = 0.0):
+        self.sink = sink
+        self.cmds = cmds
+        self.datas = datas
+        self.size = len(cmds if cmds is not None else datas)  # type: ignore[arg-type]
+        self.taken = 0  # commands already packed into batches
+        self.deadline = deadline
 
 
-@dataclass
 class Batch:
-    """A WAL batch sent downstream and not yet acknowledged."""
+    """A WAL batch sent downstream and not yet acknowledged.
 
-    first: int
-    last: int
-    codes: list[int] | None = None  # the leader's codes (None: catch-up, not compared)
-    codes_bytes: bytes | None = None
-    pieces: list[tuple[Sink, int, int]] = field(default_factory=list)  # (sink, offset, count)
-    sent: float = field(default_factory=time.monotonic)
+    It has two halves that finish in either order: the *local* half (the
+    leader writes and applies the batch after sending it, so that its own
+    work overlaps the follower's) and the *remote* half (the follower's
+    codes, or the error that ended the link).  Whichever finishes second
+    finalizes the batch.  Both setters run under the engine's in-flight lock
+    and return True when the caller must finalize.
+    """
+
+    __slots__ = ("first", "last", "pieces", "codes", "codes_bytes", "local_done", "remote",
+                 "sent")
+
+    def __init__(self, first: int, last: int, pieces: list[tuple[Sink, int, int]] | None = None,
+                 local_done: bool = False):
+        self.first = first
+        self.last = last
+        self.pieces = pieces or []  # (sink, offset, count)
+        self.codes: list[int] | None = None  # the leader's codes
+        self.codes_bytes: bytes | None = None  # None: nothing to compare (log catch-up)
+        self.local_done = local_done
+        self.remote: Any = None  # None (pending), the follower's codes (bytes) or an exception
+        self.sent = time.monotonic()
+
+    def set_local(self, codes: list[int] | None, codes_bytes: bytes | None) -> bool:
+        self.codes, self.codes_bytes, self.local_done = codes, codes_bytes, True
+        return self.remote is not None
+
+    def set_remote(self, outcome: Any) -> bool:
+        if self.remote is not None:
+            return False
+        self.remote = outcome
+        return self.local_done
 
     def resolve(self) -> None:
         codes = self.codes or []
@@ -151,12 +174,3 @@ class Batch:
     def fail(self, exc: BaseException) -> None:
         for sink, _, _ in self.pieces:
             sink.fail(exc)
-
-
-def resolve_all(batches: list[Batch], exc: BaseException | None,
-                on_unacked: Callable[[Batch, BaseException], Any]) -> None:
-    for b in batches:
-        if exc is None:
-            b.resolve()
-        else:
-            on_unacked(b, exc)

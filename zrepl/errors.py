@@ -62,6 +62,11 @@ class CorruptStorage(StorageError):
     repaired by cutting a torn tail (e.g. unreadable metadata)."""
 
 
+class WALGap(ReplicationError):
+    """A WAL batch does not continue the receiver's log (a message was lost
+    or the sender's view is out of date): the sender re-handshakes."""
+
+
 class FollowerMismatch(ReplicationError):
     """The follower's response codes differ from the leader's for the same
     batch: the App is not deterministic, the replicas diverged."""

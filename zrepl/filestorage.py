@@ -19,8 +19,9 @@ from typing import Any, Callable
 from .config import Config
 from .errors import CorruptStorage, StorageError
 from .fsutil import DirLock, atomic_write
-from .storage import (EMPTY_META, BaseStorage, check_batch, check_epoch_history, check_id,
-                      check_read, check_role, datetime_to_ns, entries_from)
+from .storage import (EMPTY_META, BaseStorage, check_batch, check_data_batch,
+                      check_epoch_history, check_id, check_read, check_role, datetime_to_ns,
+                      entries_from)
 from .types import WALEntry
 from .wal import SegmentedWAL
 
@@ -118,6 +119,13 @@ class FileStorage(BaseStorage):
             datas = check_batch(entries, self._wal.max_id)
             if datas:
                 self._wal.append(entries[0].wal_id, datas)
+
+    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+        with self._lock:
+            self._check_open()
+            check_data_batch(first_id, datas, self._wal.max_id)
+            if datas:
+                self._wal.append(first_id, datas)
 
     def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
         check_read(start_id, max_count)

@@ -198,6 +198,13 @@ class Storage(abc.ABC):
 
     # --- extensions needed by the engine (epoch history, lifecycle) --------
 
+    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+        """Like :meth:`write_wal` for entries ``first_id, first_id+1, ...``
+        given by their data only (same checks, same atomicity).  The engine
+        uses it on the commit path; implementations may override it to skip
+        building WALEntry objects."""
+        self.write_wal([WALEntry(first_id + i, d) for i, d in enumerate(datas)])
+
     def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
         """Like :meth:`read_wal` but only the entries' data (ids follow from
         ``start_id``).  Streaming uses it; implementations may override it

@@ -129,7 +129,7 @@ def codes_from_bytes(raw: bytes) -> list[int]:
 _ERROR_TYPES = {cls.__name__: cls for cls in (
     errors.ReplicationError, errors.NotLeader, errors.StaleLeader, errors.Timeout,
     errors.ProtocolError, errors.StorageError, errors.WALTruncated, errors.StorageLocked,
-    errors.CorruptStorage, errors.FollowerMismatch)}
+    errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap)}
 
 
 def error_to_wire(exc: BaseException) -> list:
@@ -234,16 +234,16 @@ def parse_data(raw: bytes) -> list:
         raise errors.ProtocolError(
             f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
     kind = msg[1]
-    if kind in (WAL, STATE):
+    if kind == ACK:  # the hottest shape first
+        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
+              and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
+    elif kind in (WAL, STATE):
         # Item types are checked by Storage.write_wal (one C-level pass).
         ok = len(msg) == 6 and _uints(msg[2:5]) and type(msg[5]) is list
     elif kind == STATE_BEGIN:
         ok = len(msg) == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
     elif kind == STATE_END:
         ok = len(msg) == 6 and _uints(msg[2:6])
-    elif kind == ACK:
-        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
-              and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
     else:
         ok = False
     if not ok:
@@ -252,7 +252,10 @@ def parse_data(raw: bytes) -> list:
 
 
 def _uints(values: list) -> bool:
-    return all(type(v) is int and v >= 0 for v in values)
+    for v in values:
+        if type(v) is not int or v < 0:
+            return False
+    return True
 
 
 # --- client submissions -------------------------------------------------------------------

@@ -62,7 +62,8 @@ from . import protocol
 from .commit import Batch, CallbackSink, FutureSink, Sink, Submission, WaitSink
 from .config import Config
 from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
-                     ReplicationError, StaleLeader, StorageError, Timeout, WALTruncated)
+                     ReplicationError, StaleLeader, StorageError, Timeout, WALGap,
+                     WALTruncated)
 from .interfaces import App, Manager, Node, Storage
 from .protocol import (ACK, STATE, STATE_BEGIN, STATE_END, WAL, codes_from_bytes,
                        codes_to_bytes, endpoints)
@@ -76,6 +77,24 @@ from .types import FollowerState, NodeRole, NodeStatus, WALEntry
 log = logging.getLogger("zrepl.replica")
 
 _DRAIN = 256  # messages handled per socket per engine iteration (fairness)
+# Plain ints: pyzmq's constants are enums whose operators run Python code.
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def _ready(sock: zmq.Socket, multipart: bool = False, limit: int = _DRAIN):
+    """Messages waiting on ``sock`` (at most ``limit``), without paying for
+    a zmq.Again exception at the end of every burst."""
+    recv = sock.recv_multipart if multipart else sock.recv
+    getsockopt = sock.getsockopt
+    for _ in range(limit):
+        try:
+            yield recv(_NOBLOCK)
+        except zmq.Again:
+            return
+        if not getsockopt(_EVENTS) & _POLLIN:
+            return
 
 
 class _Log(logging.LoggerAdapter):
@@ -172,7 +191,6 @@ class Replica(Node):
         self._ack_lock = threading.Lock()
         self._inflight_lock = threading.Lock()
         self._up_lock = threading.Lock()
-        self._window_cond = threading.Condition(threading.Lock())
         # commit pipeline
         self._pending: collections.deque[Submission] = collections.deque()
         self._inflight: collections.deque[Batch] = collections.deque()
@@ -180,6 +198,7 @@ class Replica(Node):
         self._ack_owner = 0  # thread ident holding _ack_lock (0: none)
         self._link_restart = ""  # why the engine must restart the link ("" = no)
         self._synchronous = False  # commits go to the follower and wait for its ack
+        self._is_leader = False  # cached storage.role() == LEADER (see _persist_role)
         self._position = 0  # last applied WAL id
         # downstream link (engine thread)
         self._sync = FollowerSync(self.config.connect_backoff_min, self.config.connect_backoff_max)
@@ -245,6 +264,7 @@ class Replica(Node):
         if follower and self.storage.role() in (NodeRole.LEADER, NodeRole.FORWARDER):
             self._sync.configure(follower, time.monotonic())
         self._ckpt_position = self._position
+        self._is_leader = self.storage.role() == NodeRole.LEADER
         self._thread = threading.Thread(target=self._run, name=f"zrepl-engine {self.address}",
                                         daemon=True)
         self._thread.start()
@@ -292,6 +312,8 @@ class Replica(Node):
                 s.close(linger=0)
             raise
         self._control, self._data_in, self._ack_in, self._client = socks
+        self._ack_poller = zmq.Poller()
+        self._ack_poller.register(self._ack_in, zmq.POLLIN)
 
     def stop(self) -> None:
         """Stop serving: fail waiting callers, end children, close sockets."""
@@ -310,11 +332,11 @@ class Replica(Node):
             self._fail_pending(exc)
             self._kill_children()
         with self._inflight_lock:
-            batches = list(self._inflight)
-            self._inflight.clear()
             self._link_broken = exc
-        for b in batches:
-            b.fail(Timeout(f"node {self.address} stopped before the follower acknowledged"))
+            ready = self._fail_inflight_locked(
+                Timeout(f"node {self.address} stopped before the follower acknowledged"))
+        for b in ready:
+            b.fail(b.remote)
         if self._snap_in and self._snap_in.writer:
             self._snap_in.writer.abort()
         self._send_replies()
@@ -422,14 +444,14 @@ class Replica(Node):
                 history = self.storage.epoch_history()
                 history.append((leader_id, self._position + 1))
                 self.storage.set_epoch_history(history)
-                self.storage.set_role(NodeRole.LEADER)
+                self._persist_role(NodeRole.LEADER)
                 self._drop_upstream()
                 self.log.warning("now LEADER with leader_id %d from WAL id %d", leader_id,
                                  self._position + 1)
             else:
                 if leader_id > current:
                     self.storage.set_leader_id(leader_id)
-                self.storage.set_role(role)
+                self._persist_role(role)
                 if was == NodeRole.LEADER:
                     self._fail_pending(NotLeader(f"{self.address} stepped down",
                                                  self._leader_address))
@@ -465,18 +487,26 @@ class Replica(Node):
     def _check_writable(self) -> None:
         if self._stopping or not self._started:
             raise NotLeader(f"node {self.address} is not running", "")
-        if self.storage.role() != NodeRole.LEADER:
+        if not self._is_leader:
             raise NotLeader(f"{self.address} is not the leader", self._leader_address)
 
+    def _persist_role(self, role: NodeRole) -> None:
+        """Store the role and keep the commit path's cached view of it."""
+        self.storage.set_role(role)
+        self._is_leader = role == NodeRole.LEADER
+
     def _apply_blocking(self, cmds: list) -> list[int]:
-        self._check_writable()
+        if not self._is_leader or self._stopping:
+            self._check_writable()
+        cfg = self.config
         sink = WaitSink(len(cmds))
         now = time.monotonic()
-        sub = Submission(sink, cmds=cmds, deadline=now + (
-            self.config.sync_wait_timeout if self.config.require_sync else self.config.commit_timeout))
+        sub = Submission(sink, cmds, None, now + (
+            cfg.sync_wait_timeout if cfg.require_sync else cfg.commit_timeout))
         self._pending.append(sub)
         self._flush_pending()
-        self._wait(sink, sub, now + self.config.commit_timeout)
+        if not sink.resolved:
+            self._wait(sink, sub, now + cfg.commit_timeout)
         if sink.error is not None:
             raise sink.error
         return sink.codes
@@ -509,40 +539,52 @@ class Replica(Node):
                 self._app_lock.release()
             if self.config.require_sync and not self._synchronous:
                 return  # they wait for a synchronous follower (or time out)
+            if self._synchronous and len(self._inflight) >= self.config.window:
+                return  # the next ack commits what is queued
 
     def _commit_pending_locked(self) -> None:
+        """Pack queued submissions into batches and commit them.  App lock held."""
         cfg = self.config
-        while self._pending:
-            if self.storage.role() != NodeRole.LEADER or self._stopping:
-                self._fail_pending(NotLeader(f"{self.address} is not the leader",
-                                             self._leader_address))
-                return
+        pending = self._pending
+        if not self._is_leader or self._stopping:
+            self._fail_pending(NotLeader(f"{self.address} is not the leader",
+                                         self._leader_address))
+            return
+        max_n, max_size = cfg.max_batch_entries, cfg.max_batch_data
+        while pending:
             if cfg.require_sync and not self._synchronous:
                 self._expire_pending(time.monotonic())
+                return
+            if self._synchronous and len(self._inflight) >= cfg.window:
+                # The window is full: leave the rest queued.  Whoever reads
+                # the next ack commits it, as one batch (group commit).
                 return
             entries: list[WALEntry] = []
             cmds: list = []
             pieces: list[tuple[Sink, int, int]] = []
             next_id = self._position + 1
-            size = 0
-            while self._pending and len(entries) < cfg.max_batch_entries and size < cfg.max_batch_data:
-                sub = self._pending[0]
-                take = min(sub.size - sub.taken, cfg.max_batch_entries - len(entries))
+            n = size = 0
+            while pending and n < max_n and size < max_size:
+                sub = pending[0]
                 start = sub.taken
+                take = sub.size - start
+                if take > max_n - n:
+                    take = max_n - n
                 try:
-                    new_entries, new_cmds = self._prepare(sub, start, take, next_id + len(entries))
+                    new_entries, new_cmds = self._prepare(sub, start, take, next_id + n)
                 except Exception as exc:  # the App refused to encode/decode one
-                    self._pending.popleft()
+                    pending.popleft()
                     sub.sink.fail(exc if isinstance(exc, (ValueError, TypeError, ReplicationError))
                                   else ReplicationError(f"command rejected by the App: {exc!r}"))
                     continue
-                entries.extend(new_entries)
-                cmds.extend(new_cmds)
-                size += sum(len(e.data) for e in new_entries)
+                entries += new_entries
+                cmds += new_cmds
+                size += len(new_entries[0].data) * take  # an estimate is enough here
                 pieces.append((sub.sink, start, take))
-                sub.taken += take
+                n += take
+                sub.taken = start + take
                 if sub.taken >= sub.size:
-                    self._pending.popleft()
+                    pending.popleft()
             if entries:
                 self._commit_batch(entries, cmds, pieces)
 
@@ -552,24 +594,32 @@ class Replica(Node):
         if sub.cmds is not None:
             cmds = sub.cmds[start:start + count]
             entries = [app.encode_cmd(c, WALEntry(i)) for i, c in enumerate(cmds, first_id)]
-            for e in entries:
-                if type(e.data) is not bytes:
-                    raise TypeError(f"App.encode_cmd must set entry.data to bytes, got "
-                                    f"{type(e.data).__name__}")
+            try:
+                b"".join([e.data for e in entries])  # bytes, checked before anything is sent
+            except TypeError:
+                raise TypeError("App.encode_cmd must set entry.data to bytes") from None
             return entries, cmds
         entries = entries_from(first_id, sub.datas[start:start + count])  # type: ignore[index]
         return entries, [app.decode_cmd(e) for e in entries]
 
     def _commit_batch(self, entries: list[WALEntry], cmds: list,
                       pieces: list[tuple[Sink, int, int]]) -> None:
-        """Write, apply and (when synchronous) send one batch.  App lock held."""
+        """Send (when synchronous), write and apply one batch.  App lock held.
+
+        Sending first lets the follower work while the leader writes and
+        applies; nothing is answered before both halves are done, and a
+        leader that dies in between leaves a follower *ahead* of it, which
+        the handshake treats as divergence (state sync), never as loss.
+        """
         first, last = entries[0].wal_id, entries[-1].wal_id
+        datas = [e.data for e in entries]
+        batch = Batch(first, last, pieces)
+        sent = self._synchronous and self._send_downstream(batch, datas)
         try:
-            self.storage.write_wal(entries)
+            self.storage.write_wal_data(first, datas)
         except StorageError as exc:
             self._report_failed(f"WAL write failed: {exc}")
-            for sink, _, _ in pieces:
-                sink.fail(exc)
+            self._abandon_batch(batch, sent, exc)
             return
         try:
             codes = self.app.apply(cmds)
@@ -580,22 +630,33 @@ class Replica(Node):
             # The batch is in the WAL already: this App is broken.
             self._position = last
             self._report_failed(f"App.apply failed on WAL {first}..{last}: {exc!r}")
-            for sink, _, _ in pieces:
-                sink.fail(ReplicationError(f"App.apply failed: {exc!r}"))
+            self._abandon_batch(batch, sent, ReplicationError(f"App.apply failed: {exc!r}"))
             return
         self._position = last
         self.storage.set_max_applied_wal(last)
-        batch = Batch(first, last, codes, cb, pieces)
-        if self._synchronous:
-            self._wait_window()
-            if self._send_downstream(batch, [e.data for e in entries]):
-                self._after_commit()
-                return  # resolved by its acknowledgement
-        if self.config.require_sync:
-            self._resolve_unacked(batch, self._link_broken or Timeout("no synchronous follower"))
+        if sent:
+            with self._inflight_lock:
+                finalize = batch.set_local(codes, cb)
+            if finalize:
+                self._finalize(batch)
         else:
-            batch.resolve()
+            batch.set_local(codes, cb)
+            if self.config.require_sync:
+                self._resolve_unacked(batch, self._link_broken or Timeout("no synchronous follower"))
+            else:
+                batch.resolve()
         self._after_commit()
+
+    def _abandon_batch(self, batch: Batch, sent: bool, exc: BaseException) -> None:
+        """The local half of a batch failed: fail its callers; if it was
+        sent, the follower may hold what this node does not: restart the link."""
+        batch.fail(exc)
+        with self._inflight_lock:
+            batch.pieces = []
+            batch.set_local(None, None)
+        if sent:
+            self._link_failure(ReplicationError(f"leader could not log WAL {batch.first}.."
+                                                f"{batch.last} after sending it: {exc}"))
 
     def _after_commit(self) -> None:
         cfg = self.config
@@ -612,35 +673,24 @@ class Replica(Node):
                 return False
             self._inflight.append(batch)
         msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, batch.first, datas)
+        sock = self._data_out
         try:
-            assert self._data_out is not None
-            self._data_out.send(msg, zmq.NOBLOCK)
-        except (zmq.Again, zmq.ZMQError, AssertionError) as exc:
+            try:
+                sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                # The queue toward the follower is full for a moment: wait
+                # for room as long as an ack may take, then give up.
+                if not sock.poll(int(self.config.ack_timeout * 1000), zmq.POLLOUT):  # type: ignore[union-attr]
+                    raise
+                sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
+        except (zmq.ZMQError, AttributeError) as exc:
             with self._inflight_lock:
                 if self._inflight and self._inflight[-1] is batch:
                     self._inflight.pop()
-            self._link_failure(Timeout(f"cannot send to follower {self._sync.address}: {exc}"))
+            self._link_failure(Timeout(f"cannot send to follower {self._sync.address}: {exc} "
+                                       f"({len(self._inflight)} batches in flight)"))
             return False
         return True
-
-    def _wait_window(self) -> None:
-        """Block (App lock held) until fewer than ``window`` batches are in
-        flight, reading acks ourselves when nobody else does."""
-        deadline = time.monotonic() + self.config.ack_timeout * 2
-        while len(self._inflight) >= self.config.window and self._synchronous:
-            if time.monotonic() > deadline:
-                return  # the ack reader will declare the link failed
-            if self._ack_owner == threading.get_ident():
-                self._read_acks(lambda: len(self._inflight) < self.config.window, deadline)
-            elif self._take_ack_role():
-                try:
-                    self._read_acks(lambda: len(self._inflight) < self.config.window, deadline)
-                finally:
-                    self._release_ack_role()
-            else:
-                with self._window_cond:
-                    if len(self._inflight) >= self.config.window:
-                        self._window_cond.wait(0.05)
 
     def _wait(self, sink: WaitSink, sub: Submission, deadline: float) -> None:
         """Wait for ``sink``.  Not yet in a batch: try to lead one.  In
@@ -654,7 +704,17 @@ class Replica(Node):
                 return
             if sub.taken == 0:
                 self._flush_pending()
-                if sub.taken == 0 and not sink.resolved:
+                if sub.taken or sink.resolved:
+                    continue
+                # Still queued: the window is full or another thread commits.
+                # Reading acks frees the window and commits the queue.
+                if self._inflight and self._take_ack_role():
+                    try:
+                        self._read_acks(lambda: sub.taken > 0 or sink.resolved,
+                                        min(deadline, sub.deadline, now + self.config.ack_timeout))
+                    finally:
+                        self._release_ack_role()
+                else:
                     sink.wait(min(0.05, sub.deadline - now, deadline - now))
                 continue
             if self._inflight and self._take_ack_role():
@@ -716,7 +776,11 @@ class Replica(Node):
             self._poke()  # the engine takes over reading
 
     def _read_acks(self, done: Callable[[], bool], deadline: float) -> None:
+        """Read acks until ``done()`` or ``deadline``.  One message per
+        wake-up: the common case (one batch, one ack) returns as soon as it
+        is handled, and whatever else is queued waits for the next reader."""
         sock = self._ack_in
+        poll = self._ack_poller.poll
         while not done():
             now = time.monotonic()
             if self._inflight:
@@ -731,16 +795,15 @@ class Replica(Node):
                 until = deadline
             if now >= until:
                 return
-            if sock.poll(max(1, int((until - now) * 1000 + 0.999)), zmq.POLLIN):
-                self._drain_acks()
+            if poll(max(1, int((until - now) * 1000 + 0.999))):
+                try:
+                    raw = sock.recv(_NOBLOCK)
+                except zmq.Again:
+                    continue
+                self._handle_ack(raw)
 
     def _drain_acks(self) -> None:
-        sock = self._ack_in
-        for _ in range(_DRAIN):
-            try:
-                raw = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for raw in _ready(self._ack_in):
             self._handle_ack(raw)
 
     def _handle_ack(self, raw: bytes) -> None:
@@ -760,29 +823,24 @@ class Replica(Node):
             self._link_failure(protocol.error_from_wire(err))
             return
         if kind == WAL:
+            finalize = False
             with self._inflight_lock:
                 if not self._inflight or self._inflight[0].last != position:
                     expected = self._inflight[0].last if self._inflight else None
                     batch = None
                 else:
                     batch = self._inflight.popleft()
+                    finalize = batch.set_remote(codes)
             if batch is None:
                 self._link_failure(ProtocolError(
                     f"follower acknowledged WAL {position}, expected {expected}"))
                 return
             if position > self._acked:
                 self._acked = position
-            if batch.codes_bytes is not None and codes != batch.codes_bytes:
-                exc = FollowerMismatch(
-                    f"follower {self._sync.address} answered {codes_from_bytes(codes)[:8]} "
-                    f"where the leader answered {(batch.codes or [])[:8]} for WAL "
-                    f"{batch.first}..{batch.last}: the App is not deterministic")
-                batch.fail(exc)
-                self._link_failure(exc)
-            else:
-                batch.resolve()
-            with self._window_cond:
-                self._window_cond.notify_all()
+            if finalize:
+                self._finalize(batch)
+            if self._pending:
+                self._flush_pending()  # the window has room again
         elif kind in (STATE, STATE_END):
             snap = self._snap_out
             if snap is not None and snap.stream == stream:
@@ -802,14 +860,33 @@ class Replica(Node):
                 return
             self._link_broken = exc
             self._synchronous = False
-            batches = list(self._inflight)
-            self._inflight.clear()
+            ready = self._fail_inflight_locked(exc)
         self.log.warning("link to follower %s failed: %s", self._sync.address, exc)
-        for b in batches:
-            self._resolve_unacked(b, exc)
-        with self._window_cond:
-            self._window_cond.notify_all()
+        for b in ready:
+            self._finalize(b)
         self._poke()
+
+    def _fail_inflight_locked(self, exc: BaseException) -> list[Batch]:
+        """Give every batch in flight the link's failure as its remote half;
+        returns those whose local half is done too.  In-flight lock held."""
+        ready = [b for b in self._inflight if b.set_remote(exc)]
+        self._inflight.clear()
+        return ready
+
+    def _finalize(self, batch: Batch) -> None:
+        """Both halves of a batch are known: answer its callers."""
+        remote = batch.remote
+        if isinstance(remote, BaseException):
+            self._resolve_unacked(batch, remote)
+        elif batch.codes_bytes is not None and remote != batch.codes_bytes:
+            exc = FollowerMismatch(
+                f"follower {self._sync.address} answered {codes_from_bytes(remote)[:8]} "
+                f"where the leader answered {(batch.codes or [])[:8]} for WAL "
+                f"{batch.first}..{batch.last}: the App is not deterministic")
+            batch.fail(exc)
+            self._link_failure(exc)
+        else:
+            batch.resolve()
 
     def _resolve_unacked(self, batch: Batch, exc: BaseException) -> None:
         if not batch.pieces:
@@ -915,11 +992,7 @@ class Replica(Node):
     # --- control endpoint ------------------------------------------------
 
     def _serve_control(self) -> None:
-        for _ in range(_DRAIN):
-            try:
-                frames = self._control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in _ready(self._control, multipart=True):
             if len(frames) < 2:
                 self._dropped += 1
                 continue
@@ -942,7 +1015,7 @@ class Replica(Node):
                 self.log.warning("control call failed: %r", exc)
                 reply = protocol.control_err(ReplicationError(f"{type(exc).__name__}: {exc}"))
             try:
-                self._control.send_multipart(envelope + [reply], zmq.NOBLOCK)
+                self._control.send_multipart(envelope + [reply], _NOBLOCK)
             except zmq.ZMQError:
                 pass
             if stop_after:
@@ -987,7 +1060,7 @@ class Replica(Node):
                     raise StaleLeader(f"{self.address} leads epoch {current} itself", leader_id,
                                       current)
                 self.storage.set_leader_id(leader_id)
-                self.storage.set_role(NodeRole.FOLLOWER)
+                self._persist_role(NodeRole.FOLLOWER)
                 self._fail_pending(NotLeader(f"{self.address} stepped down", address))
                 self.log.warning("deposed by %s (leader_id %d): now FOLLOWER", address, leader_id)
             elif leader_id > current:
@@ -1110,11 +1183,7 @@ class Replica(Node):
     # --- client endpoint ------------------------------------------------------
 
     def _serve_clients(self) -> None:
-        for _ in range(_DRAIN):
-            try:
-                frames = self._client.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in _ready(self._client, multipart=True):
             if len(frames) < 2:
                 self._dropped += 1
                 continue
@@ -1147,7 +1216,7 @@ class Replica(Node):
         while self._replies:
             envelope, payload = self._replies.popleft()
             try:
-                self._client.send_multipart(envelope + [payload], zmq.NOBLOCK)
+                self._client.send_multipart(envelope + [payload], _NOBLOCK)
                 self._counters["client_replies"] += 1
             except zmq.ZMQError:
                 self._counters["client_replies_dropped"] += 1  # the client went away
@@ -1155,11 +1224,7 @@ class Replica(Node):
     # --- data from the upstream --------------------------------------------------
 
     def _serve_data(self) -> None:
-        for _ in range(_DRAIN):
-            try:
-                raw = self._data_in.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for raw in _ready(self._data_in):
             try:
                 msg = protocol.parse_data(raw)
             except ProtocolError as exc:
@@ -1199,16 +1264,15 @@ class Replica(Node):
             raise ProtocolError("empty WAL batch")
         expected = self._position + 1
         if first != expected:
-            raise ProtocolError(f"WAL batch starts at {first}, this node expects {expected}")
-        entries = entries_from(first, datas)
-        self.storage.write_wal(entries)
+            raise WALGap(f"WAL batch starts at {first}, this node expects {expected}")
+        self.storage.write_wal_data(first, datas)
         if self._stream_history is not None:
             if self._stream_history != self.storage.epoch_history():
                 self.storage.set_epoch_history(self._stream_history)
             self._stream_history = None
         app = self.app
-        codes = app.apply([app.decode_cmd(e) for e in entries])
-        last = entries[-1].wal_id
+        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, datas)])
+        last = first + len(datas) - 1
         self._position = last
         self.storage.set_max_applied_wal(last)
         self._after_commit()
@@ -1221,7 +1285,7 @@ class Replica(Node):
             if self._ack_out is None:
                 return
             try:
-                self._ack_out.send(msg, zmq.NOBLOCK)
+                self._ack_out.send(msg, _NOBLOCK)
             except zmq.ZMQError:
                 self._dropped += 1
 
@@ -1338,13 +1402,12 @@ class Replica(Node):
         """Close the downstream sockets and forget the conversation."""
         with self._app_lock:
             with self._inflight_lock:
-                batches = list(self._inflight)
-                self._inflight.clear()
                 exc = self._link_broken or ReplicationError("link reset")
+                ready = self._fail_inflight_locked(exc)
                 self._synchronous = False
                 self._link_broken = None
-            for b in batches:
-                self._resolve_unacked(b, exc)
+            for b in ready:
+                self._finalize(b)
             if self._data_out is not None:
                 self._data_out.close(linger=0)
                 self._data_out = None
@@ -1361,10 +1424,9 @@ class Replica(Node):
             return
         self._report_failed(f"follower {self._sync.address}: {exc}")
         self._reset_link()
-        # A gap (type ReplicationError, from the follower) or WAL that is no
-        # longer held: re-handshake at once, the plan will say what to do.
-        self._sync.failed(exc, now,
-                          retry_now=isinstance(exc, WALTruncated) or type(exc) is ReplicationError)
+        # A gap or WAL that is no longer held: re-handshake at once, the
+        # plan will say what to do.
+        self._sync.failed(exc, now, retry_now=isinstance(exc, (WALTruncated, WALGap)))
 
     def _drive_downstream(self, now: float) -> float:
         s = self._sync
@@ -1396,7 +1458,7 @@ class Replica(Node):
             self._down_req = self._sock(zmq.REQ, endpoints(self._sync.address).control,
                                         bind=False)
         try:
-            self._down_req.send(protocol.control_request(op, args), zmq.NOBLOCK)
+            self._down_req.send(protocol.control_request(op, args), _NOBLOCK)
         except zmq.ZMQError as exc:
             self._down_req.close(linger=0)
             self._down_req = None
@@ -1408,7 +1470,7 @@ class Replica(Node):
         call = self._down_call
         assert self._down_req is not None
         try:
-            raw = self._down_req.recv(zmq.NOBLOCK)
+            raw = self._down_req.recv(_NOBLOCK)
         except zmq.Again:
             return
         self._down_call = None
@@ -1570,7 +1632,7 @@ class Replica(Node):
             if self._data_out is None:
                 return False
             try:
-                self._data_out.send(msg, zmq.NOBLOCK)
+                self._data_out.send(msg, _NOBLOCK)
                 return True
             except zmq.Again:
                 return False
@@ -1615,7 +1677,7 @@ class Replica(Node):
                 return 0.0
             if not datas:
                 return 0.01
-            batch = Batch(pos, pos + len(datas) - 1)
+            batch = Batch(pos, pos + len(datas) - 1, local_done=True)  # nothing to compare
             with self._inflight_lock:
                 self._inflight.append(batch)
             msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, pos, datas)

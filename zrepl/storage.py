@@ -115,6 +115,29 @@ def check_batch(entries: Any, max_wal: int) -> list[bytes]:
     return datas
 
 
+def check_data_batch(first_id: Any, datas: Any, max_wal: int) -> list[bytes]:
+    """``write_wal_data``'s argument check: the same rules as
+    :func:`check_batch` for ids ``first_id..`` without WALEntry objects."""
+    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 1:
+        raise StorageError(f"WAL ids start at 1; got {first_id!r}")
+    if not isinstance(datas, list):
+        raise StorageError(f"write_wal_data takes a list of bytes, got {type(datas).__name__}")
+    if max_wal and datas and first_id != max_wal + 1:
+        kind = "gap" if first_id > max_wal + 1 else "duplicate or decreasing id"
+        raise StorageError(f"WAL ids must be contiguous: batch starts at {first_id}, "
+                           f"log ends at {max_wal} ({kind})")
+    if first_id + len(datas) - 1 >= 2**63:
+        raise StorageError("WAL ids must be below 2**63")
+    try:
+        b"".join(datas)
+    except TypeError:
+        bad = next(i for i, d in enumerate(datas)
+                   if not isinstance(d, (bytes, bytearray, memoryview)))
+        raise StorageError(f"WALEntry {first_id + bad} data must be bytes, "
+                           f"got {type(datas[bad]).__name__}") from None
+    return datas
+
+
 def check_read(start_id: Any, max_count: Any) -> None:
     check_id(start_id, "start_id", 1)
     check_id(max_count, "max_count", 0)
@@ -224,15 +247,23 @@ class MemoryStorage(BaseStorage):
     def write_wal(self, entries: list[WALEntry]) -> None:
         with self._lock:
             datas = check_batch(entries, self.max_wal())
-            if not datas:
-                return
-            if not self._datas:
-                self._first = entries[0].wal_id
-            self._datas.extend(map(bytes, datas))  # own copies of bytearray/memoryview
-            # Keep times non-decreasing even if the wall clock steps back, so
-            # "written before t" is always a prefix of the log.
-            now = max(self._clock(), self._times[-1] if self._times else 0)
-            self._times.extend([now] * len(datas))
+            if datas:
+                self._append(entries[0].wal_id, datas)
+
+    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+        with self._lock:
+            check_data_batch(first_id, datas, self.max_wal())
+            if datas:
+                self._append(first_id, datas)
+
+    def _append(self, first_id: int, datas: list[bytes]) -> None:
+        if not self._datas:
+            self._first = first_id
+        self._datas.extend(map(bytes, datas))  # own copies of bytearray/memoryview
+        # Keep times non-decreasing even if the wall clock steps back, so
+        # "written before t" is always a prefix of the log.
+        now = max(self._clock(), self._times[-1] if self._times else 0)
+        self._times.extend([now] * len(datas))
 
     def max_wal(self) -> int:
         with self._lock:

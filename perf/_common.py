@@ -1,0 +1,167 @@
+"""Shared helpers of the perf scripts: processes, ports, percentiles, output.
+
+Every script measures zrepl next to a reference taken in the same run on
+the same machine, and reports medians and ratios, never absolute promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zrepl import NodeClient, ReplicationError  # noqa: E402
+
+
+def free_tcp_base(count: int = 4) -> int:
+    """A port P such that P..P+count-1 are free on 127.0.0.1 (racy, fine here)."""
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+        s.close()
+        if base + count > 65535:
+            continue
+        held = []
+        try:
+            for port in range(base, base + count):
+                t = socket.socket()
+                t.bind(("127.0.0.1", port))
+                held.append(t)
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def tcp_address() -> str:
+    return f"tcp://127.0.0.1:{free_tcp_base()}"
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * q))]
+
+
+def us(x: float) -> str:
+    return f"{x * 1e6:8.1f} µs"
+
+
+class Workdir:
+    """A temporary directory removed on exit, and every process started in
+    it killed on exit."""
+
+    def __init__(self, prefix: str = "zrepl-perf-"):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.procs: list[subprocess.Popen] = []
+
+    def start_node(self, name: str, address: str, settings: dict[str, Any] | None = None,
+                   app: str = "workers.kv:KV") -> subprocess.Popen:
+        cfg = self.path / f"{name}.toml"
+        lines = []
+        for k, v in (settings or {}).items():
+            if isinstance(v, bool):
+                v = str(v).lower()
+            elif isinstance(v, str):
+                v = json.dumps(v)
+            lines.append(f"{k} = {v}")
+        cfg.write_text("\n".join(lines) + "\n")
+        log = open(self.path / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zrepl", "node", "--app", app, "--data",
+             str(self.path / name), "--listen", address, "--config", str(cfg),
+             "--log-level", "WARNING"],
+            stdout=log, stderr=log, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        log.close()
+        self.procs.append(proc)
+        wait_until(lambda: _pings(address, proc), 30, f"node {name} to answer")
+        return proc
+
+    def start_python(self, code: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "Workdir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _pings(address: str, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"process for {address} exited with {proc.returncode}")
+    try:
+        with NodeClient(address, timeout=0.3) as c:
+            return c.ping()
+    except ReplicationError:
+        return False
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.REP)
+s.bind(sys.argv[1] if len(sys.argv) > 1 else %r)
+while True:
+    m = s.recv()
+    if m == b"quit":
+        s.send(b"bye")
+        break
+    s.send(m)
+"""
+
+
+def process_stats(pids: list[int]) -> dict[int, dict[str, float]]:
+    out = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                t = p.cpu_times()
+                out[pid] = {"rss_mib": p.memory_info().rss / 2**20,
+                            "cpu_s": t.user + t.system}
+        except psutil.Error:
+            pass
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import zmq
 
-from _common import ECHO_SERVER, Workdir, pct, process_stats, tcp_address, us, wait_until
+from _common import ECHO_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
 
 from workers.kv import KV  # noqa: E402
 from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole, Replica,  # noqa: E402

@@ -12,7 +12,7 @@ from zrepl import FollowerState, ProtocolError
 from zrepl import protocol as p
 
 from .helpers import wait_for
-from .helpers.cluster import Cluster, kv_set, wait_synchronous
+from .helpers.cluster import Cluster, kv_set
 
 pytestmark = pytest.mark.timeout(120)
 

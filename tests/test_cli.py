@@ -74,3 +74,64 @@ def test_bad_flag_fails():
     proc = run("wal", "dump", "--limit", "many", "x")
     assert proc.returncode == 2
     assert "invalid int value" in proc.stderr
+
+
+def test_node_refuses_bad_setup_with_one_line(data_dir):
+    cases = [
+        (["--app", "nosuchmodule:X"], "cannot import nosuchmodule"),
+        (["--app", "workers.kv"], "MODULE:CLASS"),
+        (["--app", "workers.kv:encode"], "not a zrepl.App subclass"),
+        (["--app", "workers.kv:KV", "--listen", "udp://x"], "tcp:// or ipc://"),
+    ]
+    for extra, message in cases:
+        args = ["node", "--data", str(data_dir / "d"), "--listen", f"ipc://{data_dir}/n.sock"]
+        args += extra
+        proc = run(*args)
+        assert proc.returncode == 1, proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_node_config_file_errors_name_the_problem(data_dir):
+    cfg = data_dir / "n.toml"
+    base = ["node", "--app", "workers.kv:KV", "--data", str(data_dir / "d"),
+            "--listen", f"ipc://{data_dir}/n.sock", "--config", str(cfg)]
+    cfg.write_text("no_such_setting = 1\n")
+    proc = run(*base)
+    assert proc.returncode == 1 and "unknown setting 'no_such_setting'" in proc.stderr
+    cfg.write_text("fsync = [\n")
+    proc = run(*base)
+    assert proc.returncode == 1 and "not valid TOML" in proc.stderr
+    cfg.write_text('fsync = "sometimes"\n')
+    proc = run(*base)
+    assert proc.returncode == 1 and "fsync must be one of" in proc.stderr
+    proc = run(*base[:-1], str(data_dir / "missing.toml"))
+    assert proc.returncode == 1 and "cannot read config" in proc.stderr
+
+
+def test_node_runs_and_stops_on_sigterm(data_dir):
+    import signal
+    import time
+    from zrepl import NodeClient, ReplicationError
+    address = f"ipc://{data_dir}/n.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "zrepl", "node", "--app", "workers.kv:KV",
+                             "--data", str(data_dir / "d"), "--listen", address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with NodeClient(address, timeout=0.5) as c:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if c.ping():
+                        break
+                except ReplicationError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, "node did not start"
+            assert c.status().address == address
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        _, err = proc.communicate()
+        assert "stopping" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -11,7 +11,7 @@ import pytest
 
 from workers.kv import KV
 from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, MemoryStorage,
-                   NodeRole, NotLeader, ProtocolError, RemoteFollower, Replica, StaleLeader,
+                   NodeRole, NotLeader, RemoteFollower, Replica, StaleLeader,
                    Timeout, WALEntry, WALGap)
 from zrepl.snapshot import list_checkpoints
 
@@ -204,3 +204,15 @@ def test_restart_restores_from_checkpoint_and_wal(nodes, tmp):
     assert r2.app.data == expected
     assert r2.status().max_applied_wal == 3500
     assert r2.status().role == NodeRole.LEADER
+
+
+def test_queue_is_bounded_apply_async_blocks_when_full(nodes):
+    leader, follower = pair(nodes, {"max_pending": 4, "window": 1})
+    futs = []
+    high = 0
+    for i in range(300):
+        futs.append(leader.manager.apply_async(("incr", "n", 1)))
+        high = max(high, len(leader._pending))
+    assert [f.result(timeout=10) for f in futs] == [0] * 300
+    assert high <= 4
+    wait_for(lambda: follower.app.data.get("n") == 300, 10, "follower to apply all")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
-import msgpack
 import pytest
 
 from zrepl import FollowerState, NodeRole, ReplicationError, Timeout

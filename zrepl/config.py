@@ -93,6 +93,12 @@ class Config:
     """Bytes of command data in one batch, at most (a single larger
     command travels alone)."""
 
+    max_pending: int = 65536
+    """Submissions queued on a leader and not yet in a batch, at most.  Past
+    it, ``apply_async`` blocks like ``apply`` and the node stops reading
+    its client endpoint (ZeroMQ then pushes back on clients): memory stays
+    bounded when submitters outrun the follower."""
+
     rpc_timeout: float = 0.5
     """Seconds to wait for a reply to a control call (handshake, status)
     before the socket is reopened and the call fails."""
@@ -146,7 +152,7 @@ class Config:
             )
         positive = {name: getattr(self, name) for name in (
             "fsync_interval", "fsync_bytes", "segment_bytes", "max_batch_bytes",
-            "ack_timeout", "commit_timeout", "sync_wait_timeout", "window",
+            "ack_timeout", "commit_timeout", "sync_wait_timeout", "window", "max_pending",
             "max_batch_entries", "max_batch_data", "rpc_timeout", "connect_backoff_min",
             "connect_backoff_max", "max_message_bytes", "stream_batch_entries",
             "snapshot_batch_entries", "max_retained_wal", "checkpoints_kept")}

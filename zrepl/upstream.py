@@ -1,0 +1,263 @@
+"""The follower's side of a link: handshake calls from the upstream, WAL
+and snapshot batches arriving, acknowledgements going back.
+
+Part of :class:`zrepl.Replica` (a mixin: its state lives in
+``Replica.__init__``).  Runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
+from .protocol import ACK, STATE, STATE_BEGIN, STATE_END, WAL, codes_to_bytes, endpoints
+from .snapshot import CheckpointFileWriter
+from .storage import entries_from
+from .types import NodeRole
+from .zmqutil import NOBLOCK as _NOBLOCK
+from .zmqutil import ready as _ready
+
+
+@dataclass
+class _SnapshotIn:
+    """A full state sync being received from the upstream."""
+
+    wal_id: int
+    stream: int
+    history: list
+    entries: int = 0
+    writer: CheckpointFileWriter | None = None
+
+
+class UpstreamSide:
+    """Everything a node does for the node it follows."""
+
+    def _op_connect(self, leader_id: Any, address: Any, stream: Any = 0,
+                    epoch_history: Any = None) -> dict:
+        """Follower side of the handshake."""
+        leader_id = self._check_leader_id(leader_id)
+        if not isinstance(address, str) or not isinstance(stream, int) or stream < 0:
+            raise ProtocolError("connect takes leader_id, address and a stream token")
+        if address:
+            try:
+                up = endpoints(address)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
+        with self._app_lock:
+            current = self.storage.leader_id()
+            if leader_id < current:
+                raise StaleLeader(f"connect from {address} with leader_id {leader_id}: this node "
+                                  f"obeys {current}", leader_id, current)
+            if self.storage.role() == NodeRole.LEADER:
+                if leader_id == current:
+                    raise StaleLeader(f"{self.address} leads epoch {current} itself", leader_id,
+                                      current)
+                self.storage.set_leader_id(leader_id)
+                self._persist_role(NodeRole.FOLLOWER)
+                self._fail_pending(NotLeader(f"{self.address} stepped down", address))
+                self.log.warning("deposed by %s (leader_id %d): now FOLLOWER", address, leader_id)
+            elif leader_id > current:
+                self.storage.set_leader_id(leader_id)  # persist before acting
+            self._stream_in = stream
+            self._leader_address = address
+            self._stream_history = [tuple(x) for x in epoch_history] if epoch_history else None
+            self._abort_snapshot_in()
+            if address:
+                self._connect_ack_out(up.ack)
+            info = {"leader_id": self.storage.leader_id(), "max_wal": self.storage.max_wal(),
+                    "min_wal": self.storage.min_wal(), "max_applied_wal": self._position,
+                    "epoch_history": [list(x) for x in self.storage.epoch_history()]}
+        if leader_id != current:
+            self._restart_link("epoch changed")  # our own follower must hear of it
+        return info
+
+    def _op_max_applied_wal(self) -> int:
+        return self._position
+
+    def _check_epoch(self, leader_id: Any) -> int:
+        leader_id = self._check_leader_id(leader_id)
+        current = self.storage.leader_id()
+        if leader_id < current:
+            raise StaleLeader(f"leader_id {leader_id} is stale: this node obeys {current}",
+                              leader_id, current)
+        if leader_id > current:
+            raise StaleLeader(f"leader_id {leader_id} is not the one this node obeys "
+                              f"({current}); connect first", leader_id, current)
+        return leader_id
+
+    def _op_clear_state(self, leader_id: Any) -> None:
+        self._check_epoch(leader_id)
+        if self.storage.role() == NodeRole.LEADER:
+            raise ProtocolError("clear_state refused: this node is the leader")
+        with self._app_lock:
+            self._clear_local_state()
+
+    def _clear_local_state(self) -> None:
+        self.app.clear_state()
+        self.storage.clear_wal()
+        self._position = 0
+        self.storage.set_max_applied_wal(0)
+
+    def _op_apply_state(self, leader_id: Any, datas: Any) -> None:
+        self._check_epoch(leader_id)
+        datas = self._check_datas(datas)
+        with self._app_lock:
+            self.app.apply([self.app.decode_cmd(e) for e in entries_from(1, datas)])
+
+    def _op_apply_wal(self, leader_id: Any, first_id: Any, datas: Any) -> list[int]:
+        self._check_epoch(leader_id)
+        datas = self._check_datas(datas)
+        if self.storage.role() == NodeRole.LEADER:
+            raise ProtocolError("apply_wal refused: this node is the leader")
+        with self._app_lock:
+            codes = self._apply_upstream_batch(first_id, datas)
+        return codes
+
+    def _serve_data(self) -> None:
+        for raw in _ready(self._data_in):
+            try:
+                msg = protocol.parse_data(raw)
+            except ProtocolError as exc:
+                self._dropped += 1
+                self.log.warning("dropped a bad data frame: %s", exc)
+                continue
+            kind = msg[1]
+            if kind == ACK:
+                self._dropped += 1
+                continue
+            leader_id, stream = msg[2], msg[3]
+            if stream == 0 or stream != self._stream_in or leader_id != self.storage.leader_id():
+                self._dropped += 1  # not the conversation this node agreed to
+                continue
+            try:
+                if kind == WAL:
+                    with self._app_lock:
+                        codes = self._apply_upstream_batch(msg[4], msg[5])
+                    self._ack_upstream(stream, WAL, msg[4] + len(msg[5]) - 1,
+                                       codes_to_bytes(codes))
+                elif kind == STATE_BEGIN:
+                    self._state_begin(stream, msg[4], msg[5])
+                elif kind == STATE:
+                    self._state_batch(stream, msg[4], msg[5])
+                    self._ack_upstream(stream, STATE, msg[4], b"")
+                elif kind == STATE_END:
+                    self._state_end(stream, msg[4], msg[5])
+                    self._ack_upstream(stream, STATE_END, msg[4], b"")
+            except (ReplicationError, ValueError, TypeError) as exc:
+                self.log.warning("refused a batch from %s: %s", self._leader_address, exc)
+                err = exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
+                self._ack_upstream(stream, kind if kind != STATE_BEGIN else STATE, 0, b"", err)
+
+    def _apply_upstream_batch(self, first: int, datas: list[bytes]) -> list[int]:
+        """Log and apply a batch from the upstream.  App lock held."""
+        if not datas:
+            raise ProtocolError("empty WAL batch")
+        expected = self._position + 1
+        if first != expected:
+            raise WALGap(f"WAL batch starts at {first}, this node expects {expected}")
+        self.storage.write_wal_data(first, datas)
+        if self._stream_history is not None:
+            if self._stream_history != self.storage.epoch_history():
+                self.storage.set_epoch_history(self._stream_history)
+            self._stream_history = None
+        app = self.app
+        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, datas)])
+        last = first + len(datas) - 1
+        self._position = last
+        self.storage.set_max_applied_wal(last)
+        self._after_commit()
+        return codes
+
+    def _ack_upstream(self, stream: int, kind: int, position: int, codes: bytes,
+                      error: BaseException | None = None) -> None:
+        msg = protocol.ack_message(stream, kind, position, codes, error)
+        with self._up_lock:
+            if self._ack_out is None:
+                return
+            try:
+                self._ack_out.send(msg, _NOBLOCK)
+            except zmq.ZMQError:
+                self._dropped += 1
+
+    def _connect_ack_out(self, endpoint: str) -> None:
+        with self._up_lock:
+            if self._ack_out is not None and self._ack_out_endpoint == endpoint:
+                return
+            if self._ack_out is not None:
+                self._ack_out.close(linger=0)
+            self._ack_out = self._sock(zmq.PUSH, endpoint, bind=False,
+                                       options={zmq.SNDHWM: 10_000})
+            self._ack_out_endpoint = endpoint
+
+    def _drop_upstream(self) -> None:
+        self._stream_in = 0
+        self._leader_address = ""
+        self._abort_snapshot_in()
+        with self._up_lock:
+            if self._ack_out is not None:
+                self._ack_out.close(linger=0)
+                self._ack_out = None
+                self._ack_out_endpoint = ""
+
+    def _state_begin(self, stream: int, wal_id: int, section: dict) -> None:
+        history = section.get("epoch_history", [])
+        with self._app_lock:
+            self._abort_snapshot_in()
+            self._clear_local_state()
+            snap = _SnapshotIn(wal_id, stream, [tuple(x) for x in history])
+            if self._ckpt_dir is not None:
+                snap.writer = CheckpointFileWriter(self._ckpt_dir, wal_id)
+                snap.writer.write_raw_frame(["header", {"format": 1, "wal_id": wal_id,
+                                                        "leader_id": self.storage.leader_id(),
+                                                        "created_ns": time.time_ns()}])
+                snap.writer.write_raw_frame(["section", "zrepl", section])
+                snap.writer.write_raw_frame(["section", "app"])
+            self._snap_in = snap
+        self._counters["state_syncs_received"] += 1
+        self.log.info("receiving a full state sync at WAL id %d", wal_id)
+
+    def _state_batch(self, stream: int, seq: int, datas: list[bytes]) -> None:
+        snap = self._snap_in
+        if snap is None or snap.stream != stream:
+            raise ProtocolError("state batch outside a state sync")
+        b"".join(datas)  # every item is bytes (TypeError otherwise)
+        with self._app_lock:
+            app = self.app
+            app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+            snap.entries += len(datas)
+            if snap.writer is not None:
+                snap.writer.write_raw_frame(["batch", datas])
+
+    def _state_end(self, stream: int, wal_id: int, count: int) -> None:
+        snap = self._snap_in
+        if snap is None or snap.stream != stream or snap.wal_id != wal_id:
+            raise ProtocolError("state end outside a state sync")
+        if count != snap.entries:
+            self._abort_snapshot_in()
+            raise ProtocolError(f"state sync carried {snap.entries} entries, the leader "
+                                f"sent {count}")
+        with self._app_lock:
+            if snap.writer is not None:
+                snap.writer.write_raw_frame(["end", {"entries": count}])
+                snap.writer.commit()  # before the history: see docs/replication.md
+                snap.writer = None
+                self._ckpt_position = wal_id
+                self._prune_checkpoints(wal_id)
+            self.storage.clear_wal()
+            self._position = wal_id
+            self.storage.set_max_applied_wal(wal_id)
+            if snap.history:
+                self.storage.set_epoch_history(snap.history)
+            self._stream_history = None
+            self._snap_in = None
+        self.log.info("state sync complete: %d entries at WAL id %d", count, wal_id)
+
+    def _abort_snapshot_in(self) -> None:
+        if self._snap_in is not None and self._snap_in.writer is not None:
+            self._snap_in.writer.abort()
+        self._snap_in = None

@@ -10,9 +10,14 @@ each, alternates rounds of bare round trips and commits so that drift hits
 both alike.  It reports every session and the median over sessions.
 
     python3 perf/latency.py [--sessions 3] [--rounds 5] [--per-round 1000] [--ipc]
+                            [--hops 1,2,3]
 
-Targets (issue "Replication engine"): p50 <= 1.5 x the bare round trip,
-p99 <= 4 x.
+``--hops`` measures chains: 1 is leader -> follower, 2 is leader ->
+forwarder -> follower, 3 adds a second forwarder; every link synchronous.
+
+Targets: p50 <= 1.5 x the bare round trip and p99 <= 4 x for one hop
+(issue "Replication engine"); each extra synchronous hop adds <= 1 bare
+round trip at p50 (issue "Chained replication").
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 import psutil
 import zmq
 
-from _common import ECHO_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
+from _common import ECHO_SERVER, RELAY_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
 
 from workers.kv import KV  # noqa: E402
 from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole, Replica,  # noqa: E402
@@ -55,43 +60,68 @@ def commits(manager, n: int, start: int) -> list[float]:
     return out
 
 
-def session(args, w: Workdir, index: int) -> dict:
-    addr = (lambda name: f"ipc://{w.path}/{name}{index}") if args.ipc else \
+def session(args, w: Workdir, index: int, hops: int) -> dict:
+    addr = (lambda name: f"ipc://{w.path}/{name}{index}-{hops}") if args.ipc else \
         (lambda name: tcp_address())
     echo_addr = addr("echo")
     echo = w.start_python(ECHO_SERVER % echo_addr)
-    follower_addr = addr("follower")
-    follower = w.start_node(f"follower{index}", follower_addr,
-                            {"fsync": args.follower_fsync or args.fsync})
+    relays = []
+    relay_addr = echo_addr
+    for r in range(hops - 1):  # reference: the same chain length of do-nothing Python relays
+        front = addr(f"relay{r}")
+        relays.append(w.start_python(RELAY_SERVER % (front, relay_addr)))
+        relay_addr = front
+    chain_addrs = [addr(f"n{h}") for h in range(hops)]
+    chain = [w.start_node(f"n{h}-{index}-{hops}", a, {"fsync": args.follower_fsync or args.fsync})
+             for h, a in enumerate(chain_addrs)]
+    follower = chain[0]
     cfg = Config(fsync=args.fsync)
-    storage = FileStorage(w.path / f"leader{index}", config=cfg)
+    storage = FileStorage(w.path / f"leader{index}-{hops}", config=cfg)
     leader = Replica(KV(), storage, addr("leader"), cfg).start()
     ctx = zmq.Context()
     try:
-        with NodeClient(follower_addr) as fc:
-            fc.set_role(NodeRole.FOLLOWER, 1)
+        for h, a in enumerate(chain_addrs):
+            with NodeClient(a) as nc:
+                nc.set_role(NodeRole.FORWARDER if h < hops - 1 else NodeRole.FOLLOWER, 1)
         leader.set_role(NodeRole.LEADER, 1)
-        leader.set_follower(follower_addr)
+        leader.set_follower(chain_addrs[0])
+        for up, down in zip(chain_addrs, chain_addrs[1:]):
+            with NodeClient(up) as nc:
+                nc.set_follower(down)
         wait_until(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 30,
                    "synchronous follower")
+        for a in chain_addrs[:-1]:
+            with NodeClient(a) as nc:
+                wait_until(lambda: nc.status().follower_state == FollowerState.SYNCHRONOUS, 30,
+                           "synchronous chain")
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
         req.connect(echo_addr)
         payload = b"x" * 64
         bare_round_trips(req, 300, payload)  # warm up both paths
+        relayed = []
+        if relays:
+            rreq = ctx.socket(zmq.REQ)
+            rreq.setsockopt(zmq.LINGER, 0)
+            rreq.connect(relay_addr)
+            bare_round_trips(rreq, 300, payload)
         commits(leader.manager, 300, 0)
         bare, zr = [], []
         n = args.per_round
         me, fp, ep = psutil.Process(), psutil.Process(follower.pid), psutil.Process(echo.pid)
+        # CPU of the whole chain is counted as "follower"
+        extra_procs = [psutil.Process(p.pid) for p in chain[1:]]
         cpu = {"leader": 0.0, "follower": 0.0, "bare_client": 0.0, "echo": 0.0}
 
         def cpu_of(p: psutil.Process) -> float:
-            t = p.cpu_times()
-            return t.user + t.system
+            procs = [p] + (extra_procs if p is fp else [])
+            return sum(x.cpu_times().user + x.cpu_times().system for x in procs)
 
         for r in range(args.rounds):
             c0, e0 = cpu_of(me), cpu_of(ep)
             bare += bare_round_trips(req, n, payload)
+            if relays:
+                relayed += bare_round_trips(rreq, n, payload)
             c1, e1, f1 = cpu_of(me), cpu_of(ep), cpu_of(fp)
             zr += commits(leader.manager, n, (r + 1) * n)
             c2, f2 = cpu_of(me), cpu_of(fp)
@@ -109,12 +139,16 @@ def session(args, w: Workdir, index: int) -> dict:
         ctx.destroy(linger=0)
         leader.stop()
         storage.close()
-        follower.kill()
-        follower.wait()
+        for proc in chain:
+            proc.kill()
+            proc.wait()
         echo.kill()
         echo.wait()
     total = n * args.rounds
-    return {"bare": bare, "zrepl": zr, "follower_rss_mib": stats.get(follower.pid, {}).get("rss_mib"),
+    for proc in relays:
+        proc.kill()
+        proc.wait()
+    return {"bare": bare, "zrepl": zr, "relayed": relayed, "follower_rss_mib": stats.get(follower.pid, {}).get("rss_mib"),
             "cpu_us": {k: v / total * 1e6 for k, v in cpu.items()}}
 
 
@@ -128,42 +162,67 @@ def main() -> int:
                     help="WAL fsync policy of both nodes (default: batch, the default)")
     ap.add_argument("--follower-fsync", default=None, choices=["always", "batch", "off"],
                     help="override the follower's policy")
+    ap.add_argument("--hops", default="1", help="chain lengths to measure, e.g. 1,2,3")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
     cmd_len = len(KV().encode_cmd(("set", "k00000", VALUE), WALEntry(1)).data)
     transport = "ipc" if args.ipc else "tcp loopback"
+    hops_list = [int(h) for h in args.hops.split(",")]
     print(f"synchronous commit latency: {cmd_len}-byte commands, {transport}, "
           f"fsync={args.fsync}" + (f"/{args.follower_fsync}" if args.follower_fsync else "") +
           f"; {args.sessions} sessions x {args.rounds} interleaved rounds x {args.per_round}")
-    print(f"{'session':8} {'bare p50':>10} {'p99':>9} {'zrepl p50':>11} {'p99':>9} "
-          f"{'p99.9':>9} {'p50 x':>7} {'p99 x':>7}")
-    results = []
+    summary = {}
     with Workdir() as w:
-        for i in range(args.sessions):
-            r = session(args, w, i)
-            b50, b99 = pct(r["bare"], .5), pct(r["bare"], .99)
-            z50, z99, z999 = pct(r["zrepl"], .5), pct(r["zrepl"], .99), pct(r["zrepl"], .999)
-            results.append({"bare_p50": b50, "bare_p99": b99, "zrepl_p50": z50,
-                            "zrepl_p99": z99, "zrepl_p999": z999,
-                            "ratio_p50": z50 / b50, "ratio_p99": z99 / b99,
-                            "follower_rss_mib": r["follower_rss_mib"], "cpu_us": r["cpu_us"]})
-            print(f"{i + 1:<8} {b50 * 1e6:8.1f}µs {b99 * 1e6:7.1f}µs {z50 * 1e6:9.1f}µs "
-                  f"{z99 * 1e6:7.1f}µs {z999 * 1e6:7.1f}µs {z50 / b50:6.2f}x {z99 / b99:6.2f}x")
-    med = {k: statistics.median(r[k] for r in results) for k in results[0]
-           if k not in ("follower_rss_mib", "cpu_us")}
-    cpu = {k: statistics.median(r["cpu_us"][k] for r in results) for k in results[0]["cpu_us"]}
-    print(f"{'median':8} {med['bare_p50'] * 1e6:8.1f}µs {med['bare_p99'] * 1e6:7.1f}µs "
-          f"{med['zrepl_p50'] * 1e6:9.1f}µs {med['zrepl_p99'] * 1e6:7.1f}µs "
-          f"{med['zrepl_p999'] * 1e6:7.1f}µs {med['ratio_p50']:6.2f}x {med['ratio_p99']:6.2f}x")
-    print(f"CPU per operation (median over sessions): leader process {cpu['leader']:.1f} µs + "
-          f"follower {cpu['follower']:.1f} µs per commit; bare client {cpu['bare_client']:.1f} µs "
-          f"+ echo server {cpu['echo']:.1f} µs per round trip")
-    ok50, ok99 = med["ratio_p50"] <= 1.5, med["ratio_p99"] <= 4
-    print(f"target p50 <= 1.5x bare: {'met' if ok50 else 'MISSED'}; "
-          f"p99 <= 4x bare: {'met' if ok99 else 'MISSED'} (medians over sessions)")
+        for hops in hops_list:
+            print(f"\n{hops} hop{'s' if hops > 1 else ''} "
+                  f"(leader -> {' -> '.join(['forwarder'] * (hops - 1) + ['follower'])})")
+            print(f"{'session':8} {'bare p50':>10} {'p99':>9} {'zrepl p50':>11} {'p99':>9} "
+                  f"{'p99.9':>9} {'p50 x':>7} {'p99 x':>7}")
+            results = []
+            for i in range(args.sessions):
+                r = session(args, w, i, hops)
+                b50, b99 = pct(r["bare"], .5), pct(r["bare"], .99)
+                z50, z99, z999 = pct(r["zrepl"], .5), pct(r["zrepl"], .99), pct(r["zrepl"], .999)
+                results.append({"bare_p50": b50, "bare_p99": b99, "zrepl_p50": z50,
+                                "zrepl_p99": z99, "zrepl_p999": z999,
+                                "ratio_p50": z50 / b50, "ratio_p99": z99 / b99,
+                                "relayed_p50": pct(r["relayed"], .5) if r["relayed"] else 0.0,
+                                "cpu_us": r["cpu_us"]})
+                print(f"{i + 1:<8} {b50 * 1e6:8.1f}µs {b99 * 1e6:7.1f}µs {z50 * 1e6:9.1f}µs "
+                      f"{z99 * 1e6:7.1f}µs {z999 * 1e6:7.1f}µs {z50 / b50:6.2f}x {z99 / b99:6.2f}x")
+            med = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "cpu_us"}
+            cpu = {k: statistics.median(r["cpu_us"][k] for r in results) for k in results[0]["cpu_us"]}
+            print(f"{'median':8} {med['bare_p50'] * 1e6:8.1f}µs {med['bare_p99'] * 1e6:7.1f}µs "
+                  f"{med['zrepl_p50'] * 1e6:9.1f}µs {med['zrepl_p99'] * 1e6:7.1f}µs "
+                  f"{med['zrepl_p999'] * 1e6:7.1f}µs {med['ratio_p50']:6.2f}x {med['ratio_p99']:6.2f}x")
+            if hops > 1:
+                print(f"reference: the bare round trip through {hops - 1} do-nothing Python "
+                      f"relay{'s' if hops > 2 else ''}: p50 {med['relayed_p50'] * 1e6:.1f} µs")
+            print(f"CPU per commit (median): leader process {cpu['leader']:.1f} µs, chain "
+                  f"{cpu['follower']:.1f} µs; per bare round trip: client {cpu['bare_client']:.1f} "
+                  f"µs + echo {cpu['echo']:.1f} µs")
+            summary[hops] = {"median": med, "cpu_us": cpu, "sessions": results}
+    print()
+    if 1 in summary:
+        med = summary[1]["median"]
+        ok50, ok99 = med["ratio_p50"] <= 1.5, med["ratio_p99"] <= 4
+        print(f"1 hop: p50 {med['ratio_p50']:.2f}x bare (target <= 1.5x: "
+              f"{'met' if ok50 else 'MISSED'}), p99 {med['ratio_p99']:.2f}x bare p99 (target <= 4x: "
+              f"{'met' if ok99 else 'MISSED'})")
+        for hops in hops_list:
+            if hops == 1:
+                continue
+            m = summary[hops]["median"]
+            extra = (m["zrepl_p50"] - med["zrepl_p50"]) / (hops - 1)
+            bare = statistics.median([summary[h]["median"]["bare_p50"] for h in hops_list])
+            relay_hop = (m["relayed_p50"] - m["bare_p50"]) / (hops - 1)
+            print(f"{hops} hops: p50 {m['zrepl_p50'] * 1e6:.1f} µs, p99 {m['zrepl_p99'] * 1e6:.1f} µs;"
+                  f" each extra hop adds {extra * 1e6:.1f} µs = {extra / bare:.2f} bare round trips "
+                  f"at p50 (target <= 1: {'met' if extra <= bare else 'MISSED'}); a do-nothing "
+                  f"Python relay hop adds {relay_hop * 1e6:.1f} µs = {relay_hop / bare:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"sessions": results, "median": med}, indent=1))
+        Path(args.json).write_text(json.dumps({str(k): v for k, v in summary.items()}, indent=1))
     return 0
 
 

@@ -24,9 +24,10 @@ GARBAGE = [
     b"\x92\x01",  # truncated array
     msgpack.packb("just a string"),
     msgpack.packb({"v": 2, "op": "status", "args": {}}),  # wrong version (map)
-    msgpack.packb([9, p.WAL, 1, 1, 1, [b"x"]]),  # wrong version (array)
+    msgpack.packb([9, p.WAL, 1, 1, 1, [b"x"], None]),  # wrong version (array)
     msgpack.packb([1, p.WAL, 1, 1, 1]),  # wrong shape
-    msgpack.packb([1, p.WAL, 1, 1, 1, [b"x", "not bytes"]]),
+    msgpack.packb([1, p.WAL, 1, 1, 1, [b"x", "not bytes"], None]),
+    msgpack.packb([1, p.WAL, 1, 1, 1, [b"x"], "not a history"]),
     msgpack.packb([1, p.ACK, 1, p.WAL, 1, b"\x00", None]),
     bytes(range(256)) * 4,
 ]

@@ -70,7 +70,9 @@ def test_bad_control_requests(raw, message):
 
 def test_data_frames_parse():
     msg = p.parse_data(p.wal_message(3, 77, 10, [b"a", b"b"]))
-    assert msg == [1, p.WAL, 3, 77, 10, [b"a", b"b"]]
+    assert msg == [1, p.WAL, 3, 77, 10, [b"a", b"b"], None]
+    msg = p.parse_data(p.wal_message(3, 77, 10, [b"a"], [[1, 1], [3, 9]]))
+    assert msg[6] == [[1, 1], [3, 9]]
     ack = p.parse_data(p.ack_message(77, p.WAL, 11, p.codes_to_bytes([0, 0])))
     assert ack[:5] == [1, p.ACK, 77, p.WAL, 11]
     err = p.parse_data(p.ack_message(77, p.WAL, 0, b"", StaleLeader("old", 1, 2)))
@@ -81,8 +83,10 @@ def test_data_frames_parse():
     (b"\xff\xfe", "malformed|wrong shape|must be an array"),
     (msgpack.packb({"v": 1}), "must be an array"),
     (msgpack.packb([2, p.WAL, 1, 1, 1, []]), "version 2 not supported"),
-    (msgpack.packb([1, p.WAL, 1, 1, -5, []]), "wrong shape"),
-    (msgpack.packb([1, p.WAL, 1, 1, 1, "notalist"]), "wrong shape"),
+    (msgpack.packb([1, p.WAL, 1, 1, -5, [], None]), "wrong shape"),
+    (msgpack.packb([1, p.WAL, 1, 1, 1, "notalist", None]), "wrong shape"),
+    (msgpack.packb([1, p.WAL, 1, 1, 1, [b"x"], [[1]]]), "wrong shape"),
+    (msgpack.packb([1, p.WAL, 1, 1, 1, [b"x"]]), "wrong shape"),
     (msgpack.packb([1, 99, 1]), "wrong shape"),
     (msgpack.packb([1, p.ACK, 1, 1, 1, b"odd", None]), "wrong shape"),
 ])

@@ -5,9 +5,19 @@ listed in ``__all__`` is stable.
 """
 
 from .config import Config
-from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
-                     ReplicationError, StaleLeader, StorageError, StorageLocked, Timeout,
-                     WALGap, WALTruncated)
+from .errors import (
+                     CorruptStorage,
+                     FollowerMismatch,
+                     NotLeader,
+                     ProtocolError,
+                     ReplicationError,
+                     StaleLeader,
+                     StorageError,
+                     StorageLocked,
+                     Timeout,
+                     WALGap,
+                     WALTruncated,
+)
 from .filestorage import FileStorage
 from .interfaces import App, Follower, Manager, Node, Storage
 from .remote import Client, NodeClient, RemoteFollower

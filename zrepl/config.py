@@ -82,6 +82,14 @@ class Config:
     """With ``require_sync``: how long ``apply`` waits for a synchronous
     follower before raising ``Timeout``."""
 
+    sync_downstream: bool = True
+    """Whether this node's link to its follower is synchronous: a leader
+    answers its callers, and a forwarder acknowledges its upstream, only
+    after the follower acknowledged.  False makes the link asynchronous
+    (answered after the local apply; the follower still receives every
+    batch, in order): for a WAN hop at the end of a chain.  Status
+    reports each link's ``follower_sync``."""
+
     window: int = 8
     """Batches sent downstream and not yet acknowledged, at most.  Enough
     to keep leader and follower busy at the same time; bounds memory."""
@@ -163,8 +171,9 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0 (0 disables); got {value!r}")
-        if not isinstance(self.require_sync, bool):
-            raise ValueError(f"require_sync must be true or false; got {self.require_sync!r}")
+        for name in ("require_sync", "sync_downstream"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
         if self.max_batch_bytes >= 2**32:
             raise ValueError("max_batch_bytes must be below 4 GiB (record length field)")
 

@@ -174,7 +174,7 @@ class DownstreamLink:
     def _start_handshake(self, now: float) -> None:
         stream = random.getrandbits(63) or 1
         leader_id = self.storage.leader_id()
-        history = [list(x) for x in self.storage.epoch_history()]
+        history = [list(x) for x in self._history]
 
         def on_ok(info: Any) -> None:
             try:
@@ -194,16 +194,18 @@ class DownstreamLink:
             self._sync.failed(exc, time.monotonic())
 
         self._down_rpc("connect", {"leader_id": leader_id, "address": self.address,
-                                   "stream": stream, "epoch_history": history}, on_ok, on_err)
+                                   "stream": stream, "epoch_history": history,
+                                   "depth": self._depth + 1}, on_ok, on_err)
 
     def _begin_sync(self, fi: FollowerInfo, stream: int) -> None:
         with self._app_lock:
-            view = UpstreamView(self.storage.epoch_history(), self.storage.min_wal(),
+            view = UpstreamView(list(self._history), self.storage.min_wal(),
                                 self._position)
             plan = plan_sync(view, fi)
             self._sync.connected(plan, fi.position)
             self._acked = fi.position
             self._stream_out = stream
+            self._history_sent = -1  # the first batch of a stream carries the history
             # IMMEDIATE: a send fails at once while the follower is not
             # connected, instead of queueing for a peer that may be gone.
             self._data_out = self._sock(zmq.PUSH, endpoints(self._sync.address).data, bind=False,
@@ -232,7 +234,7 @@ class DownstreamLink:
     def _fork_snapshot(self, stream: int) -> None:
         with self._app_lock:
             wal_id = self._position
-            section = {"epoch_history": [list(x) for x in self.storage.epoch_history()]}
+            section = {"epoch_history": [list(x) for x in self._history]}
             leader_id = self.storage.leader_id()
 
             def message(seq: int, datas: list[bytes]) -> bytes:  # runs in the child
@@ -368,7 +370,8 @@ class DownstreamLink:
             batch = Batch(pos, pos + len(datas) - 1, local_done=True)  # nothing to compare
             with self._inflight_lock:
                 self._inflight.append(batch)
-            msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, pos, datas)
+            msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, pos, datas,
+                                       self._history_to_send())
             if not self._send_data(msg):
                 with self._inflight_lock:
                     if self._inflight and self._inflight[-1] is batch:
@@ -379,6 +382,13 @@ class DownstreamLink:
                 return 0.001
             self._catchup_pos = batch.last + 1
         return 0.05
+
+    def _history_to_send(self) -> list | None:
+        """The epoch history, if this stream has not seen this version."""
+        if self._history_sent == self._history_version:
+            return None
+        self._history_sent = self._history_version
+        return [list(x) for x in self._history]
 
     def _read_wal_datas(self, start: int, count: int) -> list[bytes]:
         return self.storage.read_wal_data(start, count)

@@ -19,9 +19,18 @@ from typing import Any, Callable
 from .config import Config
 from .errors import CorruptStorage, StorageError
 from .fsutil import DirLock, atomic_write
-from .storage import (EMPTY_META, BaseStorage, check_batch, check_data_batch,
-                      check_epoch_history, check_id, check_read, check_role, datetime_to_ns,
-                      entries_from)
+from .storage import (
+    EMPTY_META,
+    BaseStorage,
+    check_batch,
+    check_data_batch,
+    check_epoch_history,
+    check_id,
+    check_read,
+    check_role,
+    datetime_to_ns,
+    entries_from,
+)
 from .types import WALEntry
 from .wal import SegmentedWAL
 

@@ -187,10 +187,7 @@ class CommitPipeline:
         self._position = last
         self.storage.set_max_applied_wal(last)
         if sent:
-            with self._inflight_lock:
-                finalize = batch.set_local(codes, cb)
-            if finalize:
-                self._finalize(batch)
+            self._complete_local(batch, codes, cb)
         else:
             batch.set_local(codes, cb)
             if self.config.require_sync:
@@ -198,6 +195,20 @@ class CommitPipeline:
             else:
                 batch.resolve()
         self._after_commit()
+
+    def _complete_local(self, batch: Batch, codes: list[int], cb: bytes) -> None:
+        """The local half of a sent batch is done.  On an asynchronous link
+        (``sync_downstream = false``) its callers are answered now; the
+        follower's ack is still awaited, compared and counted."""
+        if not self.config.sync_downstream and batch.pieces:
+            batch.codes = codes
+            batch.resolve()
+            with self._inflight_lock:
+                batch.pieces = []
+        with self._inflight_lock:
+            finalize = batch.set_local(codes, cb)
+        if finalize:
+            self._finalize(batch)
 
     def _abandon_batch(self, batch: Batch, sent: bool, exc: BaseException) -> None:
         """The local half of a batch failed: fail its callers; if it was
@@ -224,7 +235,8 @@ class CommitPipeline:
             if self._link_broken is not None or not self._synchronous:
                 return False
             self._inflight.append(batch)
-        msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, batch.first, datas)
+        msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, batch.first, datas,
+                                   self._history_to_send())
         sock = self._data_out
         try:
             try:
@@ -328,6 +340,13 @@ class CommitPipeline:
             return True
         return False
 
+    def _ack_limit(self) -> float:
+        """How long this node waits for its follower's ack.  Deeper in a
+        chain means shorter (10 % of ``ack_timeout`` less per hop, at least
+        20 %), so when a tail hangs, the link next to it fails first and
+        its upstream is answered before the upstream's own timer fires."""
+        return self.config.ack_timeout * max(0.2, 1.0 - 0.1 * self._depth)
+
     def _release_ack_role(self, hand_over: bool = True) -> None:
         self._ack_owner = 0
         self._ack_lock.release()
@@ -344,12 +363,12 @@ class CommitPipeline:
             now = time.monotonic()
             if self._inflight:
                 oldest = self._inflight[0].sent
-                if now - oldest > self.config.ack_timeout:
+                limit = self._ack_limit()
+                if now - oldest > limit:
                     self._link_failure(Timeout(
-                        f"follower {self._sync.address} did not acknowledge within "
-                        f"{self.config.ack_timeout:g}s"))
+                        f"follower {self._sync.address} did not acknowledge within {limit:g}s"))
                     return
-                until = min(deadline, oldest + self.config.ack_timeout)
+                until = min(deadline, oldest + limit)
             else:
                 until = deadline
             if now >= until:

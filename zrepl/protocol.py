@@ -8,7 +8,7 @@ kinds of traffic:
   EXTRA]}``.  Not on the hot path, so readable maps.
 * **data** (PUSH -> PULL, downstream): arrays, one msgpack call per batch::
 
-      [1, WAL,         leader_id, stream, first_wal_id, [data, ...]]
+      [1, WAL,         leader_id, stream, first_wal_id, [data, ...], history]
       [1, STATE_BEGIN, leader_id, stream, snapshot_wal_id, zrepl_section]
       [1, STATE,       leader_id, stream, seq, [data, ...]]
       [1, STATE_END,   leader_id, stream, snapshot_wal_id, entry_count]
@@ -21,6 +21,10 @@ kinds of traffic:
   its sequence number (STATE); ``codes`` the response codes as little-endian
   uint16 bytes, so the leader compares a whole batch with one ``==``;
   ``error`` is None or ``[TYPE, MESSAGE]``.
+
+``history`` is the sender's epoch history when it changed since the last
+batch of the stream (always in the first), else None: it travels down a
+chain with the entries it describes.
 
 ``stream`` is a random token the upstream picks at each handshake: a
 follower accepts data only from the stream it last agreed to, and an
@@ -212,8 +216,9 @@ def parse_control_reply(raw: bytes) -> Any:
 # --- data and ack messages ----------------------------------------------------------------
 
 
-def wal_message(leader_id: int, stream: int, first_id: int, datas: list[bytes]) -> bytes:
-    return packb([PROTOCOL_VERSION, WAL, leader_id, stream, first_id, datas])
+def wal_message(leader_id: int, stream: int, first_id: int, datas: list[bytes],
+                history: list | None = None) -> bytes:
+    return packb([PROTOCOL_VERSION, WAL, leader_id, stream, first_id, datas, history])
 
 
 def ack_message(stream: int, kind: int, position: int, codes: bytes,
@@ -237,8 +242,11 @@ def parse_data(raw: bytes) -> list:
     if kind == ACK:  # the hottest shape first
         ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
               and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
-    elif kind in (WAL, STATE):
+    elif kind == WAL:
         # Item types are checked by Storage.write_wal (one C-level pass).
+        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is list
+              and (msg[6] is None or _history_ok(msg[6])))
+    elif kind == STATE:
         ok = len(msg) == 6 and _uints(msg[2:5]) and type(msg[5]) is list
     elif kind == STATE_BEGIN:
         ok = len(msg) == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
@@ -249,6 +257,10 @@ def parse_data(raw: bytes) -> list:
     if not ok:
         raise errors.ProtocolError(f"data frame of kind {kind!r} has the wrong shape")
     return msg
+
+
+def _history_ok(h: Any) -> bool:
+    return type(h) is list and all(type(x) is list and len(x) == 2 and _uints(x) for x in h)
 
 
 def _uints(values: list) -> bool:

@@ -154,8 +154,11 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self._data_out_ready = 0.0
         # upstream link
         self._stream_in = 0
+        self._depth = 0  # hops from the leader (0: leader or not following)
         self._leader_address = ""
-        self._stream_history: list | None = None
+        self._history: list[tuple[int, int]] = []  # cached storage.epoch_history()
+        self._history_version = 0  # bumped on every change (what to send downstream)
+        self._history_sent = -1  # version last sent on the current downstream stream
         self._snap_in: _SnapshotIn | None = None
         self._ack_out: zmq.Socket | None = None
         self._ack_out_endpoint = ""
@@ -202,10 +205,12 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         follower = self.storage.follower_address()
-        if follower and self.storage.role() in (NodeRole.LEADER, NodeRole.FORWARDER):
+        if follower and self.storage.role() in (NodeRole.LEADER, NodeRole.FORWARDER,
+                                                NodeRole.FOLLOWER):
             self._sync.configure(follower, time.monotonic())
         self._ckpt_position = self._position
         self._is_leader = self.storage.role() == NodeRole.LEADER
+        self._history = self.storage.epoch_history()
         self._thread = threading.Thread(target=self._run, name=f"zrepl-engine {self.address}",
                                         daemon=True)
         self._thread.start()
@@ -354,10 +359,10 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             address=self.address, role=st.role(), leader_id=st.leader_id(),
             max_wal=st.max_wal(), min_wal=st.min_wal(), max_applied_wal=self._position,
             follower=sync.address, follower_state=sync.state,
-            leader=self._leader_address, epoch_history=st.epoch_history(),
+            leader=self._leader_address, epoch_history=list(self._history),
             follower_acked_wal=acked,
             follower_lag=max(0, self._position - acked) if has_follower else 0,
-            follower_sync=sync.state == FollowerState.SYNCHRONOUS,
+            follower_sync=sync.state == FollowerState.SYNCHRONOUS and self.config.sync_downstream,
             pid=os.getpid(), rss_bytes=rss, cpu_percent=cpu,
             extra={"failures": self._failure_count,
                    "last_failure": self._failures[-1] if self._failures else "",
@@ -382,9 +387,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                     raise StaleLeader(f"a new leadership needs a leader_id above {current}",
                                       leader_id, current)
                 self.storage.set_leader_id(leader_id)  # persist before acting
-                history = self.storage.epoch_history()
-                history.append((leader_id, self._position + 1))
-                self.storage.set_epoch_history(history)
+                self._set_history(self._history + [(leader_id, self._position + 1)])
                 self._persist_role(NodeRole.LEADER)
                 self._drop_upstream()
                 self.log.warning("now LEADER with leader_id %d from WAL id %d", leader_id,
@@ -421,6 +424,16 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self.storage.set_follower_address(address)
         self._restart_link("follower set to " + (address or "none"))
 
+    def _set_history(self, history: list) -> None:
+        """Persist a new epoch history; it goes down the chain with the next
+        batch this node sends."""
+        history = [(int(a), int(b)) for a, b in history]
+        if history == self._history:
+            return
+        self.storage.set_epoch_history(history)
+        self._history = history
+        self._history_version += 1
+
     def _persist_role(self, role: NodeRole) -> None:
         """Store the role and keep the commit path's cached view of it."""
         self.storage.set_role(role)
@@ -438,65 +451,91 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 pass
 
     def _run(self) -> None:
+        """The engine loop.  Kept lean: it runs once or twice per batch on a
+        follower or forwarder.  Poller registrations change only when the
+        set of sockets to watch does, and the housekeeping (timers, the
+        downstream driver) runs when it is due, when poked, or while the
+        follower link is streaming."""
         self._engine_ident = threading.get_ident()
         poller = zmq.Poller()
-        for s in (self._control, self._data_in):
-            poller.register(s, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        registered: tuple = ()
+        hk_due = 0.0
+        cfg = self.config
+        streaming_states = (FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG)
         try:
             while not self._stopping:
                 now = time.monotonic()
-                timeout = self._housekeeping(now)
-                extra = []
-                if len(self._pending) < self.config.max_pending:
-                    extra.append((self._client, zmq.POLLIN))  # else ZeroMQ holds them back
-                own_ack = bool(self._inflight or self._sync.state in (
-                    FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG)) \
+                streaming = self._sync.state in streaming_states
+                if now >= hk_due or streaming or self._link_broken is not None \
+                        or self._link_restart:
+                    timeout = self._housekeeping(now)
+                    hk_due = now + timeout
+                else:
+                    timeout = hk_due - now
+                # Only a leader's callers read acks; elsewhere the engine always
+                # may, so its ack socket stays registered.
+                own_ack = bool(not self._is_leader or self._inflight or streaming) \
                     and self._take_ack_role()
-                if own_ack:
-                    extra.append((self._ack_in, zmq.POLLIN))
-                    if self._inflight:
-                        timeout = min(timeout, max(0.001, self._inflight[0].sent
-                                                   + self.config.ack_timeout - now))
-                if self._down_call is not None and self._down_req is not None:
-                    extra.append((self._down_req, zmq.POLLIN))
+                if own_ack and self._inflight:
+                    timeout = min(timeout, max(0.001, self._inflight[0].sent
+                                               + self._ack_limit() - now))
                 snap = self._snap_out
-                if snap is not None and snap.fd >= 0 and not snap.eof and \
-                        len(snap.queue) < self.config.window * 2:
-                    extra.append((snap.fd, zmq.POLLIN))
-                for s, flags in extra:
-                    poller.register(s, flags)
+                snap_fd = snap.fd if snap is not None and snap.fd >= 0 and not snap.eof and \
+                    len(snap.queue) < cfg.window * 2 else -1
+                down = self._down_req if self._down_call is not None else None
+                signature = (not (self._synchronous and len(self._inflight) >= cfg.window),
+                             len(self._pending) < cfg.max_pending, own_ack, down, snap_fd)
+                if signature != registered:
+                    wanted = [self._control, self._wake_r]
+                    if signature[0]:
+                        wanted.append(self._data_in)  # else the upstream waits
+                    if signature[1]:
+                        wanted.append(self._client)  # else ZeroMQ holds clients back
+                    if own_ack:
+                        wanted.append(self._ack_in)
+                    if down is not None:
+                        wanted.append(down)
+                    if snap_fd >= 0:
+                        wanted.append(snap_fd)
+                    poller = zmq.Poller()
+                    for sock in wanted:
+                        poller.register(sock, zmq.POLLIN)
+                    registered = signature
                 try:
                     events = dict(poller.poll(max(0, int(timeout * 1000))))
                     if own_ack:
                         if self._ack_in in events:
                             self._drain_acks()
                         if self._inflight and time.monotonic() - self._inflight[0].sent > \
-                                self.config.ack_timeout:
+                                self._ack_limit():
                             self._link_failure(Timeout(
                                 f"follower {self._sync.address} did not acknowledge within "
-                                f"{self.config.ack_timeout:g}s"))
+                                f"{self._ack_limit():g}s"))
                 finally:
-                    for s, _ in extra:
-                        poller.unregister(s)
                     if own_ack:
                         self._release_ack_role(hand_over=False)
+                if not events:
+                    continue
                 if self._wake_r in events:
+                    hk_due = 0.0  # whoever poked wants the housekeeping to look
                     try:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
                 if self._control in events:
                     self._serve_control()
+                    hk_due = 0.0  # a control call may have changed what is due
                 if self._client in events:
                     self._serve_clients()
                 if self._data_in in events:
                     self._serve_data()
                 if self._down_req is not None and self._down_req in events:
                     self._on_down_reply()
+                    hk_due = 0.0
                 if snap is not None and snap.fd in events:
                     self._read_snapshot_pipe(snap)
-                self._send_replies()
+                if self._replies:
+                    self._send_replies()
         except BaseException as exc:  # never die silently
             self.crashed = exc
             self.log.critical("engine thread crashed: %r", exc, exc_info=True)
@@ -699,7 +738,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             self._ckpt_requested = False
             with self._app_lock:
                 wal_id = self._position
-                section = {"epoch_history": [list(x) for x in self.storage.epoch_history()]}
+                section = {"epoch_history": [list(x) for x in self._history]}
                 pid = fork_checkpoint(self._ckpt_dir, self.app, wal_id, self.storage.leader_id(),
                                       section, cfg.snapshot_batch_entries)
             self._ckpt_child = (pid, wal_id)

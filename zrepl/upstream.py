@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from . import protocol
+from .commit import AckSink, Batch
 from .errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
 from .protocol import ACK, STATE, STATE_BEGIN, STATE_END, WAL, codes_to_bytes, endpoints
 from .snapshot import CheckpointFileWriter
@@ -38,7 +39,7 @@ class UpstreamSide:
     """Everything a node does for the node it follows."""
 
     def _op_connect(self, leader_id: Any, address: Any, stream: Any = 0,
-                    epoch_history: Any = None) -> dict:
+                    epoch_history: Any = None, depth: Any = 1) -> dict:
         """Follower side of the handshake."""
         leader_id = self._check_leader_id(leader_id)
         if not isinstance(address, str) or not isinstance(stream, int) or stream < 0:
@@ -65,15 +66,17 @@ class UpstreamSide:
                 self.storage.set_leader_id(leader_id)  # persist before acting
             self._stream_in = stream
             self._leader_address = address
-            self._stream_history = [tuple(x) for x in epoch_history] if epoch_history else None
+            old_depth = self._depth
+            self._depth = depth if isinstance(depth, int) and 0 < depth < 1000 else 1
             self._abort_snapshot_in()
             if address:
                 self._connect_ack_out(up.ack)
             info = {"leader_id": self.storage.leader_id(), "max_wal": self.storage.max_wal(),
                     "min_wal": self.storage.min_wal(), "max_applied_wal": self._position,
-                    "epoch_history": [list(x) for x in self.storage.epoch_history()]}
-        if leader_id != current:
-            self._restart_link("epoch changed")  # our own follower must hear of it
+                    "epoch_history": [list(x) for x in self._history]}
+        if leader_id != current or self._depth != old_depth:
+            # our own follower must hear of the new epoch (and its depth)
+            self._restart_link("upstream changed")
         return info
 
     def _op_max_applied_wal(self) -> int:
@@ -120,51 +123,91 @@ class UpstreamSide:
 
     def _serve_data(self) -> None:
         for raw in _ready(self._data_in):
-            try:
-                msg = protocol.parse_data(raw)
-            except ProtocolError as exc:
-                self._dropped += 1
-                self.log.warning("dropped a bad data frame: %s", exc)
-                continue
-            kind = msg[1]
-            if kind == ACK:
-                self._dropped += 1
-                continue
-            leader_id, stream = msg[2], msg[3]
-            if stream == 0 or stream != self._stream_in or leader_id != self.storage.leader_id():
-                self._dropped += 1  # not the conversation this node agreed to
-                continue
-            try:
-                if kind == WAL:
-                    with self._app_lock:
-                        codes = self._apply_upstream_batch(msg[4], msg[5])
-                    self._ack_upstream(stream, WAL, msg[4] + len(msg[5]) - 1,
-                                       codes_to_bytes(codes))
-                elif kind == STATE_BEGIN:
-                    self._state_begin(stream, msg[4], msg[5])
-                elif kind == STATE:
-                    self._state_batch(stream, msg[4], msg[5])
-                    self._ack_upstream(stream, STATE, msg[4], b"")
-                elif kind == STATE_END:
-                    self._state_end(stream, msg[4], msg[5])
-                    self._ack_upstream(stream, STATE_END, msg[4], b"")
-            except (ReplicationError, ValueError, TypeError) as exc:
-                self.log.warning("refused a batch from %s: %s", self._leader_address, exc)
-                err = exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
-                self._ack_upstream(stream, kind if kind != STATE_BEGIN else STATE, 0, b"", err)
+            self._handle_data(raw)
+            if self._synchronous and len(self._inflight) >= self.config.window:
+                return  # forwarding is full: read on once acks free the window
 
-    def _apply_upstream_batch(self, first: int, datas: list[bytes]) -> list[int]:
-        """Log and apply a batch from the upstream.  App lock held."""
+    def _handle_data(self, raw: bytes) -> None:
+        try:
+            msg = protocol.parse_data(raw)
+        except ProtocolError as exc:
+            self._dropped += 1
+            self.log.warning("dropped a bad data frame: %s", exc)
+            return
+        kind = msg[1]
+        if kind == ACK:
+            self._dropped += 1
+            return
+        leader_id, stream = msg[2], msg[3]
+        if stream == 0 or stream != self._stream_in or leader_id != self.storage.leader_id():
+            self._dropped += 1  # not the conversation this node agreed to
+            return
+        try:
+            if kind == WAL:
+                self._receive_wal(stream, msg[4], msg[5], msg[6])
+            elif kind == STATE_BEGIN:
+                self._state_begin(stream, msg[4], msg[5])
+            elif kind == STATE:
+                self._state_batch(stream, msg[4], msg[5])
+                self._ack_upstream(stream, STATE, msg[4], b"")
+            elif kind == STATE_END:
+                self._state_end(stream, msg[4], msg[5])
+                self._ack_upstream(stream, STATE_END, msg[4], b"")
+        except (ReplicationError, ValueError, TypeError) as exc:
+            self.log.warning("refused a batch from %s: %s", self._leader_address, exc)
+            err = exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
+            self._ack_upstream(stream, kind if kind != STATE_BEGIN else STATE, 0, b"", err)
+
+    def _receive_wal(self, stream: int, first: int, datas: list[bytes],
+                     history: list | None) -> None:
+        """A WAL batch from the upstream: forward it when this node's own
+        follower is synchronous (before logging it, so both work at once),
+        log and apply it, and acknowledge it upstream - at once, or once
+        the follower acknowledged it (a synchronous chain)."""
+        last = first + len(datas) - 1
+        with self._app_lock:
+            self._check_continues(first, datas)
+            if history is not None:
+                self._set_history(history)
+            batch = None
+            if self._synchronous:
+                batch = Batch(first, last, [(AckSink(self._forwarded_ack(stream, last)), 0,
+                                             len(datas))])
+                if not self._send_downstream(batch, datas):
+                    batch = None
+            try:
+                codes = self._apply_upstream_batch(first, datas)
+                cb = codes_to_bytes(codes)
+            except Exception as exc:
+                if batch is not None:
+                    batch.pieces = []  # the error ack below answers the upstream
+                    self._abandon_batch(batch, True, exc)
+                raise
+            if batch is not None:
+                self._complete_local(batch, codes, cb)
+                return
+        self._ack_upstream(stream, WAL, last, cb)
+
+    def _forwarded_ack(self, stream: int, last: int
+                       ) -> Callable[[list[int] | None, BaseException | None], None]:
+        def ack(codes: list[int] | None, exc: BaseException | None) -> None:
+            if exc is None:
+                self._ack_upstream(stream, WAL, last, codes_to_bytes(codes or []))
+            else:
+                self._ack_upstream(stream, WAL, last, b"", exc)
+        return ack
+
+    def _check_continues(self, first: int, datas: list[bytes]) -> None:
         if not datas:
             raise ProtocolError("empty WAL batch")
         expected = self._position + 1
         if first != expected:
             raise WALGap(f"WAL batch starts at {first}, this node expects {expected}")
+
+    def _apply_upstream_batch(self, first: int, datas: list[bytes]) -> list[int]:
+        """Log and apply a batch from the upstream.  App lock held."""
+        self._check_continues(first, datas)
         self.storage.write_wal_data(first, datas)
-        if self._stream_history is not None:
-            if self._stream_history != self.storage.epoch_history():
-                self.storage.set_epoch_history(self._stream_history)
-            self._stream_history = None
         app = self.app
         codes = app.apply([app.decode_cmd(e) for e in entries_from(first, datas)])
         last = first + len(datas) - 1
@@ -196,6 +239,7 @@ class UpstreamSide:
 
     def _drop_upstream(self) -> None:
         self._stream_in = 0
+        self._depth = 0
         self._leader_address = ""
         self._abort_snapshot_in()
         with self._up_lock:
@@ -252,8 +296,7 @@ class UpstreamSide:
             self._position = wal_id
             self.storage.set_max_applied_wal(wal_id)
             if snap.history:
-                self.storage.set_epoch_history(snap.history)
-            self._stream_history = None
+                self._set_history(snap.history)
             self._snap_in = None
         self.log.info("state sync complete: %d entries at WAL id %d", count, wal_id)
 

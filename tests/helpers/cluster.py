@@ -156,6 +156,20 @@ class Cluster:
         follower.client.set_leader(leader.address)
         wait_synchronous(leader)
 
+    def chain(self, nodes: list[NodeProc], leader_id: int = 1, wait: bool = True) -> None:
+        """Roles and links for nodes[0] -> nodes[1] -> ... (the supervisor's
+        job, done by hand): FORWARDER in the middle, FOLLOWER at the tail."""
+        for i, n in enumerate(nodes[1:], 1):
+            role = NodeRole.FORWARDER if i < len(nodes) - 1 else NodeRole.FOLLOWER
+            n.client.set_role(role, leader_id)
+            n.client.set_leader(nodes[i - 1].address)
+        nodes[0].client.set_role(NodeRole.LEADER, leader_id)
+        for up, down in zip(nodes, nodes[1:]):
+            up.client.set_follower(down.address)
+        if wait:
+            for up in nodes[:-1]:
+                wait_synchronous(up)
+
     def close(self) -> None:
         for c in self._clients:
             c.close()

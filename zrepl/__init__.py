@@ -23,6 +23,7 @@ from .interfaces import App, Follower, Manager, Node, Storage
 from .remote import Client, NodeClient, RemoteFollower
 from .replica import Replica
 from .storage import MemoryStorage
+from .supervisor import Supervisor
 from .types import FollowerState, NodeRole, NodeStatus, WALEntry
 
 __version__ = "0.1.0"
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
     "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole",
-    "NodeStatus", "NotLeader", "ProtocolError", "RemoteFollower", "Replica",
+    "NodeStatus", "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "Supervisor",
     "ReplicationError", "StaleLeader", "Storage", "StorageError", "StorageLocked", "Timeout",
     "WALEntry", "WALGap", "WALTruncated", "__version__",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .errors import ReplicationError
 from .wal import iter_wal
 
 
@@ -73,6 +74,97 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
 
 
+def cmd_supervisor(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from .node_main import SetupError, config_from
+    from .supervisor import Supervisor
+    try:
+        config = config_from(args.config, {})
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        sup = Supervisor(args.node, state_path=args.state, config=config,
+                         listen=args.listen or "")
+    except (ValueError, ReplicationError) as exc:
+        raise CommandError(str(exc)) from None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("zrepl.supervisor").info("signal %d: stopping", signum)
+        sup._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sup.run()
+    return 0
+
+
+def _fmt_status_table(results: dict) -> str:
+    head = ["NODE", "ROLE", "EPOCH", "WAL", "APPLIED", "FOLLOWER", "FOLLOWER STATE", "LAG",
+            "LAG s", "SYNC"]
+    rows = []
+    for address, st in results.items():
+        if isinstance(st, Exception):
+            rows.append([address, "DOWN", "", "", "", "", f"{type(st).__name__}: {st}"[:60],
+                         "", "", ""])
+            continue
+        rows.append([
+            address, st.role.name, str(st.leader_id),
+            f"{st.min_wal}..{st.max_wal}" if st.max_wal else "empty", str(st.max_applied_wal),
+            st.follower or "-", st.follower_state.name if st.follower else "-",
+            str(st.follower_lag) if st.follower else "-",
+            f"{st.follower_lag_seconds:.3f}" if st.follower else "-",
+            ("yes" if st.follower_sync else "no") if st.follower else "-"])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .rpc import RpcClient
+    from .supervisor import poll_statuses
+    if not args.node and not args.supervisor:
+        raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
+    sup_view = None
+    if args.supervisor:
+        try:
+            with RpcClient(args.supervisor, args.timeout) as rpc:
+                sup_view = rpc.call("status")
+        except ReplicationError as exc:
+            raise CommandError(f"supervisor {args.supervisor}: {exc}") from None
+        if not args.node:
+            args.node = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
+    for a in args.node:
+        try:
+            from .protocol import endpoints
+            endpoints(a)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    results = poll_statuses(args.node, timeout=args.timeout)
+    if args.json:
+        doc = [{"address": a, "ok": not isinstance(st, Exception),
+                **({"status": st.to_dict()} if not isinstance(st, Exception)
+                   else {"error": f"{type(st).__name__}: {st}"})} for a, st in results.items()]
+        if sup_view is not None:
+            doc = {"supervisor": sup_view, "nodes": doc}  # type: ignore[assignment]
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    else:
+        if sup_view is not None:
+            sys.stdout.write(f"supervisor: {sup_view.get('note', '')}\n"
+                             f"epoch {sup_view.get('leader_id')} (largest issued "
+                             f"{sup_view.get('max_leader_id')}); dead: "
+                             f"{', '.join(sup_view.get('dead') or []) or 'none'}\n\n")
+        sys.stdout.write(_fmt_status_table(results))
+    down = [a for a, st in results.items() if isinstance(st, Exception)]
+    if down:
+        raise CommandError(f"{len(down)} of {len(results)} node(s) did not answer: "
+                           + ", ".join(down))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zrepl", description="Hot-standby replication for Python state machines.")
@@ -98,6 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint every N applied entries (0: never by count)")
     node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     node.set_defaults(func=cmd_node)
+
+    sup = sub.add_parser(
+        "supervisor", help="run the supervisor",
+        description="Keep one leader and a chain of followers among the given nodes: poll "
+                    "them every heartbeat, renew the leader's lease, replace a dead leader "
+                    "with a node that holds every acknowledged write, re-chain around dead "
+                    "nodes.  Stops on SIGTERM or SIGINT.")
+    sup.add_argument("--node", action="append", required=True, metavar="ENDPOINT",
+                     help="a node's address; repeat for each node, in chain order")
+    sup.add_argument("--state", metavar="FILE",
+                     help="where to keep the largest epoch issued and the synchronous chain")
+    sup.add_argument("--config", metavar="FILE.toml",
+                     help="settings (heartbeat_interval, missed_heartbeats, lease, ...)")
+    sup.add_argument("--listen", metavar="ENDPOINT",
+                     help="answer 'zrepl status --supervisor ENDPOINT' here")
+    sup.add_argument("--log-level", default="INFO")
+    sup.set_defaults(func=cmd_supervisor)
+
+    st = sub.add_parser("status", help="show every node's state",
+                        description="One line per node: role, epoch, WAL, follower, its "
+                                    "state and lag.  Exit status 1 if a node did not answer.")
+    st.add_argument("--node", action="append", default=[], metavar="ENDPOINT")
+    st.add_argument("--supervisor", metavar="ENDPOINT",
+                    help="also show the supervisor's view (its --listen endpoint)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--timeout", type=float, default=1.0, help="seconds to wait per node")
+    st.set_defaults(func=cmd_status)
 
     wal = sub.add_parser("wal", help="inspect a node's WAL offline")
     wal_sub = wal.add_subparsers(dest="wal_command", metavar="WAL_COMMAND")

@@ -352,6 +352,7 @@ class DownstreamLink:
                     if self._catchup_pos > self._position and self._link_broken is None:
                         self._sync.caught_up()
                         self._synchronous = True
+                        self._synced_at = time.monotonic()
                         self._slot = 0
                         self.log.info("follower %s is synchronous at WAL id %d",
                                       self._sync.address, self._position)

@@ -41,9 +41,12 @@ class CommitPipeline:
             raise NotLeader(f"node {self.address} is not running", "")
         if not self._is_leader:
             raise NotLeader(f"{self.address} is not the leader", self._leader_address)
+        if self._lease_enforced and time.monotonic() > self._lease_until:
+            raise NotLeader(f"{self.address} holds no valid leader lease (the supervisor has "
+                            "not renewed it): not accepting writes", "")
 
     def _apply_blocking(self, cmds: list) -> list[int]:
-        if not self._is_leader or self._stopping:
+        if not self._is_leader or self._stopping or self._lease_enforced:
             self._check_writable()
         cfg = self.config
         sink = WaitSink(len(cmds))
@@ -98,9 +101,10 @@ class CommitPipeline:
         """Pack queued submissions into batches and commit them.  App lock held."""
         cfg = self.config
         pending = self._pending
-        if not self._is_leader or self._stopping:
-            self._fail_pending(NotLeader(f"{self.address} is not the leader",
-                                         self._leader_address))
+        if not self._is_leader or self._stopping or (
+                self._lease_enforced and time.monotonic() > self._lease_until):
+            self._fail_pending(NotLeader(f"{self.address} is not the leader or holds no valid "
+                                         "lease", self._leader_address))
             return
         max_n, max_size = cfg.max_batch_entries, cfg.max_batch_data
         while pending:
@@ -415,6 +419,8 @@ class CommitPipeline:
                 return
             if position > self._acked:
                 self._acked = position
+                if position >= self._position:
+                    self._synced_at = time.monotonic()
             if finalize:
                 self._finalize(batch)
             if self._pending:

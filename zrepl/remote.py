@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -133,6 +134,7 @@ class Client:
         self._ids = itertools.count(1)
         self._leader: str | None = None
         self._rpcs: dict[str, RpcClient] = {}
+        self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
 
     def _rpc(self, address: str) -> RpcClient:
         rpc = self._rpcs.get(address)
@@ -145,8 +147,13 @@ class Client:
         """Submit one encoded command; return its response code."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"Client.apply takes bytes, got {type(data).__name__}")
-        candidates = ([self._leader] if self._leader else []) + \
-            [a for a in self.addresses if a != self._leader]
+        now = time.monotonic()
+        # A node that did not answer lately is skipped for a while (after a
+        # failover its old address would cost a full timeout per call).
+        fresh = [a for a in self.addresses
+                 if now - self._timed_out.get(a, -1e9) > self.timeout * 2]
+        candidates = ([self._leader] if self._leader in fresh else []) + \
+            [a for a in fresh if a != self._leader]
         last_error: ReplicationError | None = None
         tried: set[str] = set()
         while candidates:
@@ -155,8 +162,18 @@ class Client:
                 continue
             tried.add(address)
             request_id = next(self._ids)
-            raw = self._rpc(address).request(protocol.submit_request(request_id, bytes(data)),
-                                             what="submit")
+            try:
+                raw = self._rpc(address).request(
+                    protocol.submit_request(request_id, bytes(data)), what="submit")
+            except Timeout:
+                # Outcome unknown here.  Do not stick to a node that may be
+                # dead: the next call starts with the others.
+                self._timed_out[address] = time.monotonic()
+                if self._leader == address:
+                    self._leader = None
+                self.addresses.remove(address) if address in self.addresses else None
+                self.addresses.append(address)
+                raise
             rid, code, err = protocol.parse_submit_reply(raw)
             if err is None:
                 if rid != request_id:
@@ -165,11 +182,13 @@ class Client:
                 return code  # type: ignore[return-value]
             if isinstance(err, NotLeader):
                 last_error = err
-                if err.leader_address and err.leader_address not in tried:
-                    candidates.insert(0, err.leader_address)
+                hint = err.leader_address
+                if hint and hint not in tried and \
+                        now - self._timed_out.get(hint, -1e9) > self.timeout * 2:
+                    candidates.insert(0, hint)  # follow the redirect (not to a node just lost)
                 continue
             raise err
-        raise last_error or NotLeader("no leader among " + ", ".join(self.addresses))
+        raise last_error or NotLeader("no leader reachable among " + ", ".join(self.addresses))
 
     def apply_many(self, datas: list[bytes], window: int = 1024) -> list[int]:
         """Submit many encoded commands pipelined (up to ``window`` awaiting

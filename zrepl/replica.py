@@ -140,6 +140,9 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self._link_restart = ""  # why the engine must restart the link ("" = no)
         self._synchronous = False  # commits go to the follower and wait for its ack
         self._is_leader = False  # cached storage.role() == LEADER (see _persist_role)
+        self._lease_enforced = self.config.lease_required  # once a lease was granted: always
+        self._lease_until = 0.0  # monotonic time the supervisor's lease runs out
+        self._synced_at = 0.0  # when the follower last held everything this node held
         self._position = 0  # last applied WAL id
         # downstream link (engine thread)
         self._sync = FollowerSync(self.config.connect_backoff_min, self.config.connect_backoff_max)
@@ -355,19 +358,24 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         except psutil.Error:
             rss, cpu = 0, 0.0
         acked = self._acked if has_follower else 0
+        lag = max(0, self._position - acked) if has_follower else 0
+        now = time.monotonic()
         return NodeStatus(
             address=self.address, role=st.role(), leader_id=st.leader_id(),
             max_wal=st.max_wal(), min_wal=st.min_wal(), max_applied_wal=self._position,
             follower=sync.address, follower_state=sync.state,
             leader=self._leader_address, epoch_history=list(self._history),
             follower_acked_wal=acked,
-            follower_lag=max(0, self._position - acked) if has_follower else 0,
+            follower_lag=lag,
+            follower_lag_seconds=round(now - self._synced_at, 6) if lag and self._synced_at else 0.0,
             follower_sync=sync.state == FollowerState.SYNCHRONOUS and self.config.sync_downstream,
             pid=os.getpid(), rss_bytes=rss, cpu_percent=cpu,
             extra={"failures": self._failure_count,
                    "last_failure": self._failures[-1] if self._failures else "",
                    "follower_error": sync.error, "follower_reason": sync.reason,
                    "require_sync": self.config.require_sync,
+                   "lease_left": round(max(0.0, self._lease_until - now), 6)
+                   if self._lease_enforced else None,
                    "dropped_messages": self._dropped, **self._counters,
                    "pending": len(self._pending), "in_flight": len(self._inflight)})
 
@@ -388,6 +396,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                                       leader_id, current)
                 self.storage.set_leader_id(leader_id)  # persist before acting
                 self._set_history(self._history + [(leader_id, self._position + 1)])
+                self._lease_until = 0.0  # a new leadership waits for its own lease
                 self._persist_role(NodeRole.LEADER)
                 self._drop_upstream()
                 self.log.warning("now LEADER with leader_id %d from WAL id %d", leader_id,
@@ -590,8 +599,31 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             if stop_after:
                 self._stopping = True
 
-    def _op_status(self) -> dict:
-        return self.status().to_dict()
+    def _op_status(self, renew_lease_for: Any = 0, lease: Any = 0.0) -> dict:
+        """Status; the supervisor's poll of the leader also renews its lease
+        (``renew_lease_for`` must be this node's epoch and role LEADER)."""
+        refused = ""
+        if renew_lease_for:
+            try:
+                self.renew_lease(renew_lease_for, lease)
+            except ReplicationError as exc:  # report it in the status, do not fail the poll
+                refused = str(exc)
+        d = self.status().to_dict()
+        if refused:
+            d["extra"]["lease_refused"] = refused
+        return d
+
+    def renew_lease(self, leader_id: int, lease: float) -> None:
+        """Let this leader accept writes for ``lease`` more seconds.
+        Refused (``StaleLeader``) unless this node leads epoch ``leader_id``."""
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 3600:
+            raise ProtocolError(f"lease must be a number of seconds in (0, 3600], got {lease!r}")
+        if not self._is_leader or leader_id != self.storage.leader_id():
+            raise StaleLeader(f"lease for epoch {leader_id} refused: {self.address} is "
+                              f"{self.storage.role().name} of epoch {self.storage.leader_id()}",
+                              leader_id, self.storage.leader_id())
+        self._lease_enforced = True
+        self._lease_until = time.monotonic() + lease
 
     def _op_set_role(self, role: Any, leader_id: Any) -> None:
         self.set_role(role, leader_id)

@@ -65,7 +65,8 @@ class NodeStatus:
     leader: str = ""  # upstream address this node follows ("" for a leader)
     epoch_history: list[tuple[int, int]] = field(default_factory=list)
     follower_acked_wal: int = 0  # highest WAL id the follower acknowledged
-    follower_lag: int = 0  # max_wal - follower_acked_wal while a follower is set
+    follower_lag: int = 0  # max_applied_wal - follower_acked_wal while a follower is set
+    follower_lag_seconds: float = 0.0  # since the follower last held everything (0: it does)
     follower_sync: bool = False  # is the link to the follower synchronous
     pid: int = 0
     rss_bytes: int = 0

@@ -7,6 +7,7 @@ cluster removes at the end (so no socket file is left behind).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -54,10 +55,7 @@ class NodeProc:
         self._client: NodeClient | None = None
 
     def write_config(self) -> None:
-        lines = []
-        for k, v in self.settings.items():
-            lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str)
-                         else f"{k} = {str(v).lower() if isinstance(v, bool) else v}")
+        lines = [f"{k} = {json.dumps(v)}" for k, v in self.settings.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, wait: bool = True) -> "NodeProc":
@@ -131,11 +129,68 @@ class NodeProc:
             self._client = None
 
 
+class SupervisorProc:
+    """``python3 -m zrepl supervisor`` over some nodes of a cluster."""
+
+    def __init__(self, cluster: "Cluster", nodes: list[NodeProc], settings: dict[str, Any]):
+        self.cluster = cluster
+        self.nodes = nodes
+        self.settings = settings
+        self.state = cluster.root / "supervisor.state"
+        self.config_path = cluster.root / "supervisor.toml"
+        self.log_path = cluster.root / "supervisor.log"
+        self.address = f"ipc://{cluster.root}/supervisor.sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "SupervisorProc":
+        lines = [f"{k} = {json.dumps(v)}" for k, v in self.settings.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        args = [sys.executable, "-m", "zrepl", "supervisor", "--state", str(self.state),
+                "--config", str(self.config_path), "--listen", self.address]
+        for n in self.nodes:
+            args += ["--node", n.address]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=ROOT,
+                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def view(self) -> dict | None:
+        """The supervisor's own status (None while it does not answer)."""
+        from zrepl.rpc import RpcClient
+        try:
+            with RpcClient(self.address, 0.5) as rpc:
+                return rpc.call("status")
+        except ReplicationError:
+            return None
+
+    def wait_synchronous(self, n_followers: int, timeout: float = 30) -> dict:
+        """Until the supervisor has seen a synchronous chain this long (and
+        so knows whom it could promote)."""
+        return wait_for(lambda: (v := self.view()) and len(v["synchronous_chain"]) >= n_followers
+                        and v, timeout, "the supervisor to see the synchronous chain")
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.kill()
+
+
 class Cluster:
     def __init__(self, **settings: Any):
         self.root = Path(tempfile.mkdtemp(prefix="zr-"))
         self.settings = {**DEFAULT_SETTINGS, **settings}
         self.nodes: dict[str, NodeProc] = {}
+        self.supervisors: list[SupervisorProc] = []
         self._clients: list[Client] = []
 
     def node(self, name: str, **settings: Any) -> NodeProc:
@@ -170,7 +225,14 @@ class Cluster:
             for up in nodes[:-1]:
                 wait_synchronous(up)
 
+    def supervisor(self, nodes: list[NodeProc], **settings: Any) -> "SupervisorProc":
+        sup = SupervisorProc(self, nodes, {**self.settings, **settings})
+        self.supervisors.append(sup)
+        return sup.start()
+
     def close(self) -> None:
+        for sup in self.supervisors:
+            sup.close()
         for c in self._clients:
             c.close()
         for n in self.nodes.values():

@@ -1,0 +1,261 @@
+"""The supervisor's decisions, without any node: statuses in, calls out."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zrepl import Config, FollowerState, NodeRole, NodeStatus
+from zrepl.supervisor import Call, Memory, plan, synchronous_chain
+
+A, B, C = "tcp://a:1000", "tcp://b:1000", "tcp://c:1000"
+ORDER = [A, B, C]
+CFG = Config(missed_heartbeats=3)
+L, F, FW = NodeRole.LEADER, NodeRole.FOLLOWER, NodeRole.FORWARDER
+SYNC, NONE = FollowerState.SYNCHRONOUS, FollowerState.NONE
+
+
+def s(addr, role=NodeRole.UNKNOWN, lid=0, wal=0, follower="", fstate=NONE, leader="",
+      require_sync=True, history=None):
+    return NodeStatus(addr, role, lid, wal, 1 if wal else 0, wal, follower, fstate, leader=leader,
+                      epoch_history=history if history is not None else ([(lid, 1)] if lid else []),
+                      follower_sync=fstate == SYNC, extra={"require_sync": require_sync})
+
+
+def steady(wal=100, lid=1):
+    """A -> B -> C, all synchronous, epoch ``lid``."""
+    return {A: s(A, L, lid, wal, B, SYNC), B: s(B, FW, lid, wal, C, SYNC, leader=A),
+            C: s(C, F, lid, wal, leader=B)}
+
+
+def steady_memory(lid=1, wal=100):
+    return Memory(max_leader_id=lid, leader=A, leader_id=lid, sync_chain=[(B, wal), (C, wal)],
+                  chain=[B, C])
+
+
+def ops(p):
+    return [str(c) for c in p.calls]
+
+
+def test_fresh_cluster_builds_leader_forwarder_follower():
+    p = plan(ORDER, {a: s(a) for a in ORDER}, Memory(), CFG, now=0)
+    assert p.new_epoch == 1 and p.memory.leader == A
+    assert ops(p) == [str(Call("set_role", A, L, 1)), str(Call("renew", A, leader_id=1)),
+                      str(Call("set_follower", A, target=B)),
+                      str(Call("set_role", B, FW, 1)), str(Call("set_leader", B, target=A)),
+                      str(Call("set_follower", B, target=C)),
+                      str(Call("set_role", C, F, 1)), str(Call("set_leader", C, target=B))]
+
+
+def test_fresh_cluster_waits_for_every_node_or_its_death():
+    obs = {A: s(A), B: s(B), C: None}
+    mem = Memory()
+    for _ in range(2):
+        p = plan(ORDER, obs, mem, CFG, now=0)
+        assert p.calls == [] and "waiting for every node" in p.memory.note
+        mem = p.memory
+    p = plan(ORDER, obs, mem, CFG, now=0)  # C missed 3 polls: dead
+    assert p.memory.leader == A and [c.address for c in p.calls if c.op == "set_role"] == [A, B]
+
+
+def test_fresh_cluster_picks_the_most_advanced_node():
+    obs = {A: s(A, F, 2, 50, history=[(1, 1), (2, 20)]), B: s(B, F, 2, 80, history=[(1, 1), (2, 20)]),
+           C: s(C, F, 1, 90, history=[(1, 1)])}
+    p = plan(ORDER, obs, Memory(), CFG, now=0)
+    assert p.memory.leader == B and p.new_epoch == 3  # above every epoch seen
+
+
+def test_steady_state_makes_no_call():
+    p = plan(ORDER, steady(), steady_memory(), CFG, now=10)
+    assert p.calls == [] and not p.persist
+    assert p.memory.sync_chain == [(B, 100), (C, 100)]
+
+
+def test_restarted_supervisor_adopts_the_running_cluster_without_failover():
+    p = plan(ORDER, steady(lid=4), Memory(), CFG, now=0)
+    assert p.calls == [] and p.new_epoch == 0
+    assert (p.memory.leader, p.memory.leader_id, p.memory.max_leader_id) == (A, 4, 4)
+
+
+def dead_leader(mem, obs, now):
+    for _ in range(CFG.missed_heartbeats):
+        p = plan(ORDER, obs, mem, CFG, now)
+        mem = p.memory
+    return p
+
+
+def test_dead_leader_waits_for_its_lease_then_promotes_the_synchronous_follower():
+    mem = steady_memory()
+    mem.lease_safe_at = 50.0
+    obs = dict(steady())
+    obs[A] = None
+    p = dead_leader(mem, obs, now=49.0)
+    assert p.calls == [] and "waiting" in p.memory.note and "lease" in p.memory.note
+    p = plan(ORDER, obs, p.memory, CFG, now=50.0)
+    assert p.new_epoch == 2 and p.memory.leader == B
+    assert str(p.calls[0]) == str(Call("set_role", B, L, 2))
+    assert str(Call("set_role", C, F, 2)) in ops(p)
+
+
+def test_promotion_prefers_the_longest_wal_then_the_closest():
+    mem = steady_memory()
+    obs = dict(steady())
+    obs[A] = None
+    obs[C] = s(C, F, 1, 101, leader=B)  # C got one more entry than B (B acked after it)
+    p = dead_leader(mem, obs, now=100)
+    assert p.memory.leader == C
+
+
+def test_no_promotion_without_a_node_known_to_hold_every_acknowledged_write():
+    mem = steady_memory()
+    mem.sync_chain = []
+    obs = dict(steady())
+    obs[A] = None
+    p = dead_leader(mem, obs, now=100)
+    assert p.calls == [] and p.new_epoch == 0 and "promoting nobody" in p.memory.note
+
+
+def test_a_sync_chain_member_that_lost_data_or_changed_epoch_is_not_a_candidate():
+    mem = steady_memory()
+    obs = dict(steady())
+    obs[A] = None
+    obs[B] = s(B, FW, 1, 60, C, SYNC, leader=A)  # restarted with less WAL than it held
+    obs[C] = s(C, F, 5, 100, leader=B)  # obeys another epoch now
+    p = dead_leader(mem, obs, now=100)
+    assert p.calls == [] and "promoting nobody" in p.memory.note
+
+
+def test_with_require_sync_the_last_synchronous_chain_is_kept():
+    obs = dict(steady())
+    obs[A] = s(A, L, 1, 120, B, FollowerState.SYNCING_LOG)  # B dropped out for a moment
+    p = plan(ORDER, obs, steady_memory(), CFG, now=10)
+    assert p.memory.sync_chain == [(B, 100), (C, 100)]
+    obs[A] = s(A, L, 1, 120, B, FollowerState.SYNCING_LOG, require_sync=False)
+    p = plan(ORDER, obs, steady_memory(), CFG, now=10)
+    assert p.memory.sync_chain == []  # without require_sync the leader commits alone
+
+
+def test_dead_middle_node_is_healed_around_and_rejoins_at_the_tail():
+    mem = steady_memory()
+    obs = dict(steady())
+    obs[B] = None
+    for _ in range(CFG.missed_heartbeats - 1):
+        p = plan(ORDER, obs, mem, CFG, now=10)
+        assert p.calls == []  # suspect: nothing changes yet
+        mem = p.memory
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert set(ops(p)) == {str(Call("set_follower", A, target=C)),
+                           str(Call("set_leader", C, target=A))}
+    # B comes back (empty, restarted): it joins at the tail
+    obs = {A: s(A, L, 1, 120, C, SYNC), B: s(B, FW, 1, 0), C: s(C, F, 1, 120, leader=A)}
+    p = plan(ORDER, obs, p.memory, CFG, now=11)
+    assert p.memory.chain == [C, B]
+    assert set(ops(p)) == {str(Call("set_role", C, FW, 1)), str(Call("set_follower", C, target=B)),
+                           str(Call("set_role", B, F, 1)), str(Call("set_leader", B, target=C))}
+
+
+def test_returning_old_leader_becomes_a_follower_at_the_tail():
+    mem = Memory(max_leader_id=2, leader=B, leader_id=2, sync_chain=[(C, 130)], chain=[C])
+    obs = {A: s(A, L, 1, 140, B, FollowerState.ERROR),  # the old leader, epoch 1
+           B: s(B, L, 2, 130, C, SYNC), C: s(C, F, 2, 130, leader=B)}
+    p = plan(ORDER, obs, mem, CFG, now=0)
+    assert p.memory.leader == B and p.memory.chain == [C, A]
+    assert str(Call("set_role", A, F, 2)) in ops(p)
+    assert str(Call("set_follower", A, target="")) in ops(p)
+    assert str(Call("set_follower", C, target=A)) in ops(p)
+
+
+def test_new_epochs_exceed_every_epoch_issued_or_seen():
+    obs = dict(steady())
+    obs[A] = None
+    assert dead_leader(steady_memory(), obs, now=100).new_epoch == 2
+    mem = steady_memory()
+    mem.max_leader_id = 7  # issued earlier (state file)
+    assert dead_leader(mem, obs, now=100).new_epoch == 8
+    stranger = dict(obs)
+    stranger[C] = s(C, F, 1, 100, leader=B)
+    stranger[C].leader_id = 1
+    stranger[B] = s(B, FW, 1, 100, C, SYNC, leader=A)
+    stranger[B].epoch_history = [(1, 1), (9, 100)]  # histories do not count: statuses' ids do
+    stranger[C].leader_id = 12  # a node obeying epoch 12 (from a run we never knew)
+    p = dead_leader(steady_memory(), stranger, now=100)
+    assert p.new_epoch == 13 and p.memory.leader == B
+
+
+def test_a_link_in_error_is_retried_with_backoff():
+    obs = dict(steady())
+    obs[B] = s(B, FW, 1, 100, C, FollowerState.ERROR, leader=A)
+    p = plan(ORDER, obs, steady_memory(), CFG, now=100)
+    assert ops(p) == [str(Call("set_follower", B, target=C))]
+    p = plan(ORDER, obs, p.memory, CFG, now=101)
+    assert p.calls == []  # not every tick
+    p = plan(ORDER, obs, p.memory, CFG, now=106)
+    assert ops(p) == [str(Call("set_follower", B, target=C))]
+
+
+def test_synchronous_chain_stops_at_the_first_asynchronous_link():
+    obs = dict(steady())
+    obs[B] = s(B, FW, 1, 100, C, FollowerState.SYNCING_LOG, leader=A)
+    assert synchronous_chain(A, obs) == [(B, 100)]
+    assert synchronous_chain(A, {A: obs[A], B: None, C: obs[C]}) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.integers(0, 3)),
+                min_size=1, max_size=40))
+def test_random_failures_never_break_the_safety_rules(ticks):
+    """Nodes die and come back at random; the supervisor's calls are
+    replayed on a toy cluster.  Checked each tick: epochs only grow, at
+    most one leader is named, nobody is promoted while the leader lives or
+    before its lease ran out, and a promoted node was in the last
+    synchronous chain."""
+    toy = {a: {"role": NodeRole.UNKNOWN, "lid": 0, "follower": "", "leader": "", "wal": 0}
+           for a in ORDER}
+    mem = Memory()
+    now = 0.0
+    last_epoch = 0
+    for up_a, up_b, up_c, writes in ticks:
+        now += 0.1
+        up = {A: up_a, B: up_b, C: up_c}
+        # build statuses from the toy cluster: links to dead nodes are not synchronous
+        obs = {}
+        for a in ORDER:
+            if not up[a]:
+                obs[a] = None
+                continue
+            t = toy[a]
+            f = t["follower"]
+            fstate = SYNC if f and up.get(f) and toy[f]["lid"] == t["lid"] else (
+                FollowerState.NOT_CONNECTED if f else NONE)
+            obs[a] = s(a, t["role"], t["lid"], t["wal"], f, fstate, t["leader"])
+        leader_alive = mem.leader and obs.get(mem.leader) is not None and \
+            toy[mem.leader]["role"] == NodeRole.LEADER
+        before = mem
+        p = plan(ORDER, obs, mem, CFG, now)
+        roles = [c for c in p.calls if c.op == "set_role" and c.role == NodeRole.LEADER]
+        assert len(roles) <= 1
+        if roles:
+            assert roles[0].leader_id > last_epoch
+            last_epoch = roles[0].leader_id
+            if before.leader:
+                assert not leader_alive
+                assert now >= before.lease_safe_at
+                assert roles[0].address in [a for a, _ in before.sync_chain]
+        # the toy cluster obeys (only live nodes hear calls)
+        for c in p.calls:
+            if obs.get(c.address) is None:
+                continue
+            t = toy[c.address]
+            if c.op == "set_role":
+                t["role"], t["lid"] = c.role, c.leader_id
+            elif c.op == "set_follower":
+                t["follower"] = c.target
+            elif c.op == "set_leader":
+                t["leader"] = c.target
+        mem = p.memory
+        mem.lease_safe_at = now + 0.3 if mem.leader and obs.get(mem.leader) else mem.lease_safe_at
+        if mem.leader and up[mem.leader]:
+            # writes reach every node synchronously linked to the leader
+            toy[mem.leader]["wal"] += writes
+            for a, _ in synchronous_chain(mem.leader, obs):
+                toy[a]["wal"] = toy[mem.leader]["wal"]

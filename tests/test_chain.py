@@ -112,7 +112,7 @@ def test_an_asynchronous_link_acknowledges_before_its_follower():
         try:
             # B answers A after its own apply: the write returns although C
             # is frozen and B would otherwise wait up to ack_timeout (3 s).
-            assert c.client(a, timeout=1).apply(kv_set("wan", 1)) == 0
+            assert c.client(a, timeout=1, retry_for=0).apply(kv_set("wan", 1)) == 0
         finally:
             cc.kill(signal.SIGCONT)
         wait_for(lambda: cc.state().get("wan") == 1, 10, "the write to reach C")

@@ -96,8 +96,12 @@ def test_bad_data_frames(raw, message):
 
 
 def test_submit_frames():
-    rid, data = p.parse_submit(p.submit_request(5, b"cmd"))
-    assert (rid, data) == (5, b"cmd")
+    assert p.parse_submit(p.submit_request(5, b"cmd")) == (5, b"cmd", None, None)
+    cid = b"c" * 16
+    assert p.parse_submit(p.submit_request(6, b"cmd", cid, 9)) == (6, b"cmd", cid, 9)
+    for bad in ((b"short", 1), (cid, 0), (cid, "1"), (None, 5)):
+        with pytest.raises(ProtocolError, match="client_id"):
+            p.parse_submit(p.submit_request(7, b"cmd", *bad))
     rid, code, err = p.parse_submit_reply(p.submit_reply(5, 2))
     assert (rid, code, err) == (5, 2, None)
     rid, code, err = p.parse_submit_reply(p.submit_reply(5, None, NotLeader("x", "tcp://l:1")))

@@ -11,7 +11,7 @@ import pytest
 
 from workers.kv import KV
 from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, MemoryStorage,
-                   NodeRole, NotLeader, RemoteFollower, Replica, StaleLeader,
+                   NodeRole, NotLeader, ProtocolError, RemoteFollower, Replica, StaleLeader,
                    Timeout, WALEntry, WALGap)
 from zrepl.snapshot import list_checkpoints
 
@@ -175,10 +175,13 @@ def test_remote_follower_refuses_a_stale_leader(nodes):
         info = handle.handshake(3, "ipc:///somewhere")
         assert info.leader_id == 3 and info.position == 0
         from workers.kv import encode
-        assert handle.apply_wal(3, [WALEntry(1, encode(("set", "a", 1)))]) == [0]
+        from zrepl.session import wrap_plain
+        assert handle.apply_wal(3, [WALEntry(1, wrap_plain(encode(("set", "a", 1))))]) == [0]
         assert handle.max_applied_wal() == 1
         with pytest.raises(WALGap, match="expects 2"):
-            handle.apply_wal(3, [WALEntry(5, encode(("set", "b", 1)))])
+            handle.apply_wal(3, [WALEntry(5, wrap_plain(encode(("set", "b", 1))))])
+        with pytest.raises(ProtocolError, match="envelope"):
+            handle.apply_wal(3, [WALEntry(2, encode(("set", "b", 1)))])  # not a WAL entry
     finally:
         handle.close()
     assert f.app.data == {"a": 1}

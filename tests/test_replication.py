@@ -21,7 +21,7 @@ class Writer(threading.Thread):
 
     def __init__(self, cluster: Cluster, *nodes, prefix: str = "w", timeout: float = 2.0):
         super().__init__(daemon=True)
-        self.client = cluster.client(*nodes, timeout=timeout)
+        self.client = cluster.client(*nodes, timeout=timeout, retry_for=timeout)
         self.prefix = prefix
         self.acked: list[str] = []
         self.failed = 0
@@ -175,7 +175,7 @@ def test_stale_leader_is_refused_and_cannot_commit_with_require_sync():
         A = c.node("A").start()
         B = c.node("B").start()
         c.leader_with_follower(A, B)
-        client = c.client(A, timeout=3)
+        client = c.client(A, timeout=3, retry_for=1)
         assert client.apply(kv_set("before", 1)) == 0
         B.client.set_role(NodeRole.FOLLOWER, 2)  # a newer epoch exists somewhere
         with pytest.raises(Timeout):

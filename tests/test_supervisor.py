@@ -26,7 +26,7 @@ class Writer(threading.Thread):
 
     def __init__(self, cluster: Cluster, nodes, prefix: str = "w"):
         super().__init__(daemon=True)
-        self.client = cluster.client(*nodes, timeout=0.5)
+        self.client = cluster.client(*nodes, timeout=0.5, retry_for=0.5)
         self.prefix = prefix
         self.acked: list[str] = []
         self.ack_times: list[tuple[float, str]] = []  # (when, which node answered)
@@ -221,7 +221,7 @@ def test_restarted_supervisor_adopts_the_cluster_without_failover():
 
 def _accepts_writes(c, nodes) -> bool:
     try:
-        return c.client(*nodes, timeout=0.5).apply(kv_set("probe", 1)) == 0
+        return c.client(*nodes, timeout=0.5, retry_for=0.3).apply(kv_set("probe", 1)) == 0
     except ReplicationError:
         return False
 

@@ -5,19 +5,9 @@ listed in ``__all__`` is stable.
 """
 
 from .config import Config
-from .errors import (
-                     CorruptStorage,
-                     FollowerMismatch,
-                     NotLeader,
-                     ProtocolError,
-                     ReplicationError,
-                     StaleLeader,
-                     StorageError,
-                     StorageLocked,
-                     Timeout,
-                     WALGap,
-                     WALTruncated,
-)
+from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
+                     ReplicationError, SessionExpired, StaleLeader, StorageError, StorageLocked,
+                     Timeout, WALGap, WALTruncated)
 from .filestorage import FileStorage
 from .interfaces import App, Follower, Manager, Node, Storage
 from .remote import Client, NodeClient, RemoteFollower
@@ -30,8 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
-    "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole",
-    "NodeStatus", "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "Supervisor",
-    "ReplicationError", "StaleLeader", "Storage", "StorageError", "StorageLocked", "Timeout",
-    "WALEntry", "WALGap", "WALTruncated", "__version__",
+    "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole", "NodeStatus",
+    "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "ReplicationError",
+    "SessionExpired", "StaleLeader", "Storage", "StorageError", "StorageLocked", "Supervisor",
+    "Timeout", "WALEntry", "WALGap", "WALTruncated", "__version__",
 ]

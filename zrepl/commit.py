@@ -138,13 +138,14 @@ class Submission:
     ``datas`` (remote: already encoded, decoded by the leader to apply).
     A plain slotted class: one is made per call on the commit path."""
 
-    __slots__ = ("sink", "cmds", "datas", "size", "taken", "deadline")
+    __slots__ = ("sink", "cmds", "datas", "size", "taken", "deadline", "session")
 
     def __init__(self, sink: Sink, cmds: list | None = None, datas: list[bytes] | None = None,
-                 deadline: float = 0.0):
+                 deadline: float = 0.0, session: tuple[bytes, int] | None = None):
         self.sink = sink
         self.cmds = cmds
         self.datas = datas
+        self.session = session  # (client id, sequence) of a remote client's command
         self.size = len(cmds if cmds is not None else datas)  # type: ignore[arg-type]
         self.taken = 0  # commands already packed into batches
         self.deadline = deadline

@@ -113,6 +113,15 @@ class Config:
     its client endpoint (ZeroMQ then pushes back on clients): memory stays
     bounded when submitters outrun the follower."""
 
+    session_window: int = 1024
+    """Per remote client, how many recent commands' response codes the
+    nodes remember (replicated) so that a retry is answered instead of
+    applied twice.  At least a client's pipelining window."""
+
+    max_sessions: int = 10_000
+    """Remote clients remembered; the least recently active is forgotten
+    first (its old retries are then refused, never re-applied)."""
+
     rpc_timeout: float = 0.5
     """Seconds to wait for a reply to a control call (handshake, status)
     before the socket is reopened and the call fails."""
@@ -187,6 +196,7 @@ class Config:
         positive = {name: getattr(self, name) for name in (
             "fsync_interval", "fsync_bytes", "segment_bytes", "max_batch_bytes",
             "ack_timeout", "commit_timeout", "sync_wait_timeout", "window", "max_pending",
+            "session_window", "max_sessions",
             "max_batch_entries", "max_batch_data", "rpc_timeout", "connect_backoff_min",
             "connect_backoff_max", "max_message_bytes", "stream_batch_entries",
             "snapshot_batch_entries", "max_retained_wal", "checkpoints_kept",

@@ -23,7 +23,7 @@ import zmq
 from . import protocol
 from .commit import Batch
 from .errors import ProtocolError, ReplicationError, StaleLeader, Timeout, WALGap, WALTruncated
-from .protocol import STATE, STATE_BEGIN, STATE_END, endpoints
+from .protocol import STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, endpoints
 from .snapshot import MessageReader, fork_snapshot_to_pipe
 from .sync import FollowerInfo, UpstreamView, plan_sync
 from .types import FollowerState, NodeRole
@@ -235,14 +235,21 @@ class DownstreamLink:
         with self._app_lock:
             wal_id = self._position
             section = {"epoch_history": [list(x) for x in self._history]}
+            sessions = self._sessions
             leader_id = self.storage.leader_id()
 
             def message(seq: int, datas: list[bytes]) -> bytes:  # runs in the child
                 return protocol.packb([protocol.PROTOCOL_VERSION, STATE, leader_id, stream, seq,
                                        datas])
 
-            pid, fd = fork_snapshot_to_pipe(self.app, wal_id, leader_id, section,
-                                            self.config.snapshot_batch_entries, message)
+            def zrepl_message(seq: int, sect: dict) -> bytes:  # runs in the child
+                return protocol.packb([protocol.PROTOCOL_VERSION, STATE_ZREPL, leader_id, stream,
+                                       seq, sect])
+
+            pid, fd = fork_snapshot_to_pipe(
+                self.app, wal_id, leader_id,
+                lambda: {**section, "sessions": sessions.to_section()},  # in the child
+                self.config.snapshot_batch_entries, message, zrepl_message)
             self._slot = wal_id + 1
         snap = _SnapshotOut(wal_id, stream, pid, fd)
         self._snap_out = snap

@@ -67,6 +67,11 @@ class WALGap(ReplicationError):
     or the sender's view is out of date): the sender re-handshakes."""
 
 
+class SessionExpired(ReplicationError):
+    """A retried command is older than the session window the nodes keep:
+    whether it was applied cannot be told any more."""
+
+
 class FollowerMismatch(ReplicationError):
     """The follower's response codes differ from the leader's for the same
     batch: the App is not deterministic, the replicas diverged."""

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .protocol import ACK, STATE, STATE_END, WAL, codes_from_bytes, codes_to_bytes
 from .storage import entries_from
+from .session import wrap_client, wrap_plain
 from .types import WALEntry
 from .zmqutil import NOBLOCK as _NOBLOCK
 from .zmqutil import ready as _ready
@@ -115,8 +116,9 @@ class CommitPipeline:
                 # The window is full: leave the rest queued.  Whoever reads
                 # the next ack commits it, as one batch (group commit).
                 return
-            entries: list[WALEntry] = []
+            wal_datas: list[bytes] = []
             cmds: list = []
+            sessions: list[tuple[int, bytes, int]] = []
             pieces: list[tuple[Sink, int, int]] = []
             next_id = self._position + 1
             n = size = 0
@@ -127,38 +129,45 @@ class CommitPipeline:
                 if take > max_n - n:
                     take = max_n - n
                 try:
-                    new_entries, new_cmds = self._prepare(sub, start, take, next_id + n)
+                    new_datas, new_cmds = self._prepare(sub, start, take, next_id + n)
                 except Exception as exc:  # the App refused to encode/decode one
                     pending.popleft()
                     sub.sink.fail(exc if isinstance(exc, (ValueError, TypeError, ReplicationError))
                                   else ReplicationError(f"command rejected by the App: {exc!r}"))
                     continue
-                entries += new_entries
+                if sub.session is not None:
+                    sessions.append((n, sub.session[0], sub.session[1]))
+                wal_datas += new_datas
                 cmds += new_cmds
-                size += len(new_entries[0].data) * take  # an estimate is enough here
+                size += len(new_datas[0]) * take  # an estimate is enough here
                 pieces.append((sub.sink, start, take))
                 n += take
                 sub.taken = start + take
                 if sub.taken >= sub.size:
                     pending.popleft()
-            if entries:
-                self._commit_batch(entries, cmds, pieces)
+            if wal_datas:
+                self._commit_batch(next_id, wal_datas, cmds, sessions, pieces)
 
     def _prepare(self, sub: Submission, start: int, count: int, first_id: int
-                 ) -> tuple[list[WALEntry], list]:
+                 ) -> tuple[list[bytes], list]:
+        """The WAL envelopes and the decoded commands of part of a submission."""
         app = self.app
         if sub.cmds is not None:
             cmds = sub.cmds[start:start + count]
             entries = [app.encode_cmd(c, WALEntry(i)) for i, c in enumerate(cmds, first_id)]
             try:
-                b"".join([e.data for e in entries])  # bytes, checked before anything is sent
+                datas = [wrap_plain(e.data) for e in entries]
             except TypeError:
                 raise TypeError("App.encode_cmd must set entry.data to bytes") from None
-            return entries, cmds
-        entries = entries_from(first_id, sub.datas[start:start + count])  # type: ignore[index]
-        return entries, [app.decode_cmd(e) for e in entries]
+            return datas, cmds
+        raw = sub.datas[start:start + count]  # type: ignore[index]
+        cmds = [app.decode_cmd(e) for e in entries_from(first_id, raw)]
+        if sub.session is not None:
+            return [wrap_client(sub.session[0], sub.session[1], raw[0])], cmds
+        return [wrap_plain(d) for d in raw], cmds
 
-    def _commit_batch(self, entries: list[WALEntry], cmds: list,
+    def _commit_batch(self, first: int, datas: list[bytes], cmds: list,
+                      sessions: list[tuple[int, bytes, int]],
                       pieces: list[tuple[Sink, int, int]]) -> None:
         """Send (when synchronous), write and apply one batch.  App lock held.
 
@@ -167,8 +176,7 @@ class CommitPipeline:
         leader that dies in between leaves a follower *ahead* of it, which
         the handshake treats as divergence (state sync), never as loss.
         """
-        first, last = entries[0].wal_id, entries[-1].wal_id
-        datas = [e.data for e in entries]
+        last = first + len(datas) - 1
         batch = Batch(first, last, pieces)
         sent = self._synchronous and self._send_downstream(batch, datas)
         try:
@@ -190,6 +198,8 @@ class CommitPipeline:
             return
         self._position = last
         self.storage.set_max_applied_wal(last)
+        for i, cid, seq in sessions:
+            self._sessions.record(cid, seq, codes[i], first + i)
         if sent:
             self._complete_local(batch, codes, cb)
         else:

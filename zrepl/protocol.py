@@ -11,6 +11,7 @@ kinds of traffic:
       [1, WAL,         leader_id, stream, first_wal_id, [data, ...], history]
       [1, STATE_BEGIN, leader_id, stream, snapshot_wal_id, zrepl_section]
       [1, STATE,       leader_id, stream, seq, [data, ...]]
+      [1, STATE_ZREPL, leader_id, stream, seq, {"sessions": ...}]
       [1, STATE_END,   leader_id, stream, snapshot_wal_id, entry_count]
 
 * **acks** (PUSH -> PULL, upstream)::
@@ -33,8 +34,11 @@ can never be confused with the current conversation.
 
 Client submissions (REQ/DEALER -> ROUTER on the client endpoint)::
 
-      request: [1, "submit", request_id, data]
+      request: [1, "submit", request_id, data, client_id, seq]
       reply:   [1, request_id, code, error]      (error None on success)
+
+``client_id`` (16 bytes) and ``seq`` identify the command across retries
+(see ``session.py``); both may be None (no de-duplication).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ STATE_BEGIN = 2
 STATE = 3
 STATE_END = 4
 ACK = 5
+STATE_ZREPL = 6  # zrepl's own state in a state sync (client sessions), before the App's
 
 packb = msgpack.packb
 
@@ -133,7 +138,7 @@ def codes_from_bytes(raw: bytes) -> list[int]:
 _ERROR_TYPES = {cls.__name__: cls for cls in (
     errors.ReplicationError, errors.NotLeader, errors.StaleLeader, errors.Timeout,
     errors.ProtocolError, errors.StorageError, errors.WALTruncated, errors.StorageLocked,
-    errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap)}
+    errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap, errors.SessionExpired)}
 
 
 def error_to_wire(exc: BaseException) -> list:
@@ -248,7 +253,7 @@ def parse_data(raw: bytes) -> list:
               and (msg[6] is None or _history_ok(msg[6])))
     elif kind == STATE:
         ok = len(msg) == 6 and _uints(msg[2:5]) and type(msg[5]) is list
-    elif kind == STATE_BEGIN:
+    elif kind in (STATE_BEGIN, STATE_ZREPL):
         ok = len(msg) == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
     elif kind == STATE_END:
         ok = len(msg) == 6 and _uints(msg[2:6])
@@ -273,8 +278,9 @@ def _uints(values: list) -> bool:
 # --- client submissions -------------------------------------------------------------------
 
 
-def submit_request(request_id: int, data: bytes) -> bytes:
-    return packb([PROTOCOL_VERSION, "submit", request_id, data])
+def submit_request(request_id: int, data: bytes, client_id: bytes | None = None,
+                   seq: int | None = None) -> bytes:
+    return packb([PROTOCOL_VERSION, "submit", request_id, data, client_id, seq])
 
 
 def submit_reply(request_id: Any, code: int | None, error: BaseException | None = None) -> bytes:
@@ -282,19 +288,25 @@ def submit_reply(request_id: Any, code: int | None, error: BaseException | None 
                   error_to_wire(error) if error is not None else None])
 
 
-def parse_submit(raw: bytes) -> tuple[Any, bytes]:
+def parse_submit(raw: bytes) -> tuple[Any, bytes, bytes | None, int | None]:
+    """(request_id, data, client_id, seq) of a submission."""
     try:
         msg = unpackb(raw)
     except Exception as exc:
         raise errors.ProtocolError(f"malformed client frame: {exc}") from None
-    if type(msg) is not list or len(msg) < 4:
-        raise errors.ProtocolError("client frame must be [version, op, request_id, data]")
+    if type(msg) is not list or len(msg) not in (4, 6):
+        raise errors.ProtocolError(
+            "client frame must be [version, op, request_id, data, client_id, seq]")
     if msg[0] != PROTOCOL_VERSION:
         raise errors.ProtocolError(
             f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
     if msg[1] != "submit" or type(msg[3]) is not bytes:
         raise errors.ProtocolError(f"unknown client op {msg[1]!r} or data not bytes")
-    return msg[2], msg[3]
+    cid, seq = (msg[4], msg[5]) if len(msg) == 6 else (None, None)
+    if cid is not None or seq is not None:
+        if type(cid) is not bytes or len(cid) != 16 or type(seq) is not int or not 0 < seq < 2**63:
+            raise errors.ProtocolError("client_id must be 16 bytes and seq an int > 0")
+    return msg[2], msg[3], cid, seq
 
 
 def parse_submit_reply(raw: bytes) -> tuple[Any, int | None, errors.ReplicationError | None]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 import time
@@ -117,20 +118,36 @@ class RemoteFollower(Follower):
 
 
 class Client:
-    """Submits commands (their encoded bytes) to the leader.
+    """Submits commands (their encoded bytes) to whichever node leads.
 
-    Tries the given nodes in turn and follows ``NotLeader`` redirects.  A
-    ``Timeout`` means the outcome is unknown: the command may or may not
-    have been committed.  Not thread-safe: one Client per thread.
+    Each command carries this client's id and a sequence number, which the
+    nodes remember in replicated state: a command is retried - after a
+    timeout, a redirect or a failover - until ``retry_for`` seconds have
+    passed, and a retry of a command that was already applied gets its
+    original answer instead of being applied again.  ``apply`` returns only
+    a code the leader confirmed; ``Timeout`` after ``retry_for`` means the
+    outcome is unknown.  Errors that retrying cannot change (the App
+    refused the command, ``SessionExpired``) are raised at once.
+
+    ``timeout`` bounds one attempt at one node.  Not thread-safe: one Client
+    per thread (each has its own session).
     """
 
-    def __init__(self, addresses: list[str] | str, timeout: float = 5.0):
+    RETRYABLE = (NotLeader, Timeout)
+
+    def __init__(self, addresses: list[str] | str, timeout: float = 1.0,
+                 retry_for: float = 10.0):
         if isinstance(addresses, str):
             addresses = [addresses]
         if not addresses:
             raise ValueError("Client needs at least one node address")
+        for a in addresses:
+            protocol.endpoints(a)  # validates
         self.addresses = list(addresses)
         self.timeout = timeout
+        self.retry_for = retry_for
+        self.client_id = os.urandom(16)
+        self._seq = itertools.count(1)
         self._ids = itertools.count(1)
         self._leader: str | None = None
         self._rpcs: dict[str, RpcClient] = {}
@@ -143,17 +160,43 @@ class Client:
                                                   self.timeout)
         return rpc
 
-    def apply(self, data: bytes) -> int:
-        """Submit one encoded command; return its response code."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"Client.apply takes bytes, got {type(data).__name__}")
+    def _candidates(self) -> list[str]:
+        """The nodes to try, the known leader first.  A node that did not
+        answer lately is skipped for a while (after a failover its address
+        would cost a full timeout per attempt)."""
         now = time.monotonic()
-        # A node that did not answer lately is skipped for a while (after a
-        # failover its old address would cost a full timeout per call).
         fresh = [a for a in self.addresses
                  if now - self._timed_out.get(a, -1e9) > self.timeout * 2]
-        candidates = ([self._leader] if self._leader in fresh else []) + \
+        return ([self._leader] if self._leader in fresh else []) + \
             [a for a in fresh if a != self._leader]
+
+    def _lost(self, address: str) -> None:
+        self._timed_out[address] = time.monotonic()
+        if self._leader == address:
+            self._leader = None
+
+    def apply(self, data: bytes) -> int:
+        """Submit one encoded command; return its confirmed response code."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Client.apply takes bytes, got {type(data).__name__}")
+        data = bytes(data)
+        seq = next(self._seq)
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.01
+        while True:
+            try:
+                return self._attempt(data, seq)
+            except self.RETRYABLE as exc:
+                last = exc
+            if time.monotonic() + pause > deadline:
+                raise Timeout(f"no leader confirmed the command within {self.retry_for:g}s "
+                              f"(outcome unknown; last: {type(last).__name__}: {last})")
+            time.sleep(pause)  # back off between rounds of attempts
+            pause = min(pause * 2, 0.2)
+
+    def _attempt(self, data: bytes, seq: int) -> int:
+        """One round over the candidates; raises NotLeader or Timeout to retry."""
+        candidates = self._candidates()
         last_error: ReplicationError | None = None
         tried: set[str] = set()
         while candidates:
@@ -164,16 +207,12 @@ class Client:
             request_id = next(self._ids)
             try:
                 raw = self._rpc(address).request(
-                    protocol.submit_request(request_id, bytes(data)), what="submit")
-            except Timeout:
-                # Outcome unknown here.  Do not stick to a node that may be
-                # dead: the next call starts with the others.
-                self._timed_out[address] = time.monotonic()
-                if self._leader == address:
-                    self._leader = None
-                self.addresses.remove(address) if address in self.addresses else None
-                self.addresses.append(address)
-                raise
+                    protocol.submit_request(request_id, data, self.client_id, seq),
+                    what="submit")
+            except Timeout as exc:
+                self._lost(address)
+                last_error = exc
+                continue
             rid, code, err = protocol.parse_submit_reply(raw)
             if err is None:
                 if rid != request_id:
@@ -183,52 +222,75 @@ class Client:
             if isinstance(err, NotLeader):
                 last_error = err
                 hint = err.leader_address
-                if hint and hint not in tried and \
-                        now - self._timed_out.get(hint, -1e9) > self.timeout * 2:
-                    candidates.insert(0, hint)  # follow the redirect (not to a node just lost)
+                if hint and hint not in tried and hint in self._candidates():
+                    candidates.insert(0, hint)  # follow the redirect
                 continue
+            if isinstance(err, Timeout):
+                self._leader = address  # the leader, just not ready to answer: retry there
+                raise err
             raise err
         raise last_error or NotLeader("no leader reachable among " + ", ".join(self.addresses))
 
-    def apply_many(self, datas: list[bytes], window: int = 1024) -> list[int]:
-        """Submit many encoded commands pipelined (up to ``window`` awaiting
-        replies) to the node that last accepted a command (or the first
-        address); returns their codes in order.  Raises the first error a
-        command got (``NotLeader`` included); commands before it may have
-        been committed.  ``Timeout`` if a reply is later than ``timeout``."""
-        address = self._leader or self.addresses[0]
-        ctx = new_context()
-        sock = ctx.socket(zmq.DEALER)
+    def apply_many(self, datas: list[bytes], window: int = 512) -> list[int]:
+        """Submit many encoded commands pipelined (``window`` awaiting an
+        answer at a time) with the same guarantees as :meth:`apply`: each is
+        retried until confirmed or ``retry_for`` runs out.  Returns the codes
+        in order; raises the first error that retrying cannot change."""
+        datas = [bytes(d) for d in datas]
+        seqs = [next(self._seq) for _ in datas]
+        codes: list[int | None] = [None] * len(datas)
+        todo = list(range(len(datas)))
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.01
+        while todo:
+            address = (self._candidates() or [None])[0]
+            if address is not None:
+                todo = self._pipeline(address, datas, seqs, codes, todo, window)
+            if not todo:
+                break
+            if time.monotonic() + pause > deadline:
+                raise Timeout(f"{len(todo)} of {len(datas)} commands not confirmed within "
+                              f"{self.retry_for:g}s (outcome unknown)")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        return codes  # type: ignore[return-value]
+
+    def _pipeline(self, address: str, datas: list[bytes], seqs: list[int],
+                  codes: list[int | None], todo: list[int], window: int) -> list[int]:
+        """Send ``todo`` to one node, pipelined; return what must be retried."""
+        sock = new_context().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(protocol.endpoints(address).client)
+        retry: list[int] = []
+        by_request: dict[int, int] = {}
         try:
-            codes: list[int | None] = [None] * len(datas)
-            base = next(self._ids)
-            self._ids = itertools.count(base + len(datas) + 1)
-            sent = received = 0
-            first_error: ReplicationError | None = None
-            while received < len(datas):
-                while sent < len(datas) and sent - received < window:
-                    sock.send(protocol.submit_request(base + sent, bytes(datas[sent])))
-                    sent += 1
+            queue = list(todo)
+            while queue or by_request:
+                while queue and len(by_request) < window:
+                    i = queue.pop(0)
+                    rid = next(self._ids)
+                    by_request[rid] = i
+                    sock.send(protocol.submit_request(rid, datas[i], self.client_id, seqs[i]))
                 if not sock.poll(int(self.timeout * 1000), zmq.POLLIN):
-                    raise Timeout(f"{address} did not answer within {self.timeout:g}s "
-                                  f"({received} of {len(datas)} answered; outcome of the rest "
-                                  "unknown)")
+                    self._lost(address)  # no answer: everything outstanding is retried
+                    return retry + list(by_request.values()) + queue
                 rid, code, err = protocol.parse_submit_reply(sock.recv())
-                index = rid - base if isinstance(rid, int) else -1
-                if not 0 <= index < len(datas) or codes[index] is not None:
-                    raise ProtocolError(f"unexpected reply for request {rid!r}")
-                received += 1
-                if err is not None:
-                    first_error = first_error or err
-                    codes[index] = -1
+                i = by_request.pop(rid, -1) if isinstance(rid, int) else -1
+                if i < 0:
+                    continue  # an answer to an attempt given up on
+                if err is None:
+                    codes[i] = code
+                elif isinstance(err, self.RETRYABLE):
+                    retry.append(i)
+                    if isinstance(err, NotLeader):
+                        self._leader = None
+                        if err.leader_address in self.addresses:
+                            self._leader = err.leader_address
                 else:
-                    codes[index] = code
-            if first_error is not None:
-                raise first_error
-            self._leader = address
-            return codes  # type: ignore[return-value]
+                    raise err
+            if not retry:
+                self._leader = address
+            return sorted(retry)
         finally:
             sock.close(linger=0)
 

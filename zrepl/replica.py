@@ -69,6 +69,7 @@ from .interfaces import App, Manager, Node, Storage
 from .pipeline import CommitPipeline
 from .protocol import endpoints
 from .snapshot import fork_checkpoint, iter_app_batches, list_checkpoints, read_checkpoint
+from .session import SessionTable, unwrap
 from .storage import entries_from
 from .sync import FollowerSync
 from .types import FollowerState, NodeRole, NodeStatus, WALEntry
@@ -176,6 +177,8 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self._failure_count = 0
         self._dropped = 0
         self._counters: collections.Counter[str] = collections.Counter()
+        self._sessions = SessionTable(self.config.session_window, self.config.max_sessions)
+        self._sessions_pending: set[tuple[bytes, int]] = set()  # queued, not yet applied
         self._proc = psutil.Process()
         self._ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
@@ -320,6 +323,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 continue
             for datas in iter_app_batches(path):
                 app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+            self._sessions.load_section(snap.zrepl.get("sessions"))
             position = snap.wal_id
             self.log.info("loaded checkpoint %s (%d entries)", path.name, snap.entries)
             break
@@ -332,16 +336,32 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                     f"{st.min_wal()} (entries {start}..{st.min_wal() - 1} are missing)")
             replayed = 0
             while start <= top:
-                entries = st.read_wal(start, self.config.stream_batch_entries)
-                if not entries:
+                datas = st.read_wal_data(start, self.config.stream_batch_entries)
+                if not datas:
                     break
-                app.apply([app.decode_cmd(e) for e in entries])
-                start = entries[-1].wal_id + 1
-                replayed += len(entries)
+                try:
+                    app_datas, sessions = unwrap(datas)
+                except ValueError as exc:
+                    raise CorruptStorage(f"WAL entries from {start}: {exc} (not a zrepl WAL?)"
+                                         ) from None
+                self._apply_app_datas(start, app_datas, sessions)
+                start += len(datas)
+                replayed += len(datas)
             position = start - 1
             self.log.info("replayed %d WAL entries up to %d", replayed, position)
         self._position = position
         st.set_max_applied_wal(position)
+
+    def _apply_app_datas(self, first: int, app_datas: list[bytes],
+                         sessions: list[tuple[int, bytes, int]]) -> list[int]:
+        """Decode and apply unwrapped WAL entries ``first..``; record the
+        client sessions they carry.  App lock held."""
+        app = self.app
+        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)])
+        record = self._sessions.record
+        for i, cid, seq in sessions:
+            record(cid, seq, codes[i], first + i)
+        return codes
 
     # ====================================================================
     # Node interface (local)
@@ -709,24 +729,56 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 continue
             envelope, payload = frames[:-1], frames[-1]
             try:
-                request_id, data = protocol.parse_submit(payload)
+                request_id, data, cid, seq = protocol.parse_submit(payload)
             except ProtocolError as exc:
                 self._replies.append((envelope, protocol.submit_reply(None, None, exc)))
                 continue
             try:
                 self._check_writable()
-            except NotLeader as exc:
+                session = None if cid is None else (cid, seq)
+                if session is not None and self._answer_duplicate(envelope, request_id, session):
+                    continue
+            except ReplicationError as exc:
                 self._replies.append((envelope, protocol.submit_reply(request_id, None, exc)))
                 continue
             self._counters["client_requests"] += 1
-            sink = CallbackSink(self._client_callback(envelope, request_id))
+            sink = CallbackSink(self._client_callback(envelope, request_id, session))
             self._pending.append(Submission(
-                sink, datas=[data], deadline=time.monotonic() + self.config.sync_wait_timeout))
+                sink, datas=[data], deadline=time.monotonic() + self.config.sync_wait_timeout,
+                session=session))
         self._flush_pending()
 
-    def _client_callback(self, envelope: list, request_id: Any
+    def _answer_duplicate(self, envelope: list, request_id: Any,
+                          session: tuple[bytes, int]) -> bool:
+        """A command this client sent before: answer it from the session
+        table (True), or admit it as new (False).  A command applied but not
+        yet confirmed, or still queued, gets a retryable Timeout."""
+        hit = self._sessions.lookup(*session)  # SessionExpired for a retry too old to tell
+        if hit is None:
+            if session in self._sessions_pending:
+                raise Timeout("this command is queued already; retry for its answer")
+            self._sessions_pending.add(session)
+            return False
+        code, wal_id = hit
+        if wal_id > self._durable_position():
+            raise Timeout("this command is applied but not yet confirmed; retry for its answer")
+        self._counters["duplicates_answered"] += 1
+        self._replies.append((envelope, protocol.submit_reply(request_id, code)))
+        return True
+
+    def _durable_position(self) -> int:
+        """The last WAL id whose commit has been confirmed to callers."""
+        if self.config.require_sync:
+            return self._acked if self._sync.address else 0
+        return self._position
+
+    def _client_callback(self, envelope: list, request_id: Any,
+                         session: tuple[bytes, int] | None = None
                          ) -> Callable[[int | None, BaseException | None], None]:
         def reply(code: int | None, exc: BaseException | None) -> None:
+            if session is not None:
+                # after the session was recorded (at apply): see _answer_duplicate
+                self._sessions_pending.discard(session)
             self._replies.append((envelope, protocol.submit_reply(request_id, code, exc)))
             if threading.get_ident() != self._engine_ident:
                 self._poke()
@@ -770,7 +822,10 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             self._ckpt_requested = False
             with self._app_lock:
                 wal_id = self._position
-                section = {"epoch_history": [list(x) for x in self._history]}
+                history = [list(x) for x in self._history]
+                sessions = self._sessions
+                section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
+                                   "sessions": sessions.to_section()}
                 pid = fork_checkpoint(self._ckpt_dir, self.app, wal_id, self.storage.leader_id(),
                                       section, cfg.snapshot_batch_entries)
             self._ckpt_child = (pid, wal_id)

@@ -126,13 +126,16 @@ class FrameReader:
         return len(self._buf)
 
 
-def write_snapshot(out: FrameWriter, app: Any, wal_id: int, leader_id: int,
-                   zrepl_section: dict, batch_entries: int) -> int:
+def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
+                   zrepl_section: dict | Callable[[], dict], batch_entries: int) -> int:
     """Write a whole snapshot of ``app`` (in this process).  Returns the
-    number of App commands written."""
+    number of App commands written.  ``zrepl_section`` may be a function:
+    in a forked child it then reads zrepl's own state (the client sessions)
+    from the frozen copy, instead of the parent building it."""
     out.write(["header", {"format": FORMAT, "wal_id": wal_id, "leader_id": leader_id,
                           "created_ns": time.time_ns()}])
-    out.write(["section", "zrepl", zrepl_section])
+    out.write(["section", "zrepl", zrepl_section() if callable(zrepl_section)
+               else zrepl_section])
     out.write(["section", "app"])
     batch: list[bytes] = []
     count = 0
@@ -186,9 +189,11 @@ class MessageWriter:
     ``{"entries": N}``).  Header and section frames are not forwarded: the
     parent announces the snapshot itself."""
 
-    def __init__(self, fd: int, make_message: Callable[[int, list[bytes]], bytes]):
+    def __init__(self, fd: int, make_message: Callable[[int, list[bytes]], bytes],
+                 make_section: Callable[[int, dict], bytes]):
         self._out = FrameWriter(fd)
         self._make = make_message
+        self._make_section = make_section
         self.seq = 0
 
     def write(self, payload_obj: Any) -> None:
@@ -196,6 +201,9 @@ class MessageWriter:
         if kind == "batch":
             self.seq += 1
             self._emit(b"M" + self._make(self.seq, payload_obj[1]))
+        elif kind == "section" and payload_obj[1] == "zrepl":
+            self.seq += 1  # zrepl's own state, ahead of the App's
+            self._emit(b"M" + self._make_section(self.seq, payload_obj[2]))
         elif kind == "end":
             self._emit(b"E" + _packb(payload_obj[1]))
 
@@ -241,9 +249,10 @@ class MessageReader:
         return len(self._buf)
 
 
-def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int, zrepl_section: dict,
-                          batch_entries: int,
-                          make_message: Callable[[int, list[bytes]], bytes]) -> tuple[int, int]:
+def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int,
+                          zrepl_section: dict | Callable[[], dict], batch_entries: int,
+                          make_message: Callable[[int, list[bytes]], bytes],
+                          make_section: Callable[[int, dict], bytes]) -> tuple[int, int]:
     """Fork a child streaming a snapshot, as ready-to-send messages, into a
     pipe.  Call it from the thread that owns the App, between two applies.
     Returns (pid, read fd); the caller reads with :class:`MessageReader`,
@@ -252,8 +261,8 @@ def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int, zrepl_section: 
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         os.close(r)
-        _child_main(lambda: write_snapshot(MessageWriter(w, make_message), app, wal_id,
-                                           leader_id, zrepl_section, batch_entries))
+        _child_main(lambda: write_snapshot(MessageWriter(w, make_message, make_section), app,
+                                           wal_id, leader_id, zrepl_section, batch_entries))
     os.close(w)
     os.set_blocking(r, False)
     return pid, r
@@ -313,7 +322,7 @@ class CheckpointFileWriter:
 
 
 def write_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
-                     zrepl_section: dict, batch_entries: int) -> Path:
+                     zrepl_section: dict | Callable[[], dict], batch_entries: int) -> Path:
     w = CheckpointFileWriter(directory, wal_id)
     try:
         write_snapshot(w.frames, app, wal_id, leader_id, zrepl_section, batch_entries)
@@ -324,7 +333,7 @@ def write_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
 
 
 def fork_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
-                    zrepl_section: dict, batch_entries: int) -> int:
+                    zrepl_section: dict | Callable[[], dict], batch_entries: int) -> int:
     """Fork a child that writes a checkpoint file; returns its pid.  Its
     exit status says whether the file was committed."""
     pid = os.fork()

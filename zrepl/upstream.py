@@ -8,7 +8,7 @@ Part of :class:`zrepl.Replica` (a mixin: its state lives in
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
@@ -16,8 +16,10 @@ import zmq
 from . import protocol
 from .commit import AckSink, Batch
 from .errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
-from .protocol import ACK, STATE, STATE_BEGIN, STATE_END, WAL, codes_to_bytes, endpoints
+from .protocol import (ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, codes_to_bytes,
+                       endpoints)
 from .snapshot import CheckpointFileWriter
+from .session import unwrap
 from .storage import entries_from
 from .types import NodeRole
 from .zmqutil import NOBLOCK as _NOBLOCK
@@ -33,6 +35,8 @@ class _SnapshotIn:
     history: list
     entries: int = 0
     writer: CheckpointFileWriter | None = None
+    section: dict = field(default_factory=dict)  # zrepl's section, completed by STATE_ZREPL
+    app_started: bool = False
 
 
 class UpstreamSide:
@@ -102,6 +106,7 @@ class UpstreamSide:
 
     def _clear_local_state(self) -> None:
         self.app.clear_state()
+        self._sessions.clear()
         self.storage.clear_wal()
         self._position = 0
         self.storage.set_max_applied_wal(0)
@@ -149,6 +154,9 @@ class UpstreamSide:
                 self._state_begin(stream, msg[4], msg[5])
             elif kind == STATE:
                 self._state_batch(stream, msg[4], msg[5])
+                self._ack_upstream(stream, STATE, msg[4], b"")
+            elif kind == STATE_ZREPL:
+                self._state_zrepl(stream, msg[5])
                 self._ack_upstream(stream, STATE, msg[4], b"")
             elif kind == STATE_END:
                 self._state_end(stream, msg[4], msg[5])
@@ -207,9 +215,12 @@ class UpstreamSide:
     def _apply_upstream_batch(self, first: int, datas: list[bytes]) -> list[int]:
         """Log and apply a batch from the upstream.  App lock held."""
         self._check_continues(first, datas)
+        try:
+            app_datas, sessions = unwrap(datas)  # checked before anything is written
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
         self.storage.write_wal_data(first, datas)
-        app = self.app
-        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, datas)])
+        codes = self._apply_app_datas(first, app_datas, sessions)
         last = first + len(datas) - 1
         self._position = last
         self.storage.set_max_applied_wal(last)
@@ -259,8 +270,7 @@ class UpstreamSide:
                 snap.writer.write_raw_frame(["header", {"format": 1, "wal_id": wal_id,
                                                         "leader_id": self.storage.leader_id(),
                                                         "created_ns": time.time_ns()}])
-                snap.writer.write_raw_frame(["section", "zrepl", section])
-                snap.writer.write_raw_frame(["section", "app"])
+            snap.section = dict(section)
             self._snap_in = snap
         self._counters["state_syncs_received"] += 1
         self.log.info("receiving a full state sync at WAL id %d", wal_id)
@@ -271,6 +281,7 @@ class UpstreamSide:
             raise ProtocolError("state batch outside a state sync")
         b"".join(datas)  # every item is bytes (TypeError otherwise)
         with self._app_lock:
+            self._begin_app_section(snap)
             app = self.app
             app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
             snap.entries += len(datas)
@@ -286,6 +297,7 @@ class UpstreamSide:
             raise ProtocolError(f"state sync carried {snap.entries} entries, the leader "
                                 f"sent {count}")
         with self._app_lock:
+            self._begin_app_section(snap)
             if snap.writer is not None:
                 snap.writer.write_raw_frame(["end", {"entries": count}])
                 snap.writer.commit()  # before the history: see docs/replication.md
@@ -299,6 +311,25 @@ class UpstreamSide:
                 self._set_history(snap.history)
             self._snap_in = None
         self.log.info("state sync complete: %d entries at WAL id %d", count, wal_id)
+
+    def _state_zrepl(self, stream: int, section: dict) -> None:
+        """zrepl's own state (client sessions), sent before the App's."""
+        snap = self._snap_in
+        if snap is None or snap.stream != stream or snap.app_started:
+            raise ProtocolError("zrepl section outside the start of a state sync")
+        with self._app_lock:
+            self._sessions.load_section(section.get("sessions"))
+            snap.section.update({k: v for k, v in section.items() if k != "epoch_history"})
+
+    def _begin_app_section(self, snap: "_SnapshotIn") -> None:
+        """The checkpoint file gets zrepl's section (complete now) once, then
+        the App's."""
+        if snap.app_started:
+            return
+        snap.app_started = True
+        if snap.writer is not None:
+            snap.writer.write_raw_frame(["section", "zrepl", snap.section])
+            snap.writer.write_raw_frame(["section", "app"])
 
     def _abort_snapshot_in(self) -> None:
         if self._snap_in is not None and self._snap_in.writer is not None:

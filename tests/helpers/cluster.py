@@ -198,8 +198,8 @@ class Cluster:
         self.nodes[name] = n
         return n
 
-    def client(self, *nodes: NodeProc, timeout: float = 5.0) -> Client:
-        c = Client([n.address for n in nodes], timeout=timeout)
+    def client(self, *nodes: NodeProc, timeout: float = 5.0, retry_for: float = 3.0) -> Client:
+        c = Client([n.address for n in nodes], timeout=timeout, retry_for=retry_for)
         self._clients.append(c)
         return c
 

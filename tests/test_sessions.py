@@ -1,0 +1,165 @@
+"""Client sessions: a retried command is answered, never applied twice -
+on the same leader, after a failover, after a state sync, after a restart,
+and through a client that retries across repeated failovers."""
+
+from __future__ import annotations
+
+import threading
+
+import msgpack
+import pytest
+import zmq
+
+from zrepl import NodeRole, ReplicationError, SessionExpired, Timeout
+from zrepl import protocol as p
+from zrepl.session import SessionTable, describe, unwrap, wrap_client, wrap_plain
+
+from .helpers import wait_for
+from .helpers.cluster import Cluster, kv_incr, wait_applied, wait_synchronous
+from .test_supervisor import SUPERVISED, chain_ok, leader_of
+
+pytestmark = pytest.mark.timeout(240)
+
+CID = b"0123456789abcdef"
+
+
+def test_envelopes_round_trip():
+    datas = [wrap_plain(b"a"), wrap_client(CID, 7, b"b"), wrap_plain(b"")]
+    app, sessions = unwrap(datas)
+    assert app == [b"a", b"b", b""] and sessions == [(1, CID, 7)]
+    assert describe(datas[1]) == (f"client {CID.hex()[:8]} #7", b"b")
+    for bad in (b"", b"\x07xyz", b"\x01short"):
+        with pytest.raises(ValueError):
+            unwrap([bad])
+
+
+def test_session_table_window_expiry_and_bounds():
+    t = SessionTable(window=3, max_clients=2)
+    for seq in range(1, 6):
+        t.record(CID, seq, seq * 10, 100 + seq)
+    assert t.lookup(CID, 5) == (50, 105)
+    assert t.lookup(CID, 6) is None  # not applied yet
+    with pytest.raises(SessionExpired):
+        t.lookup(CID, 1)  # too old to tell: never re-applied
+    t.record(b"b" * 16, 1, 0, 200)
+    t.record(b"c" * 16, 1, 0, 201)  # a third client: the least recently active goes
+    assert t.lookup(CID, 5) is None and len(t) == 2
+    copy = SessionTable(window=3, max_clients=2)
+    copy.load_section(msgpack.unpackb(msgpack.packb(t.to_section()), raw=False))
+    assert copy.lookup(b"c" * 16, 1) == (0, 201)
+
+
+def submit(node, cid: bytes, seq: int, data: bytes, timeout_ms: int = 5000):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(p.endpoints(node.address).client)
+    try:
+        s.send(p.submit_request(1, data, cid, seq))
+        assert s.poll(timeout_ms), "no answer"
+        _, code, err = p.parse_submit_reply(s.recv())
+        if err is not None:
+            raise err
+        return code
+    finally:
+        s.close()
+        ctx.term()
+
+
+def counter(node) -> int:
+    return node.state().get("n", 0)
+
+
+def test_a_retried_command_is_answered_not_reapplied_across_failover_sync_and_restart():
+    with Cluster(require_sync=True, ack_timeout=0.3, checkpoint_entries=0) as c:
+        a, b = c.node("A").start(), c.node("B").start()
+        c.leader_with_follower(a, b)
+        assert submit(a, CID, 1, kv_incr("n")) == 0
+        assert submit(a, CID, 1, kv_incr("n")) == 0  # a retry: answered
+        assert counter(a) == 1 and a.status().extra["duplicates_answered"] == 1
+        assert submit(a, CID, 2, kv_incr("n")) == 0
+        wait_applied(b, 2)
+        # failover: the new leader answers the retry from its replicated table
+        a.kill()
+        b.client.set_role(NodeRole.LEADER, 2)
+        cc = c.node("C").start()
+        cc.client.set_role(NodeRole.FOLLOWER, 2)
+        b.client.set_follower(cc.address)
+        wait_synchronous(b)
+        assert submit(b, CID, 2, kv_incr("n")) == 0
+        assert counter(b) == 2 and b.status().extra["duplicates_answered"] == 1
+        # C got the table through its state sync: promote it and retry again
+        b.client.checkpoint()
+        b.kill()
+        cc.client.set_role(NodeRole.LEADER, 3)
+        a.start()
+        a.client.set_role(NodeRole.FOLLOWER, 3)
+        cc.client.set_follower(a.address)
+        wait_synchronous(cc)
+        assert submit(cc, CID, 1, kv_incr("n")) == 0
+        assert submit(cc, CID, 3, kv_incr("n")) == 0  # a new command
+        assert counter(cc) == 3
+        # a restart rebuilds the table from checkpoint + WAL
+        cc.stop()
+        cc.start()
+        wait_synchronous(cc)
+        assert submit(cc, CID, 3, kv_incr("n")) == 0
+        assert counter(cc) == 3
+        wait_applied(a, cc.status().max_wal)
+        assert counter(a) == 3
+
+
+def test_client_retries_across_repeated_failovers_without_applying_twice():
+    with Cluster(**SUPERVISED) as c:
+        nodes = [c.node(n).start() for n in "ABC"]
+        sup = c.supervisor(nodes)
+        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        client = c.client(*nodes, timeout=0.5, retry_for=30)
+        acked = [0]
+        unknown = [0]
+        halt = threading.Event()
+
+        def incr() -> None:
+            while not halt.is_set():
+                try:
+                    if client.apply(kv_incr("n")) == 0:
+                        acked[0] += 1
+                except Timeout:
+                    unknown[0] += 1  # outcome unknown (should not happen within 30 s)
+
+        t = threading.Thread(target=incr, daemon=True)
+        t.start()
+        try:
+            for _ in range(5):
+                wait_for(lambda: chain_ok(nodes), 30, "a healthy chain")
+                sup.wait_synchronous(2)
+                n = acked[0]
+                wait_for(lambda: acked[0] > n + 30, 30, "increments")
+                leader = leader_of(nodes)
+                leader.kill()
+                wait_for(lambda: acked[0] > n + 60, 30, "increments after the failover")
+                leader.start()
+        finally:
+            halt.set()
+            t.join(timeout=60)
+        final = wait_for(lambda: chain_ok(nodes), 30, "final chain")
+        for n in final[1:]:
+            wait_applied(n, final[0].status().max_wal)
+        assert unknown[0] == 0
+        values = {x.name: counter(x) for x in nodes}
+        assert set(values.values()) == {acked[0]}, (values, acked[0])
+        retried = sum(x.status().extra.get("duplicates_answered", 0) for x in nodes)
+        print(f"{acked[0]} increments, {retried} retries answered from the session table")
+
+
+def test_retry_of_a_command_too_old_is_refused_not_reapplied():
+    with Cluster(session_window=4) as c:
+        a = c.node("A").start()
+        a.client.set_role(NodeRole.LEADER, 1)
+        for seq in range(1, 10):
+            assert submit(a, CID, seq, kv_incr("n")) == 0
+        with pytest.raises(SessionExpired):
+            submit(a, CID, 2, kv_incr("n"))
+        assert counter(a) == 9
+        with pytest.raises(ReplicationError):
+            submit(a, b"short", 1, kv_incr("n"))  # a malformed session

@@ -1,0 +1,131 @@
+"""Client sessions: how a retried command is recognised and not run twice.
+
+Every WAL entry the engine writes is an *envelope*: one tag byte, then::
+
+    tag 0  (PLAIN)   the App's command bytes
+    tag 1  (CLIENT)  16-byte client id | u64 sequence | the App's command bytes
+
+A remote client gives each command a (client id, sequence).  When the
+command is applied - on the leader, on every follower, during a restart's
+replay - its response code is recorded in the :class:`SessionTable`, which
+is therefore replicated state: it travels in snapshots and checkpoints
+(zrepl's own section) and is rebuilt from the WAL.  A submission whose
+(client id, sequence) is already in the table is answered with the recorded
+code instead of being logged again, so a client may retry a command whose
+answer it lost - across a failover too - without applying it twice.
+
+The table is bounded: ``window`` recent sequences per client and
+``max_clients`` clients (the least recently active is forgotten).  A retry
+older than what is kept is refused (:class:`SessionExpired`) rather than
+risking a second application.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from typing import Any
+
+from .errors import SessionExpired
+
+PLAIN = 0
+CLIENT = 1
+CLIENT_ID_BYTES = 16
+_CLIENT_HEAD = struct.Struct("<B16sQ")  # tag, client id, sequence
+_PLAIN_TAG = bytes([PLAIN])
+
+
+def wrap_plain(data: bytes) -> bytes:
+    return _PLAIN_TAG + data
+
+
+def wrap_client(client_id: bytes, seq: int, data: bytes) -> bytes:
+    return _CLIENT_HEAD.pack(CLIENT, client_id, seq) + data
+
+
+def unwrap(datas: list[bytes]) -> tuple[list[bytes], list[tuple[int, bytes, int]]]:
+    """Split envelopes into the App's bytes and the client sessions they
+    carry, as (index in the batch, client id, sequence).  Raises ValueError
+    on an unknown tag or a short envelope."""
+    app: list[bytes] = []
+    sessions: list[tuple[int, bytes, int]] = []
+    append = app.append
+    for i, d in enumerate(datas):
+        tag = d[0] if d else -1
+        if tag == PLAIN:
+            append(d[1:])
+        elif tag == CLIENT and len(d) >= _CLIENT_HEAD.size:
+            _, cid, seq = _CLIENT_HEAD.unpack_from(d)
+            sessions.append((i, cid, seq))
+            append(d[_CLIENT_HEAD.size:])
+        else:
+            raise ValueError(f"WAL entry with unknown envelope tag {tag!r}")
+    return app, sessions
+
+
+def describe(data: bytes) -> tuple[str, bytes]:
+    """For ``zrepl wal dump``: a label and the App's bytes."""
+    if data[:1] == _PLAIN_TAG:
+        return "", data[1:]
+    if data[:1] == bytes([CLIENT]) and len(data) >= _CLIENT_HEAD.size:
+        _, cid, seq = _CLIENT_HEAD.unpack_from(data)
+        return f"client {cid.hex()[:8]} #{seq}", data[_CLIENT_HEAD.size:]
+    return "?", data
+
+
+class SessionTable:
+    """Per client: the highest sequence seen and the (code, WAL id) of the
+    last ``window`` sequences."""
+
+    def __init__(self, window: int = 4096, max_clients: int = 100_000):
+        self.window = window
+        self.max_clients = max_clients
+        self._clients: OrderedDict[bytes, tuple[int, dict[int, tuple[int, int]]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def record(self, client_id: bytes, seq: int, code: int, wal_id: int) -> None:
+        entry = self._clients.get(client_id)
+        if entry is None:
+            entry = (0, {})
+            if len(self._clients) >= self.max_clients:
+                self._clients.popitem(last=False)  # the least recently active
+        else:
+            self._clients.move_to_end(client_id)
+        top, seqs = entry
+        seqs[seq] = (code, wal_id)
+        top = max(top, seq)
+        if len(seqs) > self.window:
+            floor = top - self.window
+            for old in [s for s in seqs if s <= floor]:
+                del seqs[old]
+        self._clients[client_id] = (top, seqs)
+
+    def lookup(self, client_id: bytes, seq: int) -> tuple[int, int] | None:
+        """(code, WAL id) if this command was applied; None if it was not;
+        SessionExpired if it is too old to tell."""
+        entry = self._clients.get(client_id)
+        if entry is None:
+            return None
+        top, seqs = entry
+        hit = seqs.get(seq)
+        if hit is not None:
+            return hit
+        if seq <= top - self.window:
+            raise SessionExpired(f"command #{seq} of this client is older than the "
+                                 f"{self.window} the nodes remember")
+        return None
+
+    def clear(self) -> None:
+        self._clients.clear()
+
+    # --- in snapshots and checkpoints (zrepl's own section) -----------------------
+    def to_section(self) -> list:
+        return [[cid, top, [[s, c, w] for s, (c, w) in seqs.items()]]
+                for cid, (top, seqs) in self._clients.items()]
+
+    def load_section(self, section: Any) -> None:
+        self._clients.clear()
+        for cid, top, seqs in section or []:
+            self._clients[bytes(cid)] = (int(top), {int(s): (int(c), int(w)) for s, c, w in seqs})

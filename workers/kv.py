@@ -8,10 +8,16 @@ Commands (tuples, msgpack-encoded on the wire and in the WAL):
     ("cas", key, expected, new)    -> OK, NOT_FOUND, COMPARE_FAILED
                                       (expected None means "the key is absent")
 
-Keys are str or bytes; values anything msgpack encodes.  Reads (``get``)
-are local: on the leader they see every acknowledged write (and, briefly,
-writes whose acknowledgement is still in flight); on a follower they may
-be stale.
+Keys are str or bytes; values anything msgpack encodes.
+
+Reads: ``KV.get`` in the node's process, or remotely ``KVClient.get``
+(``App.query``): from any node (a follower's answer may be stale) or, with
+``leader=True``, from the leader holding a valid lease, which has applied
+every acknowledged write (and, briefly, writes whose acknowledgement is
+still in flight).
+
+    kv = KVClient(["tcp://127.0.0.1:7400", "tcp://127.0.0.1:7410"])
+    kv.set("k", "v"); kv.incr("n", 2); kv.get("k"); kv.get("n", leader=True)
 """
 
 from __future__ import annotations
@@ -104,6 +110,52 @@ class KV(App):
     # --- reads -------------------------------------------------------------------
     def get(self, key: Any, default: Any = None) -> Any:
         return self.data.get(key, default)
+
+    def query(self, request: bytes) -> bytes:
+        """("get", key) -> msgpack [found, value]."""
+        try:
+            op, key = msgpack.unpackb(request, raw=False)
+        except Exception as exc:
+            raise ValueError(f"KV query must be ('get', key): {exc}") from None
+        if op != "get":
+            raise ValueError(f"unknown KV query {op!r}")
+        value = self.data.get(key, _MISSING)
+        return _packb([value is not _MISSING, None if value is _MISSING else value])
+
+
+class KVClient:
+    """The KV service for remote callers (a thin layer on ``zrepl.Client``,
+    which finds the leader, retries and never applies a command twice)."""
+
+    def __init__(self, addresses: list[str] | str, **client_options: Any):
+        from zrepl import Client
+        self.client = Client(addresses, **client_options)
+
+    def set(self, key: Any, value: Any) -> int:
+        return self.client.apply(encode(("set", key, value)))
+
+    def delete(self, key: Any) -> int:
+        return self.client.apply(encode(("delete", key)))
+
+    def incr(self, key: Any, n: int = 1) -> int:
+        return self.client.apply(encode(("incr", key, n)))
+
+    def cas(self, key: Any, expected: Any, new: Any) -> int:
+        return self.client.apply(encode(("cas", key, expected, new)))
+
+    def get(self, key: Any, default: Any = None, leader: bool = False) -> Any:
+        found, value = msgpack.unpackb(self.client.query(_packb(("get", key)), leader_only=leader),
+                                       raw=False)
+        return value if found else default
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "KVClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 _MISSING = object()

@@ -66,6 +66,14 @@ class App(abc.ABC):
         order, to an empty App.  Runs in a forked child: the state seen is
         frozen at one WAL id while the parent keeps applying."""
 
+    def query(self, request: bytes) -> bytes:
+        """Optional (an extension of the seed): answer a read from remote
+        clients (``Client.query``) without changing the state.  Called by the
+        thread that owns the App, between applies.  On a follower the answer
+        may be stale; on the leader it includes every acknowledged write.
+        Raise ``ValueError`` for a request it does not understand."""
+        raise ValueError(f"{type(self).__name__} serves no queries")
+
 
 class Manager(abc.ABC):
     """What the App's host code calls on the leader.

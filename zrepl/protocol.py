@@ -39,6 +39,11 @@ Client submissions (REQ/DEALER -> ROUTER on the client endpoint)::
 
 ``client_id`` (16 bytes) and ``seq`` identify the command across retries
 (see ``session.py``); both may be None (no de-duplication).
+
+Reads (``App.query``) on the same endpoint::
+
+      request: [1, "query", request_id, request, leader_only]
+      reply:   [1, request_id, answer, error]
 """
 
 from __future__ import annotations
@@ -288,12 +293,34 @@ def submit_reply(request_id: Any, code: int | None, error: BaseException | None 
                   error_to_wire(error) if error is not None else None])
 
 
+def query_request(request_id: int, request: bytes, leader_only: bool = False) -> bytes:
+    return packb([PROTOCOL_VERSION, "query", request_id, request, leader_only])
+
+
+def parse_client_request(raw: bytes) -> tuple[str, Any]:
+    """("submit", (request_id, data, client_id, seq)) or ("query",
+    (request_id, request, leader_only)); ProtocolError if malformed."""
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:
+        raise errors.ProtocolError(f"malformed client frame: {exc}") from None
+    if type(msg) is list and len(msg) == 5 and msg[:2] == [PROTOCOL_VERSION, "query"]:
+        if type(msg[3]) is not bytes or type(msg[4]) is not bool:
+            raise errors.ProtocolError("query frame is [version, 'query', id, bytes, bool]")
+        return "query", (msg[2], msg[3], msg[4])
+    return "submit", _parse_submit_msg(msg)
+
+
 def parse_submit(raw: bytes) -> tuple[Any, bytes, bytes | None, int | None]:
     """(request_id, data, client_id, seq) of a submission."""
     try:
         msg = unpackb(raw)
     except Exception as exc:
         raise errors.ProtocolError(f"malformed client frame: {exc}") from None
+    return _parse_submit_msg(msg)
+
+
+def _parse_submit_msg(msg: Any) -> tuple[Any, bytes, bytes | None, int | None]:
     if type(msg) is not list or len(msg) not in (4, 6):
         raise errors.ProtocolError(
             "client frame must be [version, op, request_id, data, client_id, seq]")
@@ -309,7 +336,7 @@ def parse_submit(raw: bytes) -> tuple[Any, bytes, bytes | None, int | None]:
     return msg[2], msg[3], cid, seq
 
 
-def parse_submit_reply(raw: bytes) -> tuple[Any, int | None, errors.ReplicationError | None]:
+def parse_submit_reply(raw: bytes) -> tuple[Any, Any, errors.ReplicationError | None]:
     try:
         msg = unpackb(raw)
     except Exception as exc:

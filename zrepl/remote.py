@@ -231,6 +231,37 @@ class Client:
             raise err
         raise last_error or NotLeader("no leader reachable among " + ", ".join(self.addresses))
 
+    def query(self, request: bytes, leader_only: bool = False) -> bytes:
+        """A read (``App.query``).  By default from any node that answers
+        (the known leader first; a follower's answer may be stale);
+        ``leader_only`` reads from the leader holding a valid lease, and
+        see every acknowledged write.  Retried like :meth:`apply`."""
+        deadline = time.monotonic() + self.retry_for
+        pause = 0.01
+        while True:
+            last: ReplicationError | None = None
+            for address in self._candidates():
+                rid = next(self._ids)
+                try:
+                    raw = self._rpc(address).request(
+                        protocol.query_request(rid, bytes(request), leader_only), what="query")
+                except Timeout as exc:
+                    self._lost(address)
+                    last = exc
+                    continue
+                _, answer, err = protocol.parse_submit_reply(raw)
+                if err is None:
+                    if leader_only:
+                        self._leader = address
+                    return answer
+                if not isinstance(err, NotLeader):
+                    raise err
+                last = err
+            if time.monotonic() + pause > deadline:
+                raise last or NotLeader("no node answered the query")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
     def apply_many(self, datas: list[bytes], window: int = 512) -> list[int]:
         """Submit many encoded commands pipelined (``window`` awaiting an
         answer at a time) with the same guarantees as :meth:`apply`: each is

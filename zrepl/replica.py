@@ -729,10 +729,14 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 continue
             envelope, payload = frames[:-1], frames[-1]
             try:
-                request_id, data, cid, seq = protocol.parse_submit(payload)
+                op, fields = protocol.parse_client_request(payload)
             except ProtocolError as exc:
                 self._replies.append((envelope, protocol.submit_reply(None, None, exc)))
                 continue
+            if op == "query":
+                self._replies.append((envelope, self._answer_query(*fields)))
+                continue
+            request_id, data, cid, seq = fields
             try:
                 self._check_writable()
                 session = None if cid is None else (cid, seq)
@@ -747,6 +751,24 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 sink, datas=[data], deadline=time.monotonic() + self.config.sync_wait_timeout,
                 session=session))
         self._flush_pending()
+
+    def _answer_query(self, request_id: Any, request: bytes, leader_only: bool) -> bytes:
+        """A read, answered from this node's App between two applies.
+        ``leader_only`` reads need the leader with a valid lease: they see
+        every acknowledged write."""
+        try:
+            if leader_only:
+                self._check_writable()
+            with self._app_lock:
+                answer = self.app.query(request)
+            if type(answer) is not bytes:
+                raise ReplicationError(f"App.query returned {type(answer).__name__}, not bytes")
+            self._counters["queries"] += 1
+            return protocol.submit_reply(request_id, answer)
+        except ReplicationError as exc:
+            return protocol.submit_reply(request_id, None, exc)
+        except (ValueError, TypeError) as exc:
+            return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {exc}"))
 
     def _answer_duplicate(self, envelope: list, request_id: Any,
                           session: tuple[bytes, int]) -> bool:

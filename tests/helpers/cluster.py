@@ -43,9 +43,11 @@ def kv_incr(key: str, n: int = 1) -> bytes:
 
 
 class NodeProc:
-    def __init__(self, cluster: "Cluster", name: str, settings: dict[str, Any]):
+    def __init__(self, cluster: "Cluster", name: str, settings: dict[str, Any],
+                 app: str = "workers.kv:KV"):
         self.cluster = cluster
         self.name = name
+        self.app = app
         self.data = cluster.root / name
         self.address = f"ipc://{cluster.root}/{name}.sock"
         self.config_path = cluster.root / f"{name}.toml"
@@ -64,7 +66,7 @@ class NodeProc:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zrepl", "node", "--app", "workers.kv:KV",
+            [sys.executable, "-m", "zrepl", "node", "--app", self.app,
              "--data", str(self.data), "--listen", self.address,
              "--config", str(self.config_path)],
             stdout=log, stderr=log, env=env, cwd=ROOT)
@@ -193,8 +195,8 @@ class Cluster:
         self.supervisors: list[SupervisorProc] = []
         self._clients: list[Client] = []
 
-    def node(self, name: str, **settings: Any) -> NodeProc:
-        n = NodeProc(self, name, {**self.settings, **settings})
+    def node(self, name: str, app: str = "workers.kv:KV", **settings: Any) -> NodeProc:
+        n = NodeProc(self, name, {**self.settings, **settings}, app)
         self.nodes[name] = n
         return n
 

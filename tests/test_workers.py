@@ -1,0 +1,141 @@
+"""The ready-to-run services: workers.kv and workers.ledger, locally and
+served by real nodes (reads from any node or the leader), and the ledger's
+invariant under repeated failovers."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from workers.kv import KV, KVClient
+from workers.ledger import (BAD_AMOUNT, EXISTS, INSUFFICIENT_FUNDS, NO_ACCOUNT, OK, Ledger,
+                            LedgerClient)
+from zrepl import NotLeader, ProtocolError, ReplicationError, WALEntry
+
+from .helpers import wait_for
+from .helpers.cluster import Cluster, wait_applied
+from .test_supervisor import SUPERVISED, chain_ok, leader_of
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_kv_commands_and_codes():
+    kv = KV()
+    assert kv.apply([("set", "a", 1), ("incr", "a", 2), ("incr", "new", 5), ("delete", "zz"),
+                     ("cas", "a", 3, "x"), ("cas", "a", 3, "y"), ("cas", "b", None, 1),
+                     ("incr", "a", 1)]) == [0, 0, 0, 1, 0, 2, 0, 3]
+    assert kv.data == {"a": "x", "new": 5, "b": 1}
+    rebuilt = KV()
+    rebuilt.apply(list(kv.iter_state()))
+    assert rebuilt.data == kv.data
+    for bad in [("set", "k"), ("frob", 1), ("incr", "k", "x"), ("set", 5, 1), "x"]:
+        with pytest.raises(ValueError):
+            kv.encode_cmd(bad, WALEntry(1))
+
+
+def test_ledger_rules():
+    led = Ledger()
+    assert led.apply([("open", "a", 100), ("open", "b", 0), ("open", "a", 1),
+                      ("open", "c", -1), ("transfer", "a", "b", 30),
+                      ("transfer", "b", "a", 50), ("transfer", "a", "zz", 1),
+                      ("transfer", "a", "a", 1), ("transfer", "a", "b", 0)]) == \
+        [OK, OK, EXISTS, BAD_AMOUNT, OK, INSUFFICIENT_FUNDS, NO_ACCOUNT, BAD_AMOUNT, BAD_AMOUNT]
+    assert led.balances == {"a": 70, "b": 30}
+    for bad in [("transfer", "a", "b"), ("open", "a", 1.5), ("steal", "a")]:
+        with pytest.raises(ValueError):
+            led.encode_cmd(bad, WALEntry(1))
+
+
+def test_kv_served_by_a_leader_and_follower():
+    with Cluster(require_sync=True) as c:
+        a, b = c.node("A").start(), c.node("B").start()
+        c.leader_with_follower(a, b)
+        kv = KVClient([a.address, b.address], timeout=2)
+        try:
+            assert kv.set("k", "v") == 0
+            assert kv.incr("n", 2) == 0 and kv.incr("n") == 0
+            assert kv.cas("k", "v", "w") == 0 and kv.cas("k", "v", "z") == 2
+            assert kv.delete("gone") == 1
+            assert kv.get("k", leader=True) == "w" and kv.get("n", leader=True) == 3
+            assert kv.get("missing", default="d") == "d"
+            wait_applied(b, a.status().max_wal)
+            follower_only = KVClient([b.address], timeout=2, retry_for=0.2)
+            assert follower_only.get("n") == 3  # any node serves reads
+            with pytest.raises(NotLeader):
+                follower_only.get("n", leader=True)  # but only the leader the leader's
+            follower_only.close()
+            with pytest.raises(ReplicationError):
+                kv.client.query(b"\xc1 not msgpack")
+        finally:
+            kv.close()
+
+
+def test_ledger_total_never_changes_across_failovers():
+    accounts = [f"acct{i}" for i in range(8)]
+    with Cluster(**SUPERVISED) as c:
+        nodes = [c.node(n, app="workers.ledger:Ledger").start() for n in "ABC"]
+        sup = c.supervisor(nodes)
+        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        ledger = LedgerClient([n.address for n in nodes], timeout=0.5, retry_for=30)
+        for acct in accounts:
+            assert ledger.open(acct, 1000) == OK
+        halt = threading.Event()
+        moved = [0]
+
+        def transfers() -> None:
+            rng = random.Random(1)
+            while not halt.is_set():
+                src, dst = rng.sample(accounts, 2)
+                if ledger.transfer(src, dst, rng.randint(1, 400)) == OK:
+                    moved[0] += 1
+
+        t = threading.Thread(target=transfers, daemon=True)
+        t.start()
+        try:
+            for _ in range(3):
+                wait_for(lambda: chain_ok(nodes), 30, "a healthy chain")
+                sup.wait_synchronous(2)
+                n = moved[0]
+                wait_for(lambda: moved[0] > n + 50, 30, "transfers")
+                leader = leader_of(nodes)
+                leader.kill()
+                wait_for(lambda: moved[0] > n + 100, 30, "transfers after the failover")
+                leader.start()
+        finally:
+            halt.set()
+            t.join(timeout=60)
+        chain = wait_for(lambda: chain_ok(nodes), 30, "final chain")
+        for n in chain[1:]:
+            wait_applied(n, chain[0].status().max_wal)
+        totals = {n.name: LedgerClient([n.address], retry_for=1).total() for n in nodes}
+        assert set(totals.values()) == {(len(accounts), 1000 * len(accounts))}, totals
+        balances = {n.name: sorted(n.client.dump_state()) for n in nodes}
+        assert len({tuple(v) for v in balances.values()}) == 1
+        assert moved[0] > 300
+        ledger.close()
+
+
+def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
+    from zrepl import App, Client, MemoryStorage, NodeRole, Replica
+
+    class NoReads(App):  # the App interface's default query()
+        encode_cmd = KV.encode_cmd
+        decode_cmd = KV.decode_cmd
+        apply = KV.apply
+        clear_state = KV.clear_state
+        iter_state = KV.iter_state
+
+        def __init__(self):
+            self.data = {}
+
+    node = Replica(NoReads(), MemoryStorage(), f"ipc://{data_dir}/n.sock").start()
+    try:
+        node.set_role(NodeRole.LEADER, 1)
+        with Client(node.address, retry_for=0.5) as client:
+            with pytest.raises(ProtocolError, match="serves no queries"):
+                client.query(b"anything")
+            assert node.status().max_wal == 0  # and nothing was written
+    finally:
+        node.stop()

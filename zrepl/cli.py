@@ -7,14 +7,18 @@ stderr (argparse's own usage errors exit 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from . import __version__
+import tomllib
+
+from . import __version__, logs
+from .config import Config
 from .errors import ReplicationError
 from .wal import iter_wal
 
@@ -23,11 +27,147 @@ class CommandError(Exception):
     """A one-line reason for a non-zero exit."""
 
 
+# --- settings: flags over a TOML file over defaults -----------------------------------
+#
+# Every flag of a command has a key (its long name with "_" for "-"; the
+# repeatable --node is "nodes").  ``--config FILE.toml`` may set any key, and
+# for node and supervisor also any zrepl.Config field; a flag given on the
+# command line wins over the file.
+
+
+@dataclasses.dataclass
+class Key:
+    name: str
+    flag: str
+    kind: type | tuple = str
+    default: Any = None
+    required: bool = False
+    config: bool = False  # a zrepl.Config field
+
+    def check(self, value: Any, where: str) -> Any:
+        if self.kind is list:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise CommandError(f"{where}: {self.name} must be a list of strings; "
+                                   f"got {value!r}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CommandError(f"{where}: {self.name} must be a number; got {value!r}")
+            value = float(value)
+        elif not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            kind = {str: "a string", int: "an integer", bool: "true or false"}[self.kind]
+            raise CommandError(f"{where}: {self.name} must be {kind}; got {value!r}")
+        return value
+
+
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CommandError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CommandError(f"config {path} is not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CommandError(f"config {path} is not valid TOML: {exc}") from None
+
+
+def settings(args: argparse.Namespace, keys: list[Key], with_config: bool
+             ) -> tuple[dict[str, Any], Config | None]:
+    """The command's settings and (if ``with_config``) its zrepl.Config."""
+    path = getattr(args, "config", None)
+    doc = _read_toml(path) if path else {}
+    where = f"config {path}"
+    by_name = {k.name: k for k in keys}
+    for name in doc:
+        if name not in by_name and not (with_config and name in CONFIG_FIELDS):
+            raise CommandError(f"{where}: unknown setting {name!r} "
+                               f"(see 'zrepl {args.command} --help')")
+    values: dict[str, Any] = {}
+    config_values = {n: v for n, v in doc.items() if n in CONFIG_FIELDS and n not in by_name}
+    for key in keys:
+        value = getattr(args, key.name, None)
+        if value is None and key.name in doc:
+            value = key.check(doc[key.name], where)
+        if value is None:
+            if key.required:
+                raise CommandError(f"{args.command} needs {key.flag} (or {key.name} = ... "
+                                   "in the --config file)")
+            value = key.default
+        if key.config:
+            if value is not None:
+                config_values[key.name] = value
+        else:
+            values[key.name] = value
+    config = None
+    if with_config:
+        try:
+            config = Config(**config_values)
+        except (ValueError, TypeError) as exc:
+            raise CommandError(f"bad setting{' in ' + path if path else ''}: {exc}") from None
+    return values, config
+
+
+def _logging(values: dict[str, Any]) -> None:
+    try:
+        logs.setup(values["log_level"], values["log_format"])
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+NODE_KEYS = [
+    Key("app", "--app MODULE:CLASS", required=True),
+    Key("data", "--data DIR", required=True),
+    Key("listen", "--listen ENDPOINT", required=True),
+    Key("fsync", "--fsync", config=True),
+    Key("require_sync", "--require-sync", bool, config=True),
+    Key("checkpoint_entries", "--checkpoint-entries", int, config=True),
+    Key("log_level", "--log-level", default="INFO"),
+    Key("log_format", "--log-format", default="text"),
+]
+
+SUPERVISOR_KEYS = [
+    Key("nodes", "--node ENDPOINT", list, required=True),
+    Key("state", "--state FILE"),
+    Key("listen", "--listen ENDPOINT"),
+    Key("log_level", "--log-level", default="INFO"),
+    Key("log_format", "--log-format", default="text"),
+]
+
+STATUS_KEYS = [
+    Key("nodes", "--node ENDPOINT", list, default=[]),
+    Key("supervisor", "--supervisor ENDPOINT"),
+    Key("json", "--json", bool, default=False),
+    Key("timeout", "--timeout", float, default=1.0),
+]
+
+DEMO_KEYS = [
+    Key("seconds", "--seconds", float, default=4.0),
+    Key("clients", "--clients", int, default=4),
+    Key("transport", "--transport", default="ipc"),
+    Key("keep", "--keep DIR"),
+    Key("log_level", "--log-level", default="WARNING"),
+    Key("log_format", "--log-format", default="text"),
+]
+
+WAL_DUMP_KEYS = [
+    Key("dir", "DIR", required=True),
+    Key("start", "--from", int, default=1),
+    Key("limit", "--limit", int),
+    Key("full", "--full", bool, default=False),
+]
+
+
 def _fmt_time(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="microseconds")
 
 
 def cmd_wal_dump(args: argparse.Namespace) -> int:
+    values, _ = settings(args, WAL_DUMP_KEYS, with_config=False)
+    args = argparse.Namespace(**values)
     data_dir = Path(args.dir)
     wal_dir = data_dir / "wal"
     if not wal_dir.is_dir():
@@ -64,12 +204,11 @@ def cmd_wal_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from .node_main import SetupError, config_from, run_node
-    overrides = {"fsync": args.fsync, "require_sync": True if args.require_sync else None,
-                 "checkpoint_entries": args.checkpoint_entries}
+    from .node_main import SetupError, run_node
+    values, config = settings(args, NODE_KEYS, with_config=True)
+    _logging(values)
     try:
-        config = config_from(args.config, overrides)
-        return run_node(args.app, args.data, args.listen, config, args.log_level)
+        return run_node(values["app"], values["data"], values["listen"], config)
     except SetupError as exc:
         raise CommandError(str(exc)) from None
 
@@ -77,29 +216,58 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_supervisor(args: argparse.Namespace) -> int:
     import logging
     import signal
+    import threading
 
-    from .node_main import SetupError, config_from
+    from . import sdnotify
     from .supervisor import Supervisor
+    values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
+    _logging(values)
+    log = logging.getLogger("zrepl.supervisor")
     try:
-        config = config_from(args.config, {})
-    except SetupError as exc:
-        raise CommandError(str(exc)) from None
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        sup = Supervisor(args.node, state_path=args.state, config=config,
-                         listen=args.listen or "")
+        sup = Supervisor(values["nodes"], state_path=values["state"], config=config,
+                         listen=values["listen"] or "")
     except (ValueError, ReplicationError) as exc:
         raise CommandError(str(exc)) from None
+    stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("zrepl.supervisor").info("signal %d: stopping", signum)
-        sup._stop.set()
+        log.info("signal %d: stopping", signum)
+        stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sup.run()
+    sup.start()
+    # The main thread waits for signals and speaks to systemd: READY once the
+    # first round of polls is done, WATCHDOG=1 only while rounds keep coming.
+    ready = False
+    seen_ticks = 0
+    watchdog = sdnotify.watchdog_interval()
+    step = min(0.2, watchdog) if watchdog else 0.2
+    while not stop.wait(step):
+        if sup._thread is not None and not sup._thread.is_alive():
+            raise CommandError("the supervisor loop stopped unexpectedly (see the log)")
+        ticks = sup.ticks
+        if ticks and not ready:
+            ready = sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.nodes)} node(s)")
+            ready = True
+        if watchdog and ticks != seen_ticks:
+            sdnotify.notify("WATCHDOG=1")
+        seen_ticks = ticks
+    sdnotify.notify("STOPPING=1")
+    sup.stop()
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    values, _ = settings(args, DEMO_KEYS, with_config=False)
+    if values["transport"] not in ("ipc", "tcp"):
+        raise CommandError(f"--transport must be ipc or tcp; got {values['transport']!r}")
+    if values["seconds"] <= 0 or values["clients"] <= 0:
+        raise CommandError("--seconds and --clients must be positive")
+    _logging(values)
+    return run_demo(seconds=values["seconds"], clients=values["clients"],
+                    transport=values["transport"], keep=values["keep"])
 
 
 def _fmt_status_table(results: dict) -> str:
@@ -126,6 +294,8 @@ def _fmt_status_table(results: dict) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from .rpc import RpcClient
     from .supervisor import poll_statuses
+    values, _ = settings(args, STATUS_KEYS, with_config=False)
+    args = argparse.Namespace(**values, node=values["nodes"])
     if not args.node and not args.supervisor:
         raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
     sup_view = None
@@ -165,30 +335,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line naming the problem (argparse prints usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _common(p: argparse.ArgumentParser, what: str, logging_flags: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE.toml",
+                   help=f"read settings from a TOML file: {what}; flags given here win")
+    if logging_flags:
+        p.add_argument("--log-level", choices=logs.LEVELS, type=str.upper,
+                       help="least severe event logged (default INFO)")
+        p.add_argument("--log-format", choices=logs.FORMATS,
+                       help="text (default) or json: one object per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="zrepl", description="Hot-standby replication for Python state machines.")
+    parser = _Parser(
+        prog="zrepl", description="Hot-standby replication for Python state machines.",
+        epilog="Each command's --help lists its flags.  Every flag can also be set in the "
+               "--config TOML file under its long name with '_' for '-' (nodes = [...] for "
+               "repeated --node).")
     parser.add_argument("--version", action="version", version=f"zrepl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    flag = dict(action="store_const", const=True, default=None)
 
     node = sub.add_parser(
         "node", help="run a node",
         description="Run one zrepl node: the App, its WAL and checkpoints in DIR, serving on "
                     "ENDPOINT (tcp://HOST:PORT uses PORT..PORT+3; ipc://PATH uses PATH and "
-                    "PATH.data/.ack/.client).  Stops on SIGTERM, SIGINT or a stop call.")
-    node.add_argument("--app", required=True, metavar="MODULE:CLASS",
-                      help="the App class, e.g. workers.kv:KV")
-    node.add_argument("--data", required=True, metavar="DIR", help="data directory")
-    node.add_argument("--listen", required=True, metavar="ENDPOINT",
-                      help="this node's address, e.g. tcp://127.0.0.1:7400")
-    node.add_argument("--config", metavar="FILE.toml",
-                      help="settings (zrepl.Config field names) in a TOML file")
+                    "PATH.data/.ack/.client).  Tells systemd READY=1 once it serves and "
+                    "WATCHDOG=1 while its engine loop runs.  Stops on SIGTERM, SIGINT or a "
+                    "stop call.")
+    node.add_argument("--app", metavar="MODULE:CLASS",
+                      help="the App class, e.g. workers.kv:KV (required)")
+    node.add_argument("--data", metavar="DIR", help="data directory (required)")
+    node.add_argument("--listen", metavar="ENDPOINT",
+                      help="this node's address, e.g. tcp://127.0.0.1:7400 (required)")
     node.add_argument("--fsync", choices=["always", "batch", "off"], help="WAL fsync policy")
-    node.add_argument("--require-sync", action="store_true",
-                      help="refuse to commit without a synchronous follower")
+    node.add_argument("--require-sync", help="refuse to commit without a synchronous follower",
+                      **flag)
     node.add_argument("--checkpoint-entries", type=int, metavar="N",
                       help="checkpoint every N applied entries (0: never by count)")
-    node.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    _common(node, "these keys and any zrepl.Config field (fsync, window, lease, ...)")
     node.set_defaults(func=cmd_node)
 
     sup = sub.add_parser(
@@ -197,26 +388,48 @@ def build_parser() -> argparse.ArgumentParser:
                     "them every heartbeat, renew the leader's lease, replace a dead leader "
                     "with a node that holds every acknowledged write, re-chain around dead "
                     "nodes.  Stops on SIGTERM or SIGINT.")
-    sup.add_argument("--node", action="append", required=True, metavar="ENDPOINT",
-                     help="a node's address; repeat for each node, in chain order")
+    sup.add_argument("--node", dest="nodes", action="append", metavar="ENDPOINT",
+                     help="a node's address; repeat for each node, in chain order (required)")
     sup.add_argument("--state", metavar="FILE",
                      help="where to keep the largest epoch issued and the synchronous chain")
-    sup.add_argument("--config", metavar="FILE.toml",
-                     help="settings (heartbeat_interval, missed_heartbeats, lease, ...)")
     sup.add_argument("--listen", metavar="ENDPOINT",
                      help="answer 'zrepl status --supervisor ENDPOINT' here")
-    sup.add_argument("--log-level", default="INFO")
+    _common(sup, "these keys and any zrepl.Config field (heartbeat_interval, lease, ...)")
     sup.set_defaults(func=cmd_supervisor)
 
     st = sub.add_parser("status", help="show every node's state",
                         description="One line per node: role, epoch, WAL, follower, its "
                                     "state and lag.  Exit status 1 if a node did not answer.")
-    st.add_argument("--node", action="append", default=[], metavar="ENDPOINT")
+    st.add_argument("--node", dest="nodes", action="append", metavar="ENDPOINT",
+                    help="a node to ask; repeatable")
     st.add_argument("--supervisor", metavar="ENDPOINT",
-                    help="also show the supervisor's view (its --listen endpoint)")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--timeout", type=float, default=1.0, help="seconds to wait per node")
+                    help="also show the supervisor's view (its --listen endpoint); without "
+                         "--node, ask the nodes it supervises")
+    st.add_argument("--json", help="machine-readable output", **flag)
+    st.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="seconds to wait per node (default 1)")
+    _common(st, "nodes, supervisor, json, timeout", logging_flags=False)
     st.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser(
+        "demo", help="watch a local cluster replicate, fail over and lose nothing",
+        description="Start a leader, a forwarder, a follower and a supervisor as local "
+                    "processes running workers.kv in a temporary directory; write through "
+                    "zrepl.Client with a live progress line; kill the leader; show the "
+                    "failover; check every acknowledged write on every node; print a "
+                    "summary.  Exit status 0 only if nothing was lost.  Removes every "
+                    "process and file, also on Ctrl-C.")
+    demo.add_argument("--seconds", type=float, metavar="S",
+                      help="write for S seconds before and after the failover (default 4)")
+    demo.add_argument("--clients", type=int, metavar="N",
+                      help="concurrent writing clients (default 4)")
+    demo.add_argument("--transport", choices=["ipc", "tcp"],
+                      help="ipc (default: socket files in the temporary directory) or tcp "
+                           "(free ports on 127.0.0.1)")
+    demo.add_argument("--keep", metavar="DIR",
+                      help="put the data directories and logs in DIR and keep them")
+    _common(demo, "seconds, clients, transport, keep, log_level, log_format")
+    demo.set_defaults(func=cmd_demo)
 
     wal = sub.add_parser("wal", help="inspect a node's WAL offline")
     wal_sub = wal.add_subparsers(dest="wal_command", metavar="WAL_COMMAND")
@@ -225,13 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the WAL of a data directory, one entry per line: "
                     "wal_id, write time (UTC), size, data.  Read-only; a torn or corrupt "
                     "tail is reported on stderr and not printed.")
-    dump.add_argument("dir", metavar="DIR", help="the node's data directory")
-    dump.add_argument("--from", dest="start", type=int, default=1, metavar="ID",
+    dump.add_argument("dir", metavar="DIR", nargs="?",
+                      help="the node's data directory (or dir = ... in --config)")
+    dump.add_argument("--from", dest="start", type=int, metavar="ID",
                       help="first WAL id to print (default: the oldest)")
-    dump.add_argument("--limit", type=int, default=None, metavar="N",
-                      help="print at most N entries")
-    dump.add_argument("--full", action="store_true", help="do not shorten long data")
-    dump.set_defaults(func=cmd_wal_dump)
+    dump.add_argument("--limit", type=int, metavar="N", help="print at most N entries")
+    dump.add_argument("--full", help="do not shorten long data", **flag)
+    _common(dump, "dir, start, limit, full", logging_flags=False)
+    dump.set_defaults(func=cmd_wal_dump, command="wal dump")
     wal.set_defaults(func=lambda a: _need_sub(wal))
     return parser
 

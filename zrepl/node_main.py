@@ -3,15 +3,14 @@ stopped by a control call, SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
+import os
 import signal
-import sys
-import tomllib
-from pathlib import Path
+import time
 from typing import Any
 
+from . import sdnotify
 from .config import Config
 from .errors import ReplicationError
 from .filestorage import FileStorage
@@ -39,33 +38,15 @@ def load_app(spec: str) -> App:
     return cls()
 
 
-def config_from(path: str | None, overrides: dict[str, Any]) -> Config:
-    """Config defaults <- TOML file <- command-line overrides."""
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise SetupError(f"cannot read config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SetupError(f"config {path} is not valid TOML: {exc}") from None
-        values.update(doc)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SetupError(f"unknown setting {unknown[0]!r}" + (f" in {path}" if path else ""))
-    try:
-        return Config(**values)
-    except (ValueError, TypeError) as exc:
-        raise SetupError(f"bad setting: {exc}") from None
+def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
+    """Serve until stopped; exit status 0, or 1 if the engine crashed.
 
-
-def run_node(app_spec: str, data: str, listen: str, config: Config,
-             log_level: str = "INFO") -> int:
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    The main thread only waits: for a signal, for the engine to stop, and to
+    tell systemd (when it started us with ``Type=notify``) READY=1 once the
+    node serves and WATCHDOG=1 while the engine loop keeps coming round.
+    A wedged engine stops the pings and systemd restarts the node.
+    """
+    log = logging.getLogger("zrepl.node")
     app = load_app(app_spec)
     try:
         storage = FileStorage(data, config=config)
@@ -79,14 +60,19 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
             raise SetupError(str(exc)) from None
 
         def on_signal(signum: int, _frame: Any) -> None:
-            logging.getLogger("zrepl.node").info("signal %d: stopping", signum)
+            log.info("[%s] signal %d: stopping", listen, signum, extra={"node": listen})
             replica._stopping = True
             replica._poke()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        while not replica.stopped.wait(0.5):
-            pass
+        sdnotify.notify(f"READY=1\nSTATUS=serving on {listen}\nMAINPID={os.getpid()}")
+        watchdog = sdnotify.watchdog_interval()
+        step = min(0.5, watchdog) if watchdog else 0.5
+        while not replica.stopped.wait(step):
+            if watchdog and time.monotonic() - replica.loop_alive_at < watchdog:
+                sdnotify.notify("WATCHDOG=1")
+        sdnotify.notify("STOPPING=1")
         replica.stop()
         return 1 if replica.crashed else 0
     finally:

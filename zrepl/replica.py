@@ -80,7 +80,11 @@ from .zmqutil import ready as _ready
 log = logging.getLogger("zrepl.replica")
 
 class _Log(logging.LoggerAdapter):
+    """Prefixes each message with the node's address (readable under any
+    handler) and passes it as ``record.node`` (for zrepl.logs' formats)."""
+
     def process(self, msg, kwargs):
+        kwargs["extra"] = {"node": self.extra["address"]}
         return f"[{self.extra['address']}] {msg}", kwargs
 
 
@@ -188,6 +192,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self._started = False
         self.stopped = threading.Event()
         self.crashed: BaseException | None = None
+        self.loop_alive_at = 0.0  # monotonic time the engine loop last came round
 
     # ====================================================================
     # lifecycle
@@ -574,6 +579,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
 
     def _housekeeping(self, now: float) -> float:
         """Timers and the downstream driver; returns the poll timeout."""
+        self.loop_alive_at = now  # read by the systemd watchdog (runs >= 5x/s)
         timeout = 0.2
         if self._link_restart:
             self._apply_link_restart(now)

@@ -6,49 +6,22 @@ the same machine, and reports medians and ratios, never absolute promises.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zrepl import NodeClient, ReplicationError  # noqa: E402
-
-
-def free_tcp_base(count: int = 4) -> int:
-    """A port P such that P..P+count-1 are free on 127.0.0.1 (racy, fine here)."""
-    for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-        s.close()
-        if base + count > 65535:
-            continue
-        held = []
-        try:
-            for port in range(base, base + count):
-                t = socket.socket()
-                t.bind(("127.0.0.1", port))
-                held.append(t)
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in held:
-                t.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
+from zrepl.local import free_tcp_base, pings, toml_text, wait_until  # noqa: E402,F401
 
 
 def tcp_address() -> str:
@@ -75,14 +48,7 @@ class Workdir:
     def start_node(self, name: str, address: str, settings: dict[str, Any] | None = None,
                    app: str = "workers.kv:KV") -> subprocess.Popen:
         cfg = self.path / f"{name}.toml"
-        lines = []
-        for k, v in (settings or {}).items():
-            if isinstance(v, bool):
-                v = str(v).lower()
-            elif isinstance(v, str):
-                v = json.dumps(v)
-            lines.append(f"{k} = {v}")
-        cfg.write_text("\n".join(lines) + "\n")
+        cfg.write_text(toml_text(settings or {}))
         log = open(self.path / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "zrepl", "node", "--app", app, "--data",
@@ -91,7 +57,11 @@ class Workdir:
             stdout=log, stderr=log, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         log.close()
         self.procs.append(proc)
-        wait_until(lambda: _pings(address, proc), 30, f"node {name} to answer")
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {name} exited with {proc.returncode}")
+            return pings(address)
+        wait_until(answers, 30, f"node {name} to answer")
         return proc
 
     def start_python(self, code: str) -> subprocess.Popen:
@@ -112,27 +82,6 @@ class Workdir:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _pings(address: str, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"process for {address} exited with {proc.returncode}")
-    try:
-        with NodeClient(address, timeout=0.3) as c:
-            return c.ping()
-    except ReplicationError:
-        return False
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 ECHO_SERVER = """

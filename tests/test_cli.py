@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from .helpers import wait_for
+
 from zrepl import FileStorage, WALEntry
 from zrepl.wal import list_segments
 
@@ -135,3 +137,139 @@ def test_node_runs_and_stops_on_sigterm(data_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- settings from TOML, one-line errors ----------------------------------------------
+
+def one_line_error(proc: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0], proc.stderr
+
+
+def test_each_command_has_help():
+    for command in (["node"], ["supervisor"], ["status"], ["demo"], ["wal", "dump"]):
+        proc = run(*command, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert f"usage: zrepl {' '.join(command)}" in proc.stdout
+        assert "--config FILE.toml" in proc.stdout
+
+
+def test_bad_flags_and_missing_settings_are_one_line(data_dir):
+    one_line_error(run("node", "--frobnicate"), "unrecognized arguments: --frobnicate", 2)
+    one_line_error(run("node", "--fsync", "sometimes"), "invalid choice: 'sometimes'", 2)
+    one_line_error(run("node", "--log-level", "chatty"), "invalid choice: 'CHATTY'", 2)
+    one_line_error(run("status", "--timeout", "soon"), "invalid float value: 'soon'", 2)
+    one_line_error(run("demo", "--seconds", "x"), "invalid float value: 'x'", 2)
+    one_line_error(run("node", "--data", str(data_dir)), "node needs --app MODULE:CLASS")
+    one_line_error(run("node", "--app", "workers.kv:KV", "--data", str(data_dir)),
+                   "node needs --listen ENDPOINT")
+    one_line_error(run("supervisor"), "supervisor needs --node ENDPOINT")
+    one_line_error(run("status"), "status needs --node ENDPOINT")
+    one_line_error(run("wal", "dump"), "wal dump needs DIR")
+    one_line_error(run("demo", "--clients", "0"), "must be positive")
+
+
+def test_config_file_errors_name_the_file_and_key(data_dir):
+    cfg = data_dir / "c.toml"
+    cases = [
+        ("node", 'app = "workers.kv:KV"\nbogus = 1\n', "unknown setting 'bogus'"),
+        ("node", "listen = 7400\n", "listen must be a string; got 7400"),
+        ("node", "window = -1\n", "window must be a positive number"),
+        ("node", 'log_level = "LOUD"\n', "log_level must be one of DEBUG"),
+        ("supervisor", 'nodes = "tcp://127.0.0.1:1"\n', "nodes must be a list of strings"),
+        ("supervisor", 'nodes = ["udp://x"]\n', "tcp:// or ipc://"),
+        ("status", "nodes = []\nfsync = \"off\"\n", "unknown setting 'fsync'"),
+        ("status", "timeout = \"long\"\n", "timeout must be a number"),
+        ("demo", "clients = 2.5\n", "clients must be an integer"),
+        ("demo", "[section]\nx = 1\n", "unknown setting 'section'"),
+        ("demo", 'transport = "udp"\n', "transport must be one of ipc, tcp"),
+    ]
+    for command, text, message in cases:
+        cfg.write_text(text)
+        extra = ["--app", "workers.kv:KV", "--data", str(data_dir / "d"), "--listen",
+                 f"ipc://{data_dir}/n.sock"] if command == "node" and "listen" not in text \
+            else []
+        proc = run(command, *extra, "--config", str(cfg))
+        one_line_error(proc, message)
+        if "unknown" in message or "must be" in message and "positive" not in message:
+            assert str(cfg) in proc.stderr
+    cfg.write_bytes(b"\xff\xfe")
+    one_line_error(run("status", "--config", str(cfg)), "is not UTF-8 text")
+    one_line_error(run("wal", "dump", "--config", str(data_dir / "nope.toml")),
+                   "cannot read config")
+
+
+def test_wal_dump_reads_its_flags_from_toml(data_dir):
+    with FileStorage(data_dir / "d", fsync="off") as s:
+        s.write_wal([WALEntry(i, b"x") for i in range(1, 10)])
+    cfg = data_dir / "c.toml"
+    cfg.write_text(f'dir = "{data_dir / "d"}"\nstart = 4\nlimit = 3\n')
+    proc = run("wal", "dump", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["4", "5", "6"]
+    proc = run("wal", "dump", "--config", str(cfg), "--limit", "1")  # the flag wins
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["4"]
+
+
+def test_node_from_toml_only_logs_json_lines_with_its_address(data_dir):
+    import json
+    import signal
+    address = f"ipc://{data_dir}/n.sock"
+    cfg = data_dir / "n.toml"
+    cfg.write_text(f'app = "workers.kv:KV"\ndata = "{data_dir / "d"}"\nlisten = "{address}"\n'
+                   'fsync = "off"\nlog_format = "json"\nlog_level = "DEBUG"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "zrepl", "node", "--config", str(cfg),
+                             "--log-level", "INFO"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: pings(address, proc), 20, "the node to answer")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in err.splitlines()]
+    assert events and all(e["node"] == address for e in events), err
+    assert {e["level"] for e in events} <= {"INFO", "WARNING"}  # the flag beat the file
+    assert any(e["msg"].startswith("serving: role UNKNOWN") for e in events)
+    assert any("stopping" in e["msg"] for e in events)
+    assert not any(e["msg"].startswith("[") for e in events)  # no address twice
+
+
+def pings(address: str, proc: subprocess.Popen) -> bool:
+    from zrepl.local import pings as node_pings
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+    return node_pings(address)
+
+
+def test_status_and_supervisor_from_the_command_line(data_dir):
+    import json
+    from .helpers.cluster import Cluster
+    with Cluster(fsync="off") as cluster:
+        a, b = cluster.node("a").start(), cluster.node("b").start()
+        sup = cluster.supervisor([a, b])
+        sup.wait_synchronous(1)
+        proc = run("status", "--node", a.address, "--node", b.address)
+        assert proc.returncode == 0, proc.stderr
+        table = proc.stdout.splitlines()
+        assert table[0].split()[:3] == ["NODE", "ROLE", "EPOCH"]
+        roles = {line.split()[0]: line.split()[1] for line in table[1:]}
+        assert roles == {a.address: "LEADER", b.address: "FOLLOWER"}
+        assert "SYNCHRONOUS" in table[1]
+        cfg = data_dir / "st.toml"
+        cfg.write_text(f'supervisor = "{sup.address}"\njson = true\ntimeout = 2\n')
+        proc = run("status", "--config", str(cfg))
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["supervisor"]["leader"] == a.address
+        assert [n["address"] for n in doc["nodes"]] == [a.address, b.address]
+        assert doc["nodes"][0]["status"]["role"] == "LEADER" or \
+            doc["nodes"][0]["status"]["role"] == 1, doc["nodes"][0]["status"]["role"]
+        a.kill()
+        proc = run("status", "--node", a.address, "--node", b.address, "--timeout", "0.3")
+        assert proc.returncode == 1
+        assert "DOWN" in proc.stdout and f"did not answer: {a.address}" in proc.stderr

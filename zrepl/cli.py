@@ -43,6 +43,7 @@ class Key:
     default: Any = None
     required: bool = False
     config: bool = False  # a zrepl.Config field
+    choices: tuple = ()  # compared case-insensitively
 
     def check(self, value: Any, where: str) -> Any:
         if self.kind is list:
@@ -56,6 +57,12 @@ class Key:
         elif not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
             kind = {str: "a string", int: "an integer", bool: "true or false"}[self.kind]
             raise CommandError(f"{where}: {self.name} must be {kind}; got {value!r}")
+        if self.choices:
+            match = [c for c in self.choices if c.lower() == value.lower()]
+            if not match:
+                raise CommandError(f"{where}: {self.name} must be one of "
+                                   f"{', '.join(self.choices)}; got {value!r}")
+            value = match[0]
         return value
 
 
@@ -86,12 +93,14 @@ def settings(args: argparse.Namespace, keys: list[Key], with_config: bool
         if name not in by_name and not (with_config and name in CONFIG_FIELDS):
             raise CommandError(f"{where}: unknown setting {name!r} "
                                f"(see 'zrepl {args.command} --help')")
+    checked = {name: by_name[name].check(value, where) if name in by_name else value
+               for name, value in doc.items()}
     values: dict[str, Any] = {}
-    config_values = {n: v for n, v in doc.items() if n in CONFIG_FIELDS and n not in by_name}
+    config_values = {n: v for n, v in checked.items() if n not in by_name}
     for key in keys:
         value = getattr(args, key.name, None)
-        if value is None and key.name in doc:
-            value = key.check(doc[key.name], where)
+        if value is None:
+            value = checked.get(key.name)
         if value is None:
             if key.required:
                 raise CommandError(f"{args.command} needs {key.flag} (or {key.name} = ... "
@@ -125,16 +134,16 @@ NODE_KEYS = [
     Key("fsync", "--fsync", config=True),
     Key("require_sync", "--require-sync", bool, config=True),
     Key("checkpoint_entries", "--checkpoint-entries", int, config=True),
-    Key("log_level", "--log-level", default="INFO"),
-    Key("log_format", "--log-format", default="text"),
+    Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
+    Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
 
 SUPERVISOR_KEYS = [
     Key("nodes", "--node ENDPOINT", list, required=True),
     Key("state", "--state FILE"),
     Key("listen", "--listen ENDPOINT"),
-    Key("log_level", "--log-level", default="INFO"),
-    Key("log_format", "--log-format", default="text"),
+    Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
+    Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
 
 STATUS_KEYS = [
@@ -147,10 +156,10 @@ STATUS_KEYS = [
 DEMO_KEYS = [
     Key("seconds", "--seconds", float, default=4.0),
     Key("clients", "--clients", int, default=4),
-    Key("transport", "--transport", default="ipc"),
+    Key("transport", "--transport", default="ipc", choices=("ipc", "tcp")),
     Key("keep", "--keep DIR"),
-    Key("log_level", "--log-level", default="WARNING"),
-    Key("log_format", "--log-format", default="text"),
+    Key("log_level", "--log-level", default="WARNING", choices=logs.LEVELS),
+    Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
 
 WAL_DUMP_KEYS = [
@@ -261,8 +270,6 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     values, _ = settings(args, DEMO_KEYS, with_config=False)
-    if values["transport"] not in ("ipc", "tcp"):
-        raise CommandError(f"--transport must be ipc or tcp; got {values['transport']!r}")
     if values["seconds"] <= 0 or values["clients"] <= 0:
         raise CommandError("--seconds and --clients must be positive")
     _logging(values)

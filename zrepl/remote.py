@@ -153,6 +153,12 @@ class Client:
         self._rpcs: dict[str, RpcClient] = {}
         self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
 
+    @property
+    def leader(self) -> str | None:
+        """The node that confirmed this client's last command (None before
+        the first, or once that node stopped answering)."""
+        return self._leader
+
     def _rpc(self, address: str) -> RpcClient:
         rpc = self._rpcs.get(address)
         if rpc is None:

@@ -1,0 +1,342 @@
+"""``python3 -m zrepl demo``: a local cluster replicates, loses its leader
+and loses nothing.
+
+Three ``zrepl node`` processes running workers.kv (a leader, a forwarder and
+a follower, chained by a ``zrepl supervisor`` process) in a temporary
+directory.  Clients write through ``zrepl.Client``; every write is
+``incr("client-N", 1)``, so a lost write shows as a counter below the number
+of acknowledged increments and a write applied twice as a counter above it.
+Halfway the leader is SIGKILLed; the supervisor promotes the node holding
+every acknowledged write, the clients follow, and the killed node is
+restarted to rejoin at the tail.  At the end every node's counters are
+checked against the clients' tallies.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+import msgpack
+
+from .errors import ReplicationError
+from .local import LocalCluster, wait_until
+from .remote import Client, NodeClient
+from .rpc import RpcClient
+from .supervisor import poll_statuses
+from .types import NodeStatus
+
+NAMES = ("a", "b", "c")
+
+
+@dataclass
+class Tally:
+    """One writer's record: what it knows happened."""
+    acked: int = 0
+    unknown: int = 0  # raised after retrying: may or may not have been applied
+    samples: list[tuple[float, float, str]] = field(default_factory=list)  # (done, latency, node)
+
+
+class Writer(threading.Thread):
+    def __init__(self, index: int, addresses: list[str]):
+        super().__init__(name=f"demo-writer-{index}", daemon=True)
+        self.key = f"client-{index}"
+        self.client = Client(addresses, timeout=0.5, retry_for=10.0)
+        self.command = msgpack.packb(("incr", self.key, 1), use_bin_type=True)
+        self.tally = Tally()
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        tally, clock = self.tally, time.monotonic
+        try:
+            while not self.halt.is_set():
+                t0 = clock()
+                try:
+                    code = self.client.apply(self.command)
+                except ReplicationError:
+                    tally.unknown += 1
+                    continue
+                t1 = clock()
+                if code != 0:
+                    raise RuntimeError(f"incr answered code {code}")
+                tally.acked += 1
+                tally.samples.append((t1, t1 - t0, self.client.leader or ""))
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+
+
+class Screen:
+    """A progress line rewritten in place on a terminal (a line per update
+    otherwise), with event lines printed above it."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.tty = out.isatty()
+        self._last = 0.0
+
+    def progress(self, text: str, every: float = 1.0) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[K" + text)
+            self.out.flush()
+        elif time.monotonic() - self._last >= every:
+            self.out.write(text + "\n")
+            self.out.flush()
+            self._last = time.monotonic()
+
+    def event(self, text: str) -> None:
+        self.out.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.out.flush()
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1000:.2f} ms" if x < 0.1 else f"{x * 1000:.0f} ms"
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(len(s) * q))] if s else 0.0
+
+
+class Demo:
+    def __init__(self, cluster: LocalCluster, clients: int, out: TextIO):
+        self.cluster = cluster
+        self.n_clients = clients
+        self.screen = Screen(out)
+        self.addresses = {name: cluster.address(name) for name in NAMES}
+        self.names = {a: n for n, a in self.addresses.items()}
+        self.writers: list[Writer] = []
+        self.sup_listen = ""
+        self.t0 = 0.0
+
+    # --- the supervisor's view --------------------------------------------------------
+    def view(self) -> dict | None:
+        try:
+            with RpcClient(self.sup_listen, 0.5) as rpc:
+                return rpc.call("status")
+        except ReplicationError:
+            return None
+
+    def chain_text(self, view: dict) -> str:
+        chain = [self.names.get(a, a) for a in view.get("chain", [])]
+        roles = ["leader"] + ["forwarder"] * (len(chain) - 2) + ["follower"]
+        return " -> ".join(f"{n} ({r})" for n, r in zip(chain, roles[-len(chain):]
+                                                         if len(chain) > 1 else roles))
+
+    def wait_chain(self, what: str, timeout: float = 60) -> dict:
+        """Until the supervisor sees all three nodes in one synchronous chain."""
+        return wait_until(lambda: (v := self.view()) and len(v["chain"]) == 3
+                          and len(v["synchronous_chain"]) == 2 and v, timeout, what, 0.05)
+
+    # --- writing and watching -------------------------------------------------------
+    def samples_since(self, since: float) -> list[tuple[float, float, str]]:
+        out = []
+        for w in self.writers:
+            s = w.tally.samples
+            i = len(s)
+            while i > 0 and s[i - 1][0] > since:
+                i -= 1
+            out.extend(s[i:])
+        return out
+
+    def progress_for(self, seconds: float, until: Callable[[], bool] | None = None,
+                     on_tick: Callable[[], None] | None = None) -> None:
+        """Show the progress line for ``seconds`` (or until ``until()``)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not (until and until()):
+            tick = time.monotonic()
+            recent = self.samples_since(tick - 1.0)
+            lat = [lat for _, lat, _ in recent]
+            acked = sum(w.tally.acked for w in self.writers)
+            lags = []
+            statuses = poll_statuses(list(self.addresses.values()), timeout=0.15)
+            for a, st in statuses.items():
+                if isinstance(st, NodeStatus) and st.follower:
+                    lags.append(f"{self.names[a]}->{self.names.get(st.follower, '?')} "
+                                f"{st.follower_lag}")
+            down = [self.names[a] for a, st in statuses.items() if not isinstance(st, NodeStatus)]
+            self.screen.progress(
+                f"  {tick - self.t0:5.1f}s  {acked:8,d} writes  {len(recent):7,d}/s  "
+                f"p50 {_ms(_pct(lat, 0.5))}  p99 {_ms(_pct(lat, 0.99))}  "
+                f"lag {', '.join(lags) or '-'}" + (f"  down: {', '.join(down)}" if down else ""))
+            for w in self.writers:
+                if w.error is not None:
+                    raise RuntimeError(f"{w.name} failed: {w.error!r}")
+            if on_tick:
+                on_tick()
+            time.sleep(max(0.0, 0.25 - (time.monotonic() - tick)))  # the display rate
+
+    # --- the run ---------------------------------------------------------------------
+    def run(self, seconds: float) -> int:
+        c, say = self.cluster, self.screen.event
+        say(f"zrepl demo: 3 nodes of workers.kv and a supervisor in {c.root}")
+        for name in NAMES:
+            c.start_node(name, self.addresses[name])
+        self.sup_listen = c.start_supervisor(list(self.addresses.values()))
+        view = self.wait_chain("the supervisor to build the chain")
+        say(f"chain: {self.chain_text(view)}, epoch {view['leader_id']}; every write is "
+            "acknowledged only once all three nodes hold it")
+        old = view["leader"]
+
+        self.writers = [Writer(i, list(self.addresses.values())) for i in range(self.n_clients)]
+        self.t0 = time.monotonic()
+        for w in self.writers:
+            w.start()
+        say(f"writing with {self.n_clients} clients (each: incr client-N) for {seconds:g}s")
+        self.progress_for(seconds)
+        before = self.samples_since(self.t0)
+        rate_before = len(before) / max(1e-9, time.monotonic() - self.t0)
+
+        c.kill(self.names[old])
+        t_kill = time.monotonic()
+        say(f"  {t_kill - self.t0:5.1f}s  SIGKILL leader {self.names[old]} ({old})")
+        promoted: dict[str, Any] = {}
+        announced = threading.Event()
+
+        def watch_promotion() -> None:  # a thread: the supervisor's view every 10 ms
+            deadline = time.monotonic() + 30
+            while not promoted and time.monotonic() < deadline:
+                v = self.view()
+                if v and v.get("leader") and v["leader"] != old:
+                    promoted.update(v, at=time.monotonic())
+                else:
+                    time.sleep(0.01)
+
+        def announce() -> None:
+            if promoted and not announced.is_set():
+                announced.set()
+                say(f"  {promoted['at'] - self.t0:5.1f}s  the supervisor reports "
+                    f"{self.names[promoted['leader']]} as leader (epoch "
+                    f"{promoted['leader_id']}), {_ms(promoted['at'] - t_kill)} after the kill")
+
+        watcher = threading.Thread(target=watch_promotion, daemon=True)
+        watcher.start()
+
+        def first_new_ack() -> float | None:
+            return min((t for t, _, node in self.samples_since(t_kill) if node != old),
+                       default=None)
+
+        self.progress_for(30, until=lambda: bool(promoted) and first_new_ack() is not None,
+                          on_tick=announce)
+        watcher.join(timeout=30)
+        announce()
+        t_ack = first_new_ack()
+        if t_ack is None or not promoted:
+            raise RuntimeError("no new leader accepted writes within 30 s")
+        failover = t_ack - t_kill
+        say(f"  {t_ack - self.t0:5.1f}s  writes flow again through "
+            f"{self.names[promoted['leader']]}: failover took {_ms(failover)}")
+
+        t_after = time.monotonic()
+        c.start_node(self.names[old], old)
+        say(f"  {time.monotonic() - self.t0:5.1f}s  restarted {self.names[old]}; the "
+            "supervisor puts it back at the tail, it drops what it had not replicated "
+            "and catches up")
+        self.progress_for(max(seconds / 2, 0.5))
+        self.progress_for(60, until=lambda: (v := self.view()) is not None
+                          and len(v["chain"]) == 3 and len(v["synchronous_chain"]) == 2)
+        view = self.wait_chain("the restarted node to rejoin")
+        rate_after = len(self.samples_since(t_after)) / max(1e-9, time.monotonic() - t_after)
+        for w in self.writers:
+            w.halt.set()
+        for w in self.writers:
+            w.join(timeout=30)
+        say(f"  {time.monotonic() - self.t0:5.1f}s  stopped writing; chain: "
+            f"{self.chain_text(view)}")
+        return self.verify(view, failover, promoted["at"] - t_kill, rate_before, rate_after,
+                           old)
+
+    def verify(self, view: dict, failover: float, promotion: float, rate_before: float,
+               rate_after: float, old: str) -> int:
+        leader = view["leader"]
+        with NodeClient(leader, timeout=5) as lc:
+            top = lc.status().max_wal
+        addresses = list(self.addresses.values())
+        wait_until(lambda: all(isinstance(st, NodeStatus) and st.max_applied_wal >= top
+                               for st in poll_statuses(addresses, 1.0).values()),
+                   60, "every node to apply the last write", 0.05)
+        expected = {w.key: (w.tally.acked, w.tally.unknown) for w in self.writers}
+        rows, lost_total, twice_total, digests = [], 0, 0, set()
+        statuses = poll_statuses(addresses, 5.0)
+        for name, address in self.addresses.items():
+            with NodeClient(address, timeout=30) as nc:
+                state = {}
+                for data in nc.dump_state():
+                    _, key, value = msgpack.unpackb(data, raw=False)
+                    state[key] = value
+                digest = nc.state_digest()
+            lost = sum(max(0, acked - state.get(k, 0)) for k, (acked, _) in expected.items())
+            twice = sum(max(0, state.get(k, 0) - acked - unknown)
+                        for k, (acked, unknown) in expected.items())
+            lost_total = max(lost_total, lost)  # the worst node
+            twice_total = max(twice_total, twice)
+            digests.add(digest["sha256"])
+            st = statuses[address]
+            role = st.role.name.lower() if isinstance(st, NodeStatus) else "?"
+            rows.append([name + (" (killed, restarted)" if address == old else ""), role,
+                         str(st.leader_id), str(st.max_applied_wal),
+                         f"{sum(state.get(k, 0) for k in expected):,}", str(lost), str(twice),
+                         digest["sha256"][:12]])
+        samples = self.samples_since(self.t0)
+        lat = [x for _, x, _ in samples]
+        acked = sum(a for a, _ in expected.values())
+        unknown = sum(u for _, u in expected.values())
+        head = ["NODE", "ROLE", "EPOCH", "APPLIED", "SUM OF COUNTERS", "LOST", "TWICE",
+                "STATE DIGEST"]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        out = self.screen.out
+        out.write("\n" + "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                                   for r in [head] + rows) + "\n\n")
+        ok = lost_total == 0 and twice_total == 0 and len(digests) == 1
+        out.write(
+            f"acknowledged writes   {acked:,} (outcome unknown: {unknown})\n"
+            f"throughput            {rate_before:,.0f}/s before the failover, "
+            f"{rate_after:,.0f}/s after ({self.n_clients} clients, each waits for its reply)\n"
+            f"latency               p50 {_ms(_pct(lat, 0.5))}, p99 {_ms(_pct(lat, 0.99))}, "
+            f"max {_ms(max(lat, default=0))} (a write caught by the failover)\n"
+            f"failover              first write acknowledged by the new leader {_ms(failover)} "
+            f"after the SIGKILL (the supervisor reported it after {_ms(promotion)})\n"
+            f"lost / applied twice  {lost_total} / {twice_total} (on the worst node)\n"
+            f"replicas identical    {'yes' if len(digests) == 1 else 'NO'}\n"
+            f"result                {'OK: nothing acknowledged was lost' if ok else 'FAILED'}\n")
+        out.flush()
+        return 0 if ok else 1
+
+
+def run_demo(seconds: float = 4.0, clients: int = 4, transport: str = "ipc",
+             keep: str | None = None, out: TextIO = sys.stdout) -> int:
+    """Run the demo; exit status 0 only if every acknowledged write is on
+    every node exactly once.  Ctrl-C (or SIGTERM) stops it and cleans up."""
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cluster = LocalCluster(keep, transport=transport, keep=keep is not None,
+                           log_level="INFO")
+    demo = Demo(cluster, clients, out)
+    try:
+        return demo.run(seconds)
+    except KeyboardInterrupt:
+        demo.screen.event("interrupted: stopping every process and removing "
+                          + ("nothing (--keep)" if keep else str(cluster.root)))
+        return 130
+    except (RuntimeError, TimeoutError, ReplicationError) as exc:
+        demo.screen.event(f"demo failed: {exc}")
+        for name in (*NAMES, "supervisor"):
+            tail = cluster.log_tail(name, 3)
+            if tail:
+                demo.screen.event(f"  {name}.log: {tail}")
+        return 1
+    finally:
+        for w in demo.writers:
+            w.halt.set()
+        for w in demo.writers:
+            w.join(timeout=15)
+            w.client.close()
+        cluster.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

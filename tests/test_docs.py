@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_readme_starts_with_the_install_and_test_commands():
     text = README.read_text()
     block = re.search(r"```sh\n(.*?)```", text, re.S).group(1).strip().splitlines()
-    assert block == ["python3 -m pip install -e . && python3 -m zrepl --help",
+    assert block == ["python3 -m pip install -e . && python3 -m zrepl demo",
                      "python3 -m pip install -e '.[test]' && python3 -m pytest"]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "README.md" in ci and "sed -n 2p" in ci  # CI runs the README's own test command
@@ -38,3 +38,25 @@ def test_readme_app_example_runs_under_a_replica():
     finally:
         node.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_readme_documents_every_setting():
+    """The configuration reference names every zrepl.Config field and every
+    key each command reads from its TOML file."""
+    import dataclasses
+
+    from zrepl import Config, cli
+    text = README.read_text()
+    missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in text]
+    assert not missing, f"README does not document: {missing}"
+    for keys in (cli.NODE_KEYS, cli.SUPERVISOR_KEYS, cli.STATUS_KEYS, cli.DEMO_KEYS,
+                 cli.WAL_DUMP_KEYS):
+        missing = [k.name for k in keys if f"`{k.name}`" not in text]
+        assert not missing, f"README does not document command keys: {missing}"
+
+
+def test_systemd_readme_install_steps_name_the_shipped_files():
+    doc = (README.parent / "systemd" / "README.md").read_text()
+    for path in (README.parent / "systemd").iterdir():
+        if path.name != "README.md":
+            assert path.name in doc, path.name

@@ -7,11 +7,13 @@ from __future__ import annotations
 import random
 import threading
 
+import msgpack
 import pytest
 
 from workers.kv import KV, KVClient
 from workers.ledger import (BAD_AMOUNT, EXISTS, INSUFFICIENT_FUNDS, NO_ACCOUNT, OK, Ledger,
                             LedgerClient)
+from workers.ledger import encode as ledger_encode
 from zrepl import NotLeader, ProtocolError, ReplicationError, WALEntry
 
 from .helpers import wait_for
@@ -137,5 +139,23 @@ def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
             with pytest.raises(ProtocolError, match="serves no queries"):
                 client.query(b"anything")
             assert node.status().max_wal == 0  # and nothing was written
+    finally:
+        node.stop()
+
+
+def test_a_query_that_breaks_the_app_is_an_error_reply_not_a_crash(data_dir):
+    """App.query is user code: whatever it raises (here the ledger indexing
+    an empty request) comes back as an error; the node keeps serving."""
+    from zrepl import Client, MemoryStorage, NodeRole, Replica
+    node = Replica(Ledger(), MemoryStorage(), f"ipc://{data_dir}/n.sock").start()
+    try:
+        node.set_role(NodeRole.LEADER, 1)
+        with Client(node.address, retry_for=0.5) as client:
+            for bad in (msgpack.packb([]), msgpack.packb(5), b"\xc1"):
+                with pytest.raises(ProtocolError, match="bad query"):
+                    client.query(bad)
+            assert client.apply(ledger_encode(("open", "x", 5))) == 0
+            assert msgpack.unpackb(client.query(msgpack.packb(["total"]))) == [1, 5]
+        assert node.crashed is None
     finally:
         node.stop()

@@ -773,8 +773,10 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             return protocol.submit_reply(request_id, answer)
         except ReplicationError as exc:
             return protocol.submit_reply(request_id, None, exc)
-        except (ValueError, TypeError) as exc:
-            return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {exc}"))
+        except Exception as exc:  # App.query is user code: a bad request must not kill us
+            detail = str(exc) if isinstance(exc, (ValueError, TypeError)) else \
+                f"{type(exc).__name__}: {exc}"
+            return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"))
 
     def _answer_duplicate(self, envelope: list, request_id: Any,
                           session: tuple[bytes, int]) -> bool:

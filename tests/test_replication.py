@@ -127,7 +127,8 @@ def test_killed_leader_loses_no_acknowledged_write_and_rejoins_as_follower():
         c.client(F).apply_many([kv_set(f"after{i}", i) for i in range(100)])
         wait_applied(L, F.status().max_wal)
         assert L.digest() == F.digest()
-        assert L.status().epoch_history == F.status().epoch_history == [(1, 1), (2, L_first(F))]
+        hl, hf = L.status().epoch_history, F.status().epoch_history
+        assert hl == hf == [(1, 1), (2, L_first(F))], (hl, hf, L.log_tail(), F.log_tail())
 
 
 def L_first(node) -> int:

@@ -112,14 +112,11 @@ def main() -> int:
             + [x for a in addrs for x in ("--node", a)], cwd=ROOT,
             stderr=open(w.path / "supervisor.log", "ab"))
         w.procs.append(sup)
-        from zrepl.rpc import RpcClient
+        from zrepl.supervisor import supervisor_view
 
         def supervisor_sees_sync_chain() -> bool:
-            try:
-                with RpcClient(sup_listen, 0.5) as r:
-                    return len(r.call("status")["synchronous_chain"]) == 2
-            except ReplicationError:
-                return False
+            view = supervisor_view(sup_listen)
+            return view is not None and len(view["synchronous_chain"]) == 2
 
         wait_until(lambda: healthy_chain(addrs), 30, "the supervisor to build the chain")
         writer = Writer(addrs, args.client_timeout)

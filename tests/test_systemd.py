@@ -31,33 +31,31 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.messages: list[str] = []
 
-    def wait_for(self, state: str, timeout: float = 20.0) -> float:
-        """Receive until a datagram holds ``state``; its arrival time."""
+    def _next(self, deadline: float) -> list[str] | None:
+        """The next datagram's lines, or None at the deadline."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        self.sock.settimeout(left)
+        try:
+            msg = self.sock.recv(4096).decode()
+        except socket.timeout:
+            return None
+        self.messages.append(msg)
+        return msg.split("\n")
+
+    def wait_for(self, state: str, timeout: float = 20.0) -> None:
+        """Receive until a datagram holds ``state``."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {state!r} within {timeout}s; got {self.messages}"
-            self.sock.settimeout(left)
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                continue
-            self.messages.append(msg)
-            if state in msg.split("\n"):
-                return time.monotonic()
+        while (lines := self._next(deadline)) is None or state not in lines:
+            assert lines is not None, f"no {state!r} within {timeout}s; got {self.messages}"
 
     def count_for(self, state: str, seconds: float) -> int:
         """How many datagrams holding ``state`` arrive within ``seconds``."""
         n = 0
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                msg = self.sock.recv(4096).decode()
-            except socket.timeout:
-                break
-            self.messages.append(msg)
-            n += state in msg.split("\n")
+        while (lines := self._next(deadline)) is not None:
+            n += state in lines
         return n
 
     def close(self) -> None:

@@ -26,8 +26,7 @@ import msgpack
 from .errors import ReplicationError
 from .local import LocalCluster, wait_until
 from .remote import Client, NodeClient
-from .rpc import RpcClient
-from .supervisor import poll_statuses
+from .supervisor import poll_statuses, supervisor_view
 from .types import NodeStatus
 
 NAMES = ("a", "b", "c")
@@ -115,11 +114,7 @@ class Demo:
 
     # --- the supervisor's view --------------------------------------------------------
     def view(self) -> dict | None:
-        try:
-            with RpcClient(self.sup_listen, 0.5) as rpc:
-                return rpc.call("status")
-        except ReplicationError:
-            return None
+        return supervisor_view(self.sup_listen)
 
     def chain_text(self, view: dict) -> str:
         chain = [self.names.get(a, a) for a in view.get("chain", [])]

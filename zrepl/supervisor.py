@@ -495,6 +495,16 @@ class Supervisor:
             log.warning("%s failed: %s", call, exc)
 
 
+def supervisor_view(listen: str, timeout: float = 0.5) -> dict | None:
+    """A running supervisor's own status (``Supervisor.status()``) from its
+    ``--listen`` endpoint; None while it does not answer."""
+    try:
+        with RpcClient(listen, timeout) as rpc:
+            return rpc.call("status")
+    except ReplicationError:
+        return None
+
+
 def poll_statuses(addresses: list[str], timeout: float = 1.0
                   ) -> dict[str, NodeStatus | ReplicationError]:
     """One status per node (for ``zrepl status``): a NodeStatus or the error

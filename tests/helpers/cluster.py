@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 
 from zrepl import Client, NodeClient, NodeRole, ReplicationError
+from zrepl.supervisor import supervisor_view
 from zrepl.types import FollowerState
 
 from . import wait_for
@@ -164,12 +165,7 @@ class SupervisorProc:
 
     def view(self) -> dict | None:
         """The supervisor's own status (None while it does not answer)."""
-        from zrepl.rpc import RpcClient
-        try:
-            with RpcClient(self.address, 0.5) as rpc:
-                return rpc.call("status")
-        except ReplicationError:
-            return None
+        return supervisor_view(self.address)
 
     def wait_synchronous(self, n_followers: int, timeout: float = 30) -> dict:
         """Until the supervisor has seen a synchronous chain this long (and

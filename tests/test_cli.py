@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,12 @@ from zrepl import FileStorage, WALEntry
 from zrepl.wal import list_segments
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, env_path: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if env_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env_path, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "zrepl", *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def test_help_lists_commands():
@@ -85,12 +89,24 @@ def test_node_refuses_bad_setup_with_one_line(data_dir):
         (["--app", "workers.kv:encode"], "not a zrepl.App subclass"),
         (["--app", "workers.kv:KV", "--listen", "udp://x"], "tcp:// or ipc://"),
     ]
+    apps = data_dir / "apps"
+    apps.mkdir()
+    (apps / "broken_syntax.py").write_text("def x(:\n")
+    (apps / "broken_import.py").write_text("raise RuntimeError('boom')\n")
+    (apps / "broken_init.py").write_text(
+        "from workers.kv import KV\nclass App(KV):\n    def __init__(self):\n"
+        "        raise ValueError('no config')\n")
+    cases += [
+        (["--app", "broken_syntax:X"], f"SyntaxError: invalid syntax ({apps}/broken_syntax.py:1)"),
+        (["--app", "broken_import:X"], f"RuntimeError: boom ({apps}/broken_import.py:1)"),
+        (["--app", "broken_init:App"], f"broken_init:App() failed: ValueError: no config "
+                                      f"({apps}/broken_init.py:4)"),
+    ]
     for extra, message in cases:
         args = ["node", "--data", str(data_dir / "d"), "--listen", f"ipc://{data_dir}/n.sock"]
         args += extra
-        proc = run(*args)
-        assert proc.returncode == 1, proc.stderr
-        assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+        proc = run(*args, env_path=str(apps))
+        one_line_error(proc, message)
 
 
 def test_node_config_file_errors_name_the_problem(data_dir):

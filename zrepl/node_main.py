@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+import traceback
 from typing import Any
 
 from . import sdnotify
@@ -15,6 +16,7 @@ from .config import Config
 from .errors import ReplicationError
 from .filestorage import FileStorage
 from .interfaces import App
+from .protocol import endpoints
 from .replica import Replica
 
 
@@ -22,7 +24,19 @@ class SetupError(Exception):
     """A one-line reason why the node cannot start."""
 
 
+def _where(exc: BaseException) -> str:
+    """' (FILE:LINE)' of the innermost frame of ``exc`` (user code, most
+    likely), or of the SyntaxError's own location."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}:{exc.lineno})"
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f" ({tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+
+
 def load_app(spec: str) -> App:
+    """Import MODULE and instantiate CLASS; a SetupError names what failed
+    and where (a broken module or constructor gets one line, not a
+    traceback)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
         raise SetupError(f"--app must be MODULE:CLASS, got {spec!r}")
@@ -30,12 +44,18 @@ def load_app(spec: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SetupError(f"cannot import {module_name}: {exc}") from None
+    except Exception as exc:
+        raise SetupError(f"cannot import {module_name}: {type(exc).__name__}: "
+                         f"{getattr(exc, 'msg', None) or exc}{_where(exc)}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise SetupError(f"{module_name} has no {class_name}")
     if not (isinstance(cls, type) and issubclass(cls, App)):
         raise SetupError(f"{spec} is not a zrepl.App subclass")
-    return cls()
+    try:
+        return cls()
+    except Exception as exc:
+        raise SetupError(f"{spec}() failed: {type(exc).__name__}: {exc}{_where(exc)}") from None
 
 
 def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
@@ -47,6 +67,10 @@ def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
     A wedged engine stops the pings and systemd restarts the node.
     """
     log = logging.getLogger("zrepl.node")
+    try:
+        endpoints(listen)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
     app = load_app(app_spec)
     try:
         storage = FileStorage(data, config=config)

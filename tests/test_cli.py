@@ -182,6 +182,8 @@ def test_bad_flags_and_missing_settings_are_one_line(data_dir):
     one_line_error(run("node", "--app", "workers.kv:KV", "--data", str(data_dir)),
                    "node needs --listen ENDPOINT")
     one_line_error(run("supervisor"), "supervisor needs --node ENDPOINT")
+    one_line_error(run("supervisor", "--node", "ipc:///x", "--state", "/proc/no/state.json"),
+                   "cannot write to /proc/no")
     one_line_error(run("status"), "status needs --node ENDPOINT")
     one_line_error(run("wal", "dump"), "wal dump needs DIR")
     one_line_error(run("demo", "--clients", "0"), "must be positive")

@@ -301,6 +301,11 @@ class Supervisor:
         self.nodes = list(nodes)
         self.config = config or Config()
         self.state_path = Path(state_path) if state_path else None
+        if self.state_path is not None and not os.access(self.state_path.parent or ".",
+                                                         os.W_OK | os.X_OK):
+            # found now, not at the first failover, when the epoch must be saved
+            raise ReplicationError(f"supervisor state {self.state_path}: cannot write to "
+                                   f"{self.state_path.parent}")
         self.memory = self._load_state()
         self.last_observed: dict[str, NodeStatus | None] = {}
         self.ticks = 0

@@ -219,3 +219,32 @@ def test_queue_is_bounded_apply_async_blocks_when_full(nodes):
     assert [f.result(timeout=10) for f in futs] == [0] * 300
     assert high <= 4
     wait_for(lambda: follower.app.data.get("n") == 300, 10, "follower to apply all")
+
+
+def test_epoch_history_reaches_a_follower_whose_first_catch_up_send_fails(nodes):
+    """The first batch of a stream carries the epoch history.  When its send
+    finds the follower's socket not connected yet, the retry must carry it
+    too (it once went without: the follower kept a stale history, which a
+    later failover needs to find where logs diverge)."""
+    leader = nodes.make("L")
+    leader.set_role(NodeRole.LEADER, 1)
+    leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
+    leader.set_role(NodeRole.LEADER, 2)  # a new epoch from WAL 11
+    leader.manager.apply_many([("set", f"b{i}", i) for i in range(10)])
+    real_send, failed = leader._send_data, []
+
+    def first_send_fails(msg: bytes) -> bool:
+        if not failed:
+            failed.append(msg)
+            return False
+        return real_send(msg)
+
+    leader._send_data = first_send_fails
+    follower = nodes.make("F")
+    follower.set_role(NodeRole.FOLLOWER, 2)
+    leader.set_follower(follower.address)
+    wait_for(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 10,
+             "synchronous follower")
+    assert failed, "the catch-up never tried to send"
+    assert follower.status().epoch_history == leader.status().epoch_history == [(1, 1), (2, 11)]
+    assert follower.app.data == leader.app.data

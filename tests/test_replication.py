@@ -128,7 +128,8 @@ def test_killed_leader_loses_no_acknowledged_write_and_rejoins_as_follower():
         wait_applied(L, F.status().max_wal)
         assert L.digest() == F.digest()
         hl, hf = L.status().epoch_history, F.status().epoch_history
-        assert hl == hf == [(1, 1), (2, L_first(F))], (hl, hf, L.log_tail(), F.log_tail())
+        assert hl == hf == [(1, 1), (2, L_first(F))], \
+            f"{hl} {hf}\n{L.log_tail()}\n{F.log_tail()}"
 
 
 def L_first(node) -> int:

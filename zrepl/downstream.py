@@ -378,9 +378,12 @@ class DownstreamLink:
             batch = Batch(pos, pos + len(datas) - 1, local_done=True)  # nothing to compare
             with self._inflight_lock:
                 self._inflight.append(batch)
+            history, version = self._history_to_send()
             msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, pos, datas,
-                                       self._history_to_send())
-            if not self._send_data(msg):
+                                       history)
+            if self._send_data(msg):
+                self._history_delivered(version)
+            else:
                 with self._inflight_lock:
                     if self._inflight and self._inflight[-1] is batch:
                         self._inflight.pop()
@@ -391,12 +394,19 @@ class DownstreamLink:
             self._catchup_pos = batch.last + 1
         return 0.05
 
-    def _history_to_send(self) -> list | None:
-        """The epoch history, if this stream has not seen this version."""
-        if self._history_sent == self._history_version:
-            return None
-        self._history_sent = self._history_version
-        return [list(x) for x in self._history]
+    def _history_to_send(self) -> tuple[list | None, int]:
+        """The epoch history if this stream has not received this version
+        yet (else None), and the version: pass it to ``_history_delivered``
+        once the message carrying it was really sent.  (Marking it sent
+        before that lost the history whenever the first send of a stream
+        found the follower not connected yet: the retry went without it.)"""
+        version = self._history_version
+        if self._history_sent == version:
+            return None, version
+        return [list(x) for x in self._history], version
+
+    def _history_delivered(self, version: int) -> None:
+        self._history_sent = version
 
     def _read_wal_datas(self, start: int, count: int) -> list[bytes]:
         return self.storage.read_wal_data(start, count)

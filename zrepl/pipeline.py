@@ -249,8 +249,9 @@ class CommitPipeline:
             if self._link_broken is not None or not self._synchronous:
                 return False
             self._inflight.append(batch)
+        history, version = self._history_to_send()
         msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, batch.first, datas,
-                                   self._history_to_send())
+                                   history)
         sock = self._data_out
         try:
             try:
@@ -268,6 +269,7 @@ class CommitPipeline:
             self._link_failure(Timeout(f"cannot send to follower {self._sync.address}: {exc} "
                                        f"({len(self._inflight)} batches in flight)"))
             return False
+        self._history_delivered(version)
         return True
 
     def _wait(self, sink: WaitSink, sub: Submission, deadline: float) -> None:

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import random
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -192,16 +193,24 @@ class Client:
             raise TypeError(f"Client.apply takes bytes, got {type(data).__name__}")
         data = bytes(data)
         seq = next(self._seq)
+        return self._retry(lambda: self._attempt(data, seq), lambda last: Timeout(
+            f"no leader confirmed the command within {self.retry_for:g}s "
+            f"(outcome unknown; last: {type(last).__name__}: {last})"))
+
+    def _retry(self, attempt: Callable[[], Any],
+               give_up: Callable[[ReplicationError], ReplicationError]) -> Any:
+        """``attempt()`` until it returns or raises something retrying cannot
+        change; between rounds a backoff pause (at most ``MAX_PAUSE``); after
+        ``retry_for`` seconds, ``give_up(last retryable error)`` is raised."""
         deadline = time.monotonic() + self.retry_for
         pause = 0.01
         while True:
             try:
-                return self._attempt(data, seq)
+                return attempt()
             except self.RETRYABLE as exc:
                 last = exc
             if time.monotonic() + pause > deadline:
-                raise Timeout(f"no leader confirmed the command within {self.retry_for:g}s "
-                              f"(outcome unknown; last: {type(last).__name__}: {last})")
+                raise give_up(last)
             time.sleep(pause)  # back off between rounds of attempts
             pause = min(pause * 2, self.MAX_PAUSE)
 
@@ -247,31 +256,29 @@ class Client:
         (the known leader first; a follower's answer may be stale);
         ``leader_only`` reads from the leader holding a valid lease, and
         see every acknowledged write.  Retried like :meth:`apply`."""
-        deadline = time.monotonic() + self.retry_for
-        pause = 0.01
-        while True:
-            last: ReplicationError | None = None
-            for address in self._candidates():
-                rid = next(self._ids)
-                try:
-                    raw = self._rpc(address).request(
-                        protocol.query_request(rid, bytes(request), leader_only), what="query")
-                except Timeout as exc:
-                    self._lost(address)
-                    last = exc
-                    continue
-                _, answer, err = protocol.parse_submit_reply(raw)
-                if err is None:
-                    if leader_only:
-                        self._leader = address
-                    return answer
-                if not isinstance(err, NotLeader):
-                    raise err
-                last = err
-            if time.monotonic() + pause > deadline:
-                raise last or NotLeader("no node answered the query")
-            time.sleep(pause)
-            pause = min(pause * 2, self.MAX_PAUSE)
+        request = bytes(request)
+        return self._retry(lambda: self._query_round(request, leader_only), lambda last: last)
+
+    def _query_round(self, request: bytes, leader_only: bool) -> bytes:
+        last: ReplicationError | None = None
+        for address in self._candidates():
+            rid = next(self._ids)
+            try:
+                raw = self._rpc(address).request(
+                    protocol.query_request(rid, request, leader_only), what="query")
+            except Timeout as exc:
+                self._lost(address)
+                last = exc
+                continue
+            _, answer, err = protocol.parse_submit_reply(raw)
+            if err is None:
+                if leader_only:
+                    self._leader = address
+                return answer
+            if not isinstance(err, NotLeader):
+                raise err
+            last = err
+        raise last or NotLeader("no node answered the query")
 
     def apply_many(self, datas: list[bytes], window: int = 512) -> list[int]:
         """Submit many encoded commands pipelined (``window`` awaiting an
@@ -282,20 +289,19 @@ class Client:
         seqs = [next(self._seq) for _ in datas]
         codes: list[int | None] = [None] * len(datas)
         todo = list(range(len(datas)))
-        deadline = time.monotonic() + self.retry_for
-        pause = 0.01
-        while todo:
-            address = (self._candidates() or [None])[0]
-            if address is not None:
-                todo = self._pipeline(address, datas, seqs, codes, todo, window)
-            if not todo:
-                break
-            if time.monotonic() + pause > deadline:
-                raise Timeout(f"{len(todo)} of {len(datas)} commands not confirmed within "
-                              f"{self.retry_for:g}s (outcome unknown)")
-            time.sleep(pause)
-            pause = min(pause * 2, self.MAX_PAUSE)
-        return codes  # type: ignore[return-value]
+
+        def one_round() -> list[int]:
+            nonlocal todo
+            candidates = self._candidates()
+            if candidates:
+                todo = self._pipeline(candidates[0], datas, seqs, codes, todo, window)
+            if todo:
+                raise NotLeader(f"{len(todo)} commands not confirmed yet")
+            return codes  # type: ignore[return-value]
+
+        return self._retry(one_round, lambda last: Timeout(
+            f"{len(todo)} of {len(datas)} commands not confirmed within {self.retry_for:g}s "
+            "(outcome unknown)"))
 
     def _pipeline(self, address: str, datas: list[bytes], seqs: list[int],
                   codes: list[int | None], todo: list[int], window: int) -> list[int]:
@@ -306,16 +312,16 @@ class Client:
         retry: list[int] = []
         by_request: dict[int, int] = {}
         try:
-            queue = list(todo)
+            queue = collections.deque(todo)
             while queue or by_request:
                 while queue and len(by_request) < window:
-                    i = queue.pop(0)
+                    i = queue.popleft()
                     rid = next(self._ids)
                     by_request[rid] = i
                     sock.send(protocol.submit_request(rid, datas[i], self.client_id, seqs[i]))
                 if not sock.poll(int(self.timeout * 1000), zmq.POLLIN):
                     self._lost(address)  # no answer: everything outstanding is retried
-                    return retry + list(by_request.values()) + queue
+                    return sorted(retry + list(by_request.values()) + list(queue))
                 rid, code, err = protocol.parse_submit_reply(sock.recv())
                 i = by_request.pop(rid, -1) if isinstance(rid, int) else -1
                 if i < 0:

@@ -80,7 +80,10 @@ class SessionTable:
     def __init__(self, window: int = 4096, max_clients: int = 100_000):
         self.window = window
         self.max_clients = max_clients
-        self._clients: OrderedDict[bytes, tuple[int, dict[int, tuple[int, int]]]] = OrderedDict()
+        # client id -> (highest sequence, sequence -> (code, WAL id) in the
+        # order recorded); clients in the order last active
+        self._clients: OrderedDict[bytes, tuple[int, OrderedDict[int, tuple[int, int]]]] = \
+            OrderedDict()
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -88,7 +91,7 @@ class SessionTable:
     def record(self, client_id: bytes, seq: int, code: int, wal_id: int) -> None:
         entry = self._clients.get(client_id)
         if entry is None:
-            entry = (0, {})
+            entry = (0, OrderedDict())
             if len(self._clients) >= self.max_clients:
                 self._clients.popitem(last=False)  # the least recently active
         else:
@@ -97,9 +100,16 @@ class SessionTable:
         seqs[seq] = (code, wal_id)
         top = max(top, seq)
         if len(seqs) > self.window:
+            # Drop from the oldest recorded while it is out of the window:
+            # O(1) per record (this runs once per remote command).  A
+            # sequence recorded out of order may outlive the window a while;
+            # lookup answers it correctly all the same.
             floor = top - self.window
-            for old in [s for s in seqs if s <= floor]:
-                del seqs[old]
+            while seqs:
+                oldest = next(iter(seqs))
+                if oldest > floor:
+                    break
+                del seqs[oldest]
         self._clients[client_id] = (top, seqs)
 
     def lookup(self, client_id: bytes, seq: int) -> tuple[int, int] | None:
@@ -128,4 +138,5 @@ class SessionTable:
     def load_section(self, section: Any) -> None:
         self._clients.clear()
         for cid, top, seqs in section or []:
-            self._clients[bytes(cid)] = (int(top), {int(s): (int(c), int(w)) for s, c, w in seqs})
+            self._clients[bytes(cid)] = (int(top), OrderedDict(
+                (int(s), (int(c), int(w))) for s, c, w in seqs))

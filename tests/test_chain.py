@@ -9,7 +9,7 @@ from zrepl import FollowerState, NodeRole
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set, wait_applied, wait_synchronous
-from .test_replication import Writer, missing
+from .helpers.load import Writer, missing
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -21,7 +21,7 @@ def test_four_node_chain_built_from_empty_nodes_while_writes_continue():
         c.client(a).apply_many([kv_set(f"k{i}", i) for i in range(20_000)])
         a.client.checkpoint()  # the leader's WAL no longer starts at 1
         wait_for(lambda: a.status().min_wal > 1, 30, "leader truncation")
-        writer = Writer(c, a)
+        writer = Writer(c, [a])
         writer.start()
         wait_for(lambda: len(writer.acked) > 50, 30, "writes before the chain")
         c.chain([a, b, cc, d])
@@ -59,7 +59,7 @@ def test_killed_middle_forwarder_tail_reattaches_and_catches_up_from_the_log():
     with Cluster(require_sync=True, ack_timeout=0.3, sync_wait_timeout=5) as c:
         a, b, cc = (c.node(n).start() for n in "ABC")
         c.chain([a, b, cc])
-        writer = Writer(c, a)
+        writer = Writer(c, [a])
         writer.start()
         wait_for(lambda: len(writer.acked) > 300, 30, "writes through the chain")
         b.kill()

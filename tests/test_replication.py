@@ -3,49 +3,16 @@
 from __future__ import annotations
 
 import signal
-import threading
 
 import pytest
 
-from zrepl import FollowerState, NodeRole, ReplicationError, Timeout
+from zrepl import FollowerState, NodeRole, Timeout
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set, wait_applied, wait_synchronous
+from .helpers.load import Writer, missing
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class Writer(threading.Thread):
-    """Writes unique keys through the client endpoint until stopped, and
-    records every key whose write was acknowledged."""
-
-    def __init__(self, cluster: Cluster, *nodes, prefix: str = "w", timeout: float = 2.0):
-        super().__init__(daemon=True)
-        self.client = cluster.client(*nodes, timeout=timeout, retry_for=timeout)
-        self.prefix = prefix
-        self.acked: list[str] = []
-        self.failed = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self._halt.is_set():
-            key = f"{self.prefix}{i}"
-            i += 1
-            try:
-                if self.client.apply(kv_set(key, i)) == 0:
-                    self.acked.append(key)
-            except ReplicationError:
-                self.failed += 1  # unknown outcome: not counted as acknowledged
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-
-
-def missing(node, keys) -> list[str]:
-    state = node.state()
-    return [k for k in keys if k not in state]
 
 
 def test_empty_follower_joins_a_big_leader_while_writes_continue():
@@ -56,7 +23,7 @@ def test_empty_follower_joins_a_big_leader_while_writes_continue():
         c.client(L).apply_many([kv_set(f"k{i}", i) for i in range(100_000)])
         L.client.checkpoint()  # lets the WAL start after 1: the follower needs a snapshot
         wait_for(lambda: L.status().min_wal > 1, 30, "leader WAL truncation")
-        writer = Writer(c, L)
+        writer = Writer(c, [L])
         writer.start()
         wait_for(lambda: len(writer.acked) > 50, 30, "writes before the join")
         F.client.set_role(NodeRole.FOLLOWER, 1)
@@ -111,7 +78,7 @@ def test_killed_leader_loses_no_acknowledged_write_and_rejoins_as_follower():
         L = c.node("L").start()
         F = c.node("F").start()
         c.leader_with_follower(L, F)
-        writer = Writer(c, L)
+        writer = Writer(c, [L])
         writer.start()
         wait_for(lambda: len(writer.acked) > 500, 30, "acknowledged writes")
         L.kill()
@@ -202,7 +169,7 @@ def test_all_nodes_killed_then_restarted_from_disk():
             datas = [kv_set(f"k{chunk}-{i}", i) for i in range(1000)]
             client.apply_many(datas)
             acked += [f"k{chunk}-{i}" for i in range(1000)]
-        writer = Writer(c, L)
+        writer = Writer(c, [L])
         writer.start()
         wait_for(lambda: len(writer.acked) > 100, 30, "writes in flight")
         L.kill()

@@ -16,7 +16,7 @@ from zrepl.session import SessionTable, describe, unwrap, wrap_client, wrap_plai
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_incr, wait_applied, wait_synchronous
-from .test_supervisor import SUPERVISED, chain_ok, leader_of
+from .helpers.load import SUPERVISED, chain_ok, kill_leaders, settled_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -130,21 +130,11 @@ def test_client_retries_across_repeated_failovers_without_applying_twice():
         t = threading.Thread(target=incr, daemon=True)
         t.start()
         try:
-            for _ in range(5):
-                wait_for(lambda: chain_ok(nodes), 30, "a healthy chain")
-                sup.wait_synchronous(2)
-                n = acked[0]
-                wait_for(lambda: acked[0] > n + 30, 30, "increments")
-                leader = leader_of(nodes)
-                leader.kill()
-                wait_for(lambda: acked[0] > n + 60, 30, "increments after the failover")
-                leader.start()
+            kill_leaders(nodes, sup, 5, lambda: acked[0], 30)
         finally:
             halt.set()
             t.join(timeout=60)
-        final = wait_for(lambda: chain_ok(nodes), 30, "final chain")
-        for n in final[1:]:
-            wait_applied(n, final[0].status().max_wal)
+        settled_chain(nodes)
         assert unknown[0] == 0
         values = {x.name: counter(x) for x in nodes}
         assert set(values.values()) == {acked[0]}, (values, acked[0])

@@ -5,93 +5,17 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import pytest
 
-from zrepl import FollowerState, NodeRole, ReplicationError
+from zrepl import NodeRole, ReplicationError
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set, wait_applied
+from .helpers.load import (SUPERVISED, Writer, chain_ok, kill_leaders, leader_of, missing,
+                           settled_chain)
 
 pytestmark = pytest.mark.timeout(240)
-
-SUPERVISED = dict(require_sync=True, lease_required=True, ack_timeout=0.3,
-                  sync_wait_timeout=2.0, rpc_timeout=0.3)
-
-
-class Writer(threading.Thread):
-    """Writes unique keys to whichever node leads, records the acknowledged
-    ones and the time of each acknowledgement."""
-
-    def __init__(self, cluster: Cluster, nodes, prefix: str = "w"):
-        super().__init__(daemon=True)
-        self.client = cluster.client(*nodes, timeout=0.5, retry_for=0.5)
-        self.prefix = prefix
-        self.acked: list[str] = []
-        self.ack_times: list[tuple[float, str]] = []  # (when, which node answered)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        i = 0
-        while not self.halt.is_set():
-            key = f"{self.prefix}{i}"
-            i += 1
-            try:
-                if self.client.apply(kv_set(key, i)) == 0:
-                    self.acked.append(key)
-                    self.ack_times.append((time.monotonic(), self.client._leader or ""))
-            except ReplicationError:
-                pass  # outcome unknown: not acknowledged
-
-    def first_ack_after(self, t: float, not_from: str = "") -> float | None:
-        """When the first write acknowledged after ``t`` by a node other
-        than ``not_from`` came back."""
-        return next((x for x, node in self.ack_times if x > t and node != not_from), None)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.join(timeout=30)
-
-
-def leader_of(nodes):
-    """The node that leads the highest epoch among those answering."""
-    best = None
-    for n in nodes:
-        try:
-            st = n.status()
-        except ReplicationError:
-            continue
-        if st.role == NodeRole.LEADER and (best is None or st.leader_id > best[0]):
-            best = (st.leader_id, n)
-    return best[1] if best else None
-
-
-def chain_ok(nodes) -> list | None:
-    """[leader, forwarder..., follower] if the nodes form one synchronous chain."""
-    leader = leader_of(nodes)
-    if leader is None:
-        return None
-    by_addr = {n.address: n for n in nodes}
-    chain, node = [leader], leader
-    while True:
-        st = node.status()
-        if not st.follower:
-            break
-        if st.follower_state != FollowerState.SYNCHRONOUS or st.follower not in by_addr:
-            return None
-        node = by_addr[st.follower]
-        chain.append(node)
-    if len(chain) != len(nodes):
-        return None
-    roles = [n.status().role for n in chain]
-    want = [NodeRole.LEADER] + [NodeRole.FORWARDER] * (len(nodes) - 2) + [NodeRole.FOLLOWER]
-    return chain if roles == want else None
-
-
-def missing(node, keys):
-    state = node.state()
-    return [k for k in keys if k not in state]
 
 
 def test_supervisor_builds_the_chain_from_empty_nodes():
@@ -109,33 +33,25 @@ def test_repeated_leader_kills_lose_no_acknowledged_write():
         nodes = [c.node(n).start() for n in "ABC"]
         sup = c.supervisor(nodes)
         wait_for(lambda: chain_ok(nodes), 30, "initial chain")
-        writer = Writer(c, nodes)
+        writer = Writer(c, nodes, timeout=0.5)
         writer.start()
         leaders, failovers = [], []
+
+        def after_kill(leader, t_kill: float) -> None:
+            leaders.append(leader.name)
+            wait_for(lambda: writer.first_ack_after(t_kill, leader.address), 30,
+                     "a write acknowledged by the new leader")
+            failovers.append(writer.first_ack_after(t_kill, leader.address) - t_kill)
+            new_leader = leader_of([n for n in nodes if n is not leader])
+            assert new_leader is not None and new_leader is not leader
+            acked_now = list(writer.acked)
+            assert not missing(new_leader, acked_now)
+
         try:
-            for _ in range(6):
-                wait_for(lambda: chain_ok(nodes), 30, "a healthy chain")
-                sup.wait_synchronous(2)
-                n_before = len(writer.acked)
-                wait_for(lambda: len(writer.acked) > n_before + 50, 30, "writes")
-                leader = leader_of(nodes)
-                leaders.append(leader.name)
-                t_kill = time.monotonic()
-                leader.kill()
-                wait_for(lambda: writer.first_ack_after(t_kill, leader.address), 30,
-                         "a write acknowledged by the new leader")
-                failovers.append(writer.first_ack_after(t_kill, leader.address) - t_kill)
-                new_leader = leader_of([n for n in nodes if n is not leader])
-                assert new_leader is not None and new_leader is not leader
-                acked_now = list(writer.acked)
-                assert not missing(new_leader, acked_now)
-                leader.start()  # it comes back and rejoins at the tail
+            kill_leaders(nodes, sup, 6, lambda: len(writer.acked), 50, after_kill)
         finally:
             writer.stop()
-        chain = wait_for(lambda: chain_ok(nodes), 30, "final chain")
-        top = chain[0].status().max_wal
-        for n in chain[1:]:
-            wait_applied(n, top)
+        settled_chain(nodes)
         for n in nodes:
             assert not missing(n, writer.acked), n.name
         assert len({n.digest()["sha256"] for n in nodes}) == 1
@@ -152,7 +68,7 @@ def test_killed_middle_node_is_healed_around_and_rejoins_at_the_tail():
         sup = c.supervisor(nodes)
         wait_for(lambda: chain_ok(nodes), 30, "initial chain")
         sup.wait_synchronous(2)
-        writer = Writer(c, nodes)
+        writer = Writer(c, nodes, timeout=0.5)
         writer.start()
         try:
             wait_for(lambda: len(writer.acked) > 100, 30, "writes")
@@ -175,7 +91,7 @@ def test_paused_leader_acknowledges_nothing_the_new_leader_lacks():
         sup = c.supervisor(nodes)
         wait_for(lambda: chain_ok(nodes), 30, "initial chain")
         sup.wait_synchronous(2)
-        writer = Writer(c, nodes)
+        writer = Writer(c, nodes, timeout=0.5)
         writer.start()
         try:
             wait_for(lambda: len(writer.acked) > 100, 30, "writes")

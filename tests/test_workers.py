@@ -18,7 +18,7 @@ from zrepl import NotLeader, ProtocolError, ReplicationError, WALEntry
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, wait_applied
-from .test_supervisor import SUPERVISED, chain_ok, leader_of
+from .helpers.load import SUPERVISED, chain_ok, kill_leaders, settled_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -96,21 +96,11 @@ def test_ledger_total_never_changes_across_failovers():
         t = threading.Thread(target=transfers, daemon=True)
         t.start()
         try:
-            for _ in range(3):
-                wait_for(lambda: chain_ok(nodes), 30, "a healthy chain")
-                sup.wait_synchronous(2)
-                n = moved[0]
-                wait_for(lambda: moved[0] > n + 50, 30, "transfers")
-                leader = leader_of(nodes)
-                leader.kill()
-                wait_for(lambda: moved[0] > n + 100, 30, "transfers after the failover")
-                leader.start()
+            kill_leaders(nodes, sup, 3, lambda: moved[0], 50)
         finally:
             halt.set()
             t.join(timeout=60)
-        chain = wait_for(lambda: chain_ok(nodes), 30, "final chain")
-        for n in chain[1:]:
-            wait_applied(n, chain[0].status().max_wal)
+        settled_chain(nodes)
         totals = {n.name: LedgerClient([n.address], retry_for=1).total() for n in nodes}
         assert set(totals.values()) == {(len(accounts), 1000 * len(accounts))}, totals
         balances = {n.name: sorted(n.client.dump_state()) for n in nodes}
@@ -123,6 +113,7 @@ def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
     from zrepl import App, Client, MemoryStorage, NodeRole, Replica
 
     class NoReads(App):  # the App interface's default query()
+        check = KV.check
         encode_cmd = KV.encode_cmd
         decode_cmd = KV.decode_cmd
         apply = KV.apply

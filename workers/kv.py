@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import msgpack
-
-from zrepl import App, WALEntry
+from ._tuples import ServiceClient, TupleApp, packb, unpack
 
 OK = 0
 NOT_FOUND = 1
@@ -34,13 +32,10 @@ COMPARE_FAILED = 2
 WRONG_TYPE = 3
 
 _ARITY = {"set": 3, "delete": 2, "incr": 3, "cas": 4}
-_packb = msgpack.Packer(use_bin_type=True).pack
-
-
 def encode(cmd: tuple) -> bytes:
     """A command's wire form (what remote clients submit)."""
     check(cmd)
-    return _packb(cmd)
+    return packb(cmd)
 
 
 def check(cmd: Any) -> None:
@@ -54,22 +49,14 @@ def check(cmd: Any) -> None:
         raise ValueError("KV incr takes an int")
 
 
-class KV(App):
+class KV(TupleApp):
+    check = staticmethod(check)
+    what = "KV command"
+
     def __init__(self) -> None:
         self.data: dict[Any, Any] = {}
 
     # --- App -------------------------------------------------------------------
-    def encode_cmd(self, cmd: Any, entry: WALEntry) -> WALEntry:
-        entry.data = encode(cmd)
-        return entry
-
-    def decode_cmd(self, entry: WALEntry) -> Any:
-        try:
-            cmd = msgpack.unpackb(entry.data, raw=False, use_list=False)
-        except Exception as exc:
-            raise ValueError(f"not a KV command: {exc}") from None
-        check(cmd)
-        return cmd
 
     def apply(self, cmds: list) -> list[int]:
         data = self.data
@@ -114,48 +101,36 @@ class KV(App):
     def query(self, request: bytes) -> bytes:
         """("get", key) -> msgpack [found, value]."""
         try:
-            op, key = msgpack.unpackb(request, raw=False)
-        except Exception as exc:
+            op, key = unpack(request, "KV query")
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"KV query must be ('get', key): {exc}") from None
         if op != "get":
             raise ValueError(f"unknown KV query {op!r}")
         value = self.data.get(key, _MISSING)
-        return _packb([value is not _MISSING, None if value is _MISSING else value])
+        return packb([value is not _MISSING, None if value is _MISSING else value])
 
 
-class KVClient:
+class KVClient(ServiceClient):
     """The KV service for remote callers (a thin layer on ``zrepl.Client``,
     which finds the leader, retries and never applies a command twice)."""
 
-    def __init__(self, addresses: list[str] | str, **client_options: Any):
-        from zrepl import Client
-        self.client = Client(addresses, **client_options)
+    encode = staticmethod(encode)
 
     def set(self, key: Any, value: Any) -> int:
-        return self.client.apply(encode(("set", key, value)))
+        return self._apply("set", key, value)
 
     def delete(self, key: Any) -> int:
-        return self.client.apply(encode(("delete", key)))
+        return self._apply("delete", key)
 
     def incr(self, key: Any, n: int = 1) -> int:
-        return self.client.apply(encode(("incr", key, n)))
+        return self._apply("incr", key, n)
 
     def cas(self, key: Any, expected: Any, new: Any) -> int:
-        return self.client.apply(encode(("cas", key, expected, new)))
+        return self._apply("cas", key, expected, new)
 
     def get(self, key: Any, default: Any = None, leader: bool = False) -> Any:
-        found, value = msgpack.unpackb(self.client.query(_packb(("get", key)), leader_only=leader),
-                                       raw=False)
+        found, value = self._query(leader, "get", key)
         return value if found else default
-
-    def close(self) -> None:
-        self.client.close()
-
-    def __enter__(self) -> "KVClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 _MISSING = object()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import msgpack
-
-from zrepl import App, WALEntry
+from ._tuples import ServiceClient, TupleApp, packb, unpack
 
 OK = 0
 NO_ACCOUNT = 1
@@ -28,12 +26,9 @@ INSUFFICIENT_FUNDS = 2
 BAD_AMOUNT = 3
 EXISTS = 4
 
-_packb = msgpack.Packer(use_bin_type=True).pack
-
-
 def encode(cmd: tuple) -> bytes:
     check(cmd)
-    return _packb(cmd)
+    return packb(cmd)
 
 
 def check(cmd: Any) -> None:
@@ -48,21 +43,12 @@ def check(cmd: Any) -> None:
                      f"('transfer', src, dst, amount); got {cmd!r:.80}")
 
 
-class Ledger(App):
+class Ledger(TupleApp):
+    check = staticmethod(check)
+    what = "ledger command"
+
     def __init__(self) -> None:
         self.balances: dict[str, int] = {}
-
-    def encode_cmd(self, cmd: Any, entry: WALEntry) -> WALEntry:
-        entry.data = encode(cmd)
-        return entry
-
-    def decode_cmd(self, entry: WALEntry) -> Any:
-        try:
-            cmd = msgpack.unpackb(entry.data, raw=False, use_list=False)
-        except Exception as exc:
-            raise ValueError(f"not a ledger command: {exc}") from None
-        check(cmd)
-        return cmd
 
     def apply(self, cmds: list) -> list[int]:
         b = self.balances
@@ -99,39 +85,29 @@ class Ledger(App):
             yield ("open", acct, balance)
 
     def query(self, request: bytes) -> bytes:
-        try:
-            q = msgpack.unpackb(request, raw=False)
-        except Exception as exc:
-            raise ValueError(f"bad ledger query: {exc}") from None
+        q = unpack(request, "ledger query")
         if q[0] == "balance" and len(q) == 2:
-            return _packb([q[1] in self.balances, self.balances.get(q[1], 0)])
+            return packb([q[1] in self.balances, self.balances.get(q[1], 0)])
         if q[0] == "total":
-            return _packb([len(self.balances), sum(self.balances.values())])
+            return packb([len(self.balances), sum(self.balances.values())])
         raise ValueError(f"unknown ledger query {q!r:.80}")
 
 
-class LedgerClient:
+class LedgerClient(ServiceClient):
     """The ledger service for remote callers (on ``zrepl.Client``)."""
 
-    def __init__(self, addresses: list[str] | str, **client_options: Any):
-        from zrepl import Client
-        self.client = Client(addresses, **client_options)
+    encode = staticmethod(encode)
 
     def open(self, account: str, amount: int) -> int:
-        return self.client.apply(encode(("open", account, amount)))
+        return self._apply("open", account, amount)
 
     def transfer(self, src: str, dst: str, amount: int) -> int:
-        return self.client.apply(encode(("transfer", src, dst, amount)))
+        return self._apply("transfer", src, dst, amount)
 
     def balance(self, account: str, leader: bool = False) -> int | None:
-        found, balance = msgpack.unpackb(
-            self.client.query(_packb(("balance", account)), leader_only=leader), raw=False)
+        found, balance = self._query(leader, "balance", account)
         return balance if found else None
 
     def total(self, leader: bool = False) -> tuple[int, int]:
-        n, total = msgpack.unpackb(self.client.query(_packb(("total",)), leader_only=leader),
-                                   raw=False)
+        n, total = self._query(leader, "total")
         return n, total
-
-    def close(self) -> None:
-        self.client.close()

@@ -112,25 +112,16 @@ class CallbackSink(Sink):
             self.callback(None, exc)
 
 
-class AckSink(Sink):
-    """A forwarded batch: its codes (or the failure) go to ``callback``,
+class AckSink(CallbackSink):
+    """A forwarded batch: all its codes (or the failure) go to ``callback``,
     which acknowledges the batch to this node's upstream."""
 
-    __slots__ = ("callback", "fired")
-
-    def __init__(self, callback: Callable[[list[int] | None, BaseException | None], None]):
-        self.callback = callback
-        self.fired = False
+    __slots__ = ()
 
     def done(self, offset: int, codes: list[int]) -> None:
         if not self.fired:
             self.fired = True
             self.callback(codes, None)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.fired:
-            self.fired = True
-            self.callback(None, exc)
 
 
 class Submission:

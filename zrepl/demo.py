@@ -193,13 +193,12 @@ class Demo:
         announced = threading.Event()
 
         def watch_promotion() -> None:  # a thread: the supervisor's view every 10 ms
-            deadline = time.monotonic() + 30
-            while not promoted and time.monotonic() < deadline:
-                v = self.view()
-                if v and v.get("leader") and v["leader"] != old:
-                    promoted.update(v, at=time.monotonic())
-                else:
-                    time.sleep(0.01)
+            try:
+                v = wait_until(lambda: (v := self.view()) and v.get("leader")
+                               and v["leader"] != old and v, 30, "a new leader")
+            except TimeoutError:
+                return  # reported by the main thread
+            promoted.update(v, at=time.monotonic())
 
         def announce() -> None:
             if promoted and not announced.is_set():

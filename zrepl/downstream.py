@@ -239,12 +239,10 @@ class DownstreamLink:
             leader_id = self.storage.leader_id()
 
             def message(seq: int, datas: list[bytes]) -> bytes:  # runs in the child
-                return protocol.packb([protocol.PROTOCOL_VERSION, STATE, leader_id, stream, seq,
-                                       datas])
+                return protocol.state_message(STATE, leader_id, stream, seq, datas)
 
             def zrepl_message(seq: int, sect: dict) -> bytes:  # runs in the child
-                return protocol.packb([protocol.PROTOCOL_VERSION, STATE_ZREPL, leader_id, stream,
-                                       seq, sect])
+                return protocol.state_message(STATE_ZREPL, leader_id, stream, seq, sect)
 
             pid, fd = fork_snapshot_to_pipe(
                 self.app, wal_id, leader_id,
@@ -254,9 +252,8 @@ class DownstreamLink:
         snap = _SnapshotOut(wal_id, stream, pid, fd)
         self._snap_out = snap
         self._counters["state_syncs_sent"] += 1
-        msg = protocol.packb([protocol.PROTOCOL_VERSION, STATE_BEGIN, self.storage.leader_id(),
-                              stream, wal_id, section])
-        snap.queue.append((0, msg))
+        snap.queue.append((0, protocol.state_message(STATE_BEGIN, leader_id, stream, wal_id,
+                                                     section)))
         self.log.info("full state sync to %s at WAL id %d (child pid %d)", self._sync.address,
                       wal_id, pid)
 
@@ -306,9 +303,9 @@ class DownstreamLink:
                 return 0.005
         if snap.eof and not snap.pid and not snap.queue and not snap.end_sent and \
                 snap.acked_seq == snap.sent_seq == snap.seq:
-            if self._send_data(protocol.packb([protocol.PROTOCOL_VERSION, STATE_END,
-                                               self.storage.leader_id(), snap.stream,
-                                               snap.wal_id, snap.child_count])):
+            if self._send_data(protocol.state_message(STATE_END, self.storage.leader_id(),
+                                                      snap.stream, snap.wal_id,
+                                                      snap.child_count)):
                 snap.end_sent = True
                 snap.last_progress = now
         waiting = snap.end_sent or snap.sent_seq > snap.acked_seq or snap.queue

@@ -5,9 +5,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 
 from .errors import StorageLocked
+
+
+def numbered_files(directory: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    """(number, path) of the files in ``directory`` whose name matches
+    ``pattern`` (group 1: the number), in number order; [] if the directory
+    does not exist."""
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in directory.iterdir()
+                  if (m := pattern.match(p.name)))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -231,6 +231,15 @@ def wal_message(leader_id: int, stream: int, first_id: int, datas: list[bytes],
     return packb([PROTOCOL_VERSION, WAL, leader_id, stream, first_id, datas, history])
 
 
+def state_message(kind: int, leader_id: int, stream: int, position: int, payload: Any
+                  ) -> bytes:
+    """A state-sync data message: STATE_BEGIN (position: the snapshot's WAL
+    id; payload: zrepl's section), STATE and STATE_ZREPL (position: batch
+    sequence; payload: entries / zrepl's section), STATE_END (position: the
+    WAL id; payload: the entry count)."""
+    return packb([PROTOCOL_VERSION, kind, leader_id, stream, position, payload])
+
+
 def ack_message(stream: int, kind: int, position: int, codes: bytes,
                 error: BaseException | None = None) -> bytes:
     err = error_to_wire(error)[:2] if error is not None else None

@@ -8,10 +8,10 @@ wake-up costs ~10 µs and a busy thread holds the GIL for up to 5 ms):
 
 * **Caller threads** commit.  ``Manager.apply`` queues its command and, if
   no other thread is committing, becomes the *batch leader*: it takes every
-  queued command, writes them as one WAL batch, applies them to the App,
-  sends the batch to a synchronous follower and then waits for the
-  acknowledgement by reading the ack socket itself (*group commit, first
-  waiter leads*).  A caller that finds the ack socket taken waits for
+  queued command, sends them as one batch to a synchronous follower, writes
+  the batch to the WAL and applies it while the follower does the same,
+  then waits for the acknowledgement by reading the ack socket itself
+  (*group commit, first waiter leads*).  A caller that finds the ack socket taken waits for
   whoever holds it to resolve its command.
 * **The engine thread** serves the control, client and data endpoints,
   drives the follower-sync machine (handshake, snapshot, catch-up) and reads
@@ -70,7 +70,7 @@ from .pipeline import CommitPipeline
 from .protocol import endpoints
 from .snapshot import fork_checkpoint, iter_app_batches, list_checkpoints, read_checkpoint
 from .session import SessionTable, unwrap
-from .storage import entries_from
+from .storage import check_role, entries_from
 from .sync import FollowerSync
 from .types import FollowerState, NodeRole, NodeStatus, WALEntry
 from .upstream import UpstreamSide, _SnapshotIn
@@ -405,7 +405,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                    "pending": len(self._pending), "in_flight": len(self._inflight)})
 
     def set_role(self, role: NodeRole, leader_id: int) -> None:
-        role = self._check_role(role)
+        role = check_role(role, ProtocolError)
         leader_id = self._check_leader_id(leader_id)
         with self._app_lock:
             current = self.storage.leader_id()
@@ -439,15 +439,16 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             self._restart_link("role or epoch changed")
 
     def set_leader(self, address: str) -> None:
-        if not isinstance(address, str):
-            raise ProtocolError("set_leader takes an address string")
-        if address:
-            endpoints(address)  # validate
-        self._leader_address = address
+        self._leader_address = self._check_peer(address, "set_leader")
 
     def set_follower(self, address: str) -> None:
+        self.storage.set_follower_address(self._check_peer(address, "set_follower"))
+        self._restart_link("follower set to " + (address or "none"))
+
+    def _check_peer(self, address: Any, op: str) -> str:
+        """A neighbour's address ("" for none), or ProtocolError."""
         if not isinstance(address, str):
-            raise ProtocolError("set_follower takes an address string")
+            raise ProtocolError(f"{op} takes an address string")
         if address:
             try:
                 endpoints(address)
@@ -455,8 +456,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 raise ProtocolError(str(exc)) from None
             if address == self.address:
                 raise ProtocolError("a node cannot follow itself")
-        self.storage.set_follower_address(address)
-        self._restart_link("follower set to " + (address or "none"))
+        return address
 
     def _set_history(self, history: list) -> None:
         """Persist a new epoch history; it goes down the chain with the next
@@ -651,15 +651,6 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         self._lease_enforced = True
         self._lease_until = time.monotonic() + lease
 
-    def _op_set_role(self, role: Any, leader_id: Any) -> None:
-        self.set_role(role, leader_id)
-
-    def _op_set_leader(self, address: Any) -> None:
-        self.set_leader(address)
-
-    def _op_set_follower(self, address: Any) -> None:
-        self.set_follower(address)
-
     def _op_stop(self) -> None:
         return None
 
@@ -697,22 +688,13 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         return self._position
 
     _CONTROL = {  # operation -> method name (the methods live in several mixins)
-        "status": "_op_status", "set_role": "_op_set_role", "set_leader": "_op_set_leader",
-        "set_follower": "_op_set_follower", "stop": "_op_stop", "ping": "_op_ping",
+        "status": "_op_status", "set_role": "set_role", "set_leader": "set_leader",
+        "set_follower": "set_follower", "stop": "_op_stop", "ping": "_op_ping",
         "connect": "_op_connect", "max_applied_wal": "_op_max_applied_wal",
         "clear_state": "_op_clear_state", "apply_state": "_op_apply_state",
         "apply_wal": "_op_apply_wal", "dump_state": "_op_dump_state",
         "state_digest": "_op_state_digest", "checkpoint": "_op_checkpoint",
     }
-
-    @staticmethod
-    def _check_role(role: Any) -> NodeRole:
-        try:
-            if isinstance(role, bool):
-                raise ValueError
-            return NodeRole(role)
-        except (ValueError, TypeError):
-            raise ProtocolError(f"unknown role {role!r}") from None
 
     @staticmethod
     def _check_leader_id(leader_id: Any) -> int:

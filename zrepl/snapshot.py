@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from .errors import CorruptStorage
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, numbered_files
 from .types import WALEntry
 
 FILE_MAGIC = b"ZREPLCKP"
@@ -277,15 +277,7 @@ def checkpoint_name(wal_id: int) -> str:
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """(wal_id, path) of the complete-looking checkpoint files, oldest first."""
-    if not directory.is_dir():
-        return []
-    out = []
-    for p in directory.iterdir():
-        m = CHECKPOINT_NAME.match(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    out.sort()
-    return out
+    return numbered_files(directory, CHECKPOINT_NAME)
 
 
 class CheckpointFileWriter:

@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from typing import Any, Sequence
 
-from .errors import StorageError, WALTruncated
+from .errors import ReplicationError, StorageError, WALTruncated
 from .interfaces import Storage
 from .types import NodeRole, WALEntry
 
@@ -44,14 +44,15 @@ def check_str(value: Any, name: str) -> str:
     return value
 
 
-def check_role(value: Any) -> NodeRole:
+def check_role(value: Any, error: type[ReplicationError] = StorageError) -> NodeRole:
+    """``value`` as a NodeRole, or ``error`` naming the valid roles."""
     try:
         if isinstance(value, bool):
             raise ValueError
         return NodeRole(value)
     except (ValueError, TypeError):
         valid = ", ".join(f"{r.name}={r.value}" for r in NodeRole)
-        raise StorageError(f"role must be one of {valid}; got {value!r}") from None
+        raise error(f"role must be one of {valid}; got {value!r}") from None
 
 
 def check_epoch_history(history: Any) -> list[tuple[int, int]]:
@@ -92,26 +93,11 @@ def check_batch(entries: Any, max_wal: int) -> list[bytes]:
         bad = next(e for e in entries if not isinstance(e, WALEntry))
         raise StorageError(f"write_wal takes WALEntry items, got {type(bad).__name__}") from None
     first = ids[0]
-    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
-        raise StorageError(f"WAL ids start at 1; got {first!r}")
-    if max_wal and first != max_wal + 1:
-        kind = "gap" if first > max_wal + 1 else "duplicate or decreasing id"
-        raise StorageError(f"WAL ids must be contiguous: batch starts at {first}, "
-                           f"log ends at {max_wal} ({kind})")
+    check_data_batch(first, datas, max_wal)  # the first id, the log's end, the data
     if ids != list(range(first, first + len(ids))):
         at = next(i for i, v in enumerate(ids) if v != first + i)
         raise StorageError(f"WAL ids must be contiguous within a batch: entry {at} has id "
                            f"{ids[at]!r}, expected {first + at}")
-    if first + len(ids) - 1 >= 2**63:
-        raise StorageError("WAL ids must be below 2**63")
-    try:
-        # join is the cheapest C-level proof that every item is bytes-like
-        # (msgpack would quietly pack a str or an int instead).
-        b"".join(datas)
-    except TypeError:
-        bad = next(i for i, d in zip(ids, datas) if not isinstance(d, (bytes, bytearray, memoryview)))
-        raise StorageError(f"WALEntry {bad} data must be bytes, "
-                           f"got {type(datas[bad - first]).__name__}") from None
     return datas
 
 

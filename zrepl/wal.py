@@ -66,7 +66,7 @@ import msgpack
 
 from .config import Config
 from .errors import CorruptStorage, StorageError, WALTruncated
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, numbered_files
 
 log = logging.getLogger("zrepl.wal")
 
@@ -181,13 +181,7 @@ def scan_segment(path: Path, expect_first: int) -> SegmentScan:
 
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in directory.iterdir():
-        m = SEGMENT_NAME.match(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    out.sort()
-    return out
+    return numbered_files(directory, SEGMENT_NAME)
 
 
 def iter_wal(directory: Path) -> Iterator[tuple[str, int, int, int, list[bytes] | str]]:

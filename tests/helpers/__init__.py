@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from typing import Callable
+
+from zrepl.local import wait_until
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition",
              interval: float = 0.005) -> object:
-    """Poll ``cond`` until it returns something truthy or ``timeout`` runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """``cond()``'s first truthy value, polled until ``timeout``; a test
+    failure (AssertionError) naming ``what`` after that."""
+    try:
+        return wait_until(cond, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None

@@ -43,6 +43,14 @@ def kv_incr(key: str, n: int = 1) -> bytes:
     return msgpack.packb(("incr", key, n), use_bin_type=True)
 
 
+def tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a log file ("" if there is none)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 class NodeProc:
     def __init__(self, cluster: "Cluster", name: str, settings: dict[str, Any],
                  app: str = "workers.kv:KV"):
@@ -117,10 +125,7 @@ class NodeProc:
         return self.client.state_digest()
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return tail(self.log_path, n)
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -174,10 +179,7 @@ class SupervisorProc:
                         and v, timeout, "the supervisor to see the synchronous chain")
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return tail(self.log_path, n)
 
     def close(self) -> None:
         self.kill()

@@ -1,0 +1,64 @@
+"""What the ready-made services share: commands and queries are tuples,
+msgpack-encoded, and a client is a thin layer on ``zrepl.Client``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import msgpack
+
+from zrepl import App, Client, WALEntry
+
+packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def unpack(raw: bytes, what: str) -> Any:
+    """Decode a command or query (tuples stay tuples); ValueError naming
+    ``what`` if it is not msgpack."""
+    try:
+        return msgpack.unpackb(raw, raw=False, use_list=False)
+    except Exception as exc:
+        raise ValueError(f"not a {what}: {exc}") from None
+
+
+class TupleApp(App):
+    """``encode_cmd``/``decode_cmd`` for tuple commands; a subclass sets
+    ``check`` (raises ValueError for a malformed command) and ``what``."""
+
+    check: Callable[[Any], None]
+    what = "command"
+
+    def encode_cmd(self, cmd: Any, entry: WALEntry) -> WALEntry:
+        self.check(cmd)
+        entry.data = packb(cmd)
+        return entry
+
+    def decode_cmd(self, entry: WALEntry) -> Any:
+        cmd = unpack(entry.data, self.what)
+        self.check(cmd)
+        return cmd
+
+
+class ServiceClient:
+    """A service's remote handle: commands through the leader (retried,
+    never applied twice), queries from any node or the leader."""
+
+    encode: Callable[[tuple], bytes]
+
+    def __init__(self, addresses: list[str] | str, **client_options: Any):
+        self.client = Client(addresses, **client_options)
+
+    def _apply(self, *cmd: Any) -> int:
+        return self.client.apply(self.encode(cmd))
+
+    def _query(self, leader: bool, *request: Any) -> Any:
+        return msgpack.unpackb(self.client.query(packb(request), leader_only=leader), raw=False)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -7,8 +7,6 @@ the same machine, and reports medians and ratios, never absolute promises.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zrepl.local import free_tcp_base, pings, toml_text, wait_until  # noqa: E402,F401
+from zrepl.local import LocalCluster, free_tcp_base, wait_until  # noqa: E402,F401
 
 
 def tcp_address() -> str:
@@ -37,51 +35,32 @@ def us(x: float) -> str:
     return f"{x * 1e6:8.1f} µs"
 
 
-class Workdir:
-    """A temporary directory removed on exit, and every process started in
-    it killed on exit."""
+class Workdir(LocalCluster):
+    """A LocalCluster in a new temporary directory (``path``), nodes logging
+    warnings only, plus other processes (``extra``) killed on close."""
 
     def __init__(self, prefix: str = "zrepl-perf-"):
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
-        self.procs: list[subprocess.Popen] = []
+        super().__init__(tempfile.mkdtemp(prefix=prefix), log_level="WARNING")
+        self.path = self.root
+        self.extra: list[subprocess.Popen] = []
 
-    def start_node(self, name: str, address: str, settings: dict[str, Any] | None = None,
+    def start_node(self, name: str, address: str,  # type: ignore[override]
+                   settings: dict[str, Any] | None = None,
                    app: str = "workers.kv:KV") -> subprocess.Popen:
-        cfg = self.path / f"{name}.toml"
-        cfg.write_text(toml_text(settings or {}))
-        log = open(self.path / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zrepl", "node", "--app", app, "--data",
-             str(self.path / name), "--listen", address, "--config", str(cfg),
-             "--log-level", "WARNING"],
-            stdout=log, stderr=log, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        log.close()
-        self.procs.append(proc)
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"node {name} exited with {proc.returncode}")
-            return pings(address)
-        wait_until(answers, 30, f"node {name} to answer")
-        return proc
+        return super().start_node(name, address, app, settings)
 
     def start_python(self, code: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        self.procs.append(proc)
+        self.extra.append(proc)
         return proc
 
     def close(self) -> None:
-        for p in self.procs:
+        for p in self.extra:
             if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
+                p.kill()
                 p.wait(timeout=30)
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self) -> "Workdir":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        super().close()
 
 
 ECHO_SERVER = """

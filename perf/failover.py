@@ -19,13 +19,11 @@ import argparse
 import json
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from _common import ROOT, Workdir, tcp_address, wait_until
+from _common import Workdir, tcp_address, wait_until
 
 from zrepl import Client, Config, FollowerState, NodeClient, NodeRole, ReplicationError  # noqa: E402
 
@@ -103,15 +101,7 @@ def main() -> int:
         addrs = [tcp_address() for _ in range(3)]
         names = ["a", "b", "c"]
         procs = {a: w.start_node(n, a, SETTINGS) for a, n in zip(addrs, names)}
-        sup_cfg = w.path / "supervisor.toml"
-        sup_cfg.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
-        sup_listen = f"ipc://{w.path}/supervisor.sock"
-        sup = subprocess.Popen(
-            [sys.executable, "-m", "zrepl", "supervisor", "--state", str(w.path / "sup.state"),
-             "--config", str(sup_cfg), "--listen", sup_listen, "--log-level", "WARNING"]
-            + [x for a in addrs for x in ("--node", a)], cwd=ROOT,
-            stderr=open(w.path / "supervisor.log", "ab"))
-        w.procs.append(sup)
+        sup_listen = w.start_supervisor(addrs, SETTINGS)
         from zrepl.supervisor import supervisor_view
 
         def supervisor_sees_sync_chain() -> bool:

@@ -92,7 +92,7 @@ def run_case(w: Workdir, address: str, op: str, clients: int, seconds: float) ->
                                str(i), str(start_at), str(seconds)],
                               stdout=subprocess.PIPE, cwd=ROOT, text=True)
              for i in range(clients)]
-    w.procs.extend(procs)
+    w.extra.extend(procs)
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=seconds + 120)

@@ -248,20 +248,19 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     sup.start()
     # The main thread waits for signals and speaks to systemd: READY once the
     # first round of polls is done, WATCHDOG=1 only while rounds keep coming.
-    ready = False
     seen_ticks = 0
-    watchdog = sdnotify.watchdog_interval()
-    step = min(0.2, watchdog) if watchdog else 0.2
-    while not stop.wait(step):
+
+    def ticking(_interval: float) -> bool:
+        nonlocal seen_ticks
         if sup._thread is not None and not sup._thread.is_alive():
             raise CommandError("the supervisor loop stopped unexpectedly (see the log)")
         ticks = sup.ticks
-        if ticks and not ready:
-            ready = sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.nodes)} node(s)")
-            ready = True
-        if watchdog and ticks != seen_ticks:
-            sdnotify.notify("WATCHDOG=1")
-        seen_ticks = ticks
+        if ticks and not seen_ticks:
+            sdnotify.notify(f"READY=1\nSTATUS=supervising {len(sup.nodes)} node(s)")
+        advanced, seen_ticks = ticks != seen_ticks, ticks
+        return advanced
+
+    sdnotify.wait_with_watchdog(stop.wait, ticking, step=0.2)
     sdnotify.notify("STOPPING=1")
     sup.stop()
     return 0
@@ -299,29 +298,29 @@ def _fmt_status_table(results: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .protocol import endpoints
     from .rpc import RpcClient
     from .supervisor import poll_statuses
     values, _ = settings(args, STATUS_KEYS, with_config=False)
-    args = argparse.Namespace(**values, node=values["nodes"])
-    if not args.node and not args.supervisor:
+    nodes, supervisor, timeout = values["nodes"], values["supervisor"], values["timeout"]
+    if not nodes and not supervisor:
         raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
     sup_view = None
-    if args.supervisor:
+    if supervisor:
         try:
-            with RpcClient(args.supervisor, args.timeout) as rpc:
+            with RpcClient(supervisor, timeout) as rpc:
                 sup_view = rpc.call("status")
         except ReplicationError as exc:
-            raise CommandError(f"supervisor {args.supervisor}: {exc}") from None
-        if not args.node:
-            args.node = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
-    for a in args.node:
+            raise CommandError(f"supervisor {supervisor}: {exc}") from None
+        if not nodes:
+            nodes = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
+    for a in nodes:
         try:
-            from .protocol import endpoints
             endpoints(a)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-    results = poll_statuses(args.node, timeout=args.timeout)
-    if args.json:
+    results = poll_statuses(nodes, timeout=timeout)
+    if values["json"]:
         doc = [{"address": a, "ok": not isinstance(st, Exception),
                 **({"status": st.to_dict()} if not isinstance(st, Exception)
                    else {"error": f"{type(st).__name__}: {st}"})} for a, st in results.items()]

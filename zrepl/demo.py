@@ -119,13 +119,16 @@ class Demo:
     def chain_text(self, view: dict) -> str:
         chain = [self.names.get(a, a) for a in view.get("chain", [])]
         roles = ["leader"] + ["forwarder"] * (len(chain) - 2) + ["follower"]
-        return " -> ".join(f"{n} ({r})" for n, r in zip(chain, roles[-len(chain):]
-                                                         if len(chain) > 1 else roles))
+        return " -> ".join(f"{n} ({r})" for n, r in zip(chain, roles))
+
+    def full_chain(self) -> dict | None:
+        """The supervisor's view if it sees all three nodes in one
+        synchronous chain."""
+        v = self.view()
+        return v if v and len(v["chain"]) == 3 and len(v["synchronous_chain"]) == 2 else None
 
     def wait_chain(self, what: str, timeout: float = 60) -> dict:
-        """Until the supervisor sees all three nodes in one synchronous chain."""
-        return wait_until(lambda: (v := self.view()) and len(v["chain"]) == 3
-                          and len(v["synchronous_chain"]) == 2 and v, timeout, what, 0.05)
+        return wait_until(self.full_chain, timeout, what, 0.05)
 
     # --- writing and watching -------------------------------------------------------
     def samples_since(self, since: float) -> list[tuple[float, float, str]]:
@@ -190,7 +193,7 @@ class Demo:
         t_kill = time.monotonic()
         say(f"  {t_kill - self.t0:5.1f}s  SIGKILL leader {self.names[old]} ({old})")
         promoted: dict[str, Any] = {}
-        announced = threading.Event()
+        announced = False
 
         def watch_promotion() -> None:  # a thread: the supervisor's view every 10 ms
             try:
@@ -201,8 +204,9 @@ class Demo:
             promoted.update(v, at=time.monotonic())
 
         def announce() -> None:
-            if promoted and not announced.is_set():
-                announced.set()
+            nonlocal announced
+            if promoted and not announced:
+                announced = True
                 say(f"  {promoted['at'] - self.t0:5.1f}s  the supervisor reports "
                     f"{self.names[promoted['leader']]} as leader (epoch "
                     f"{promoted['leader_id']}), {_ms(promoted['at'] - t_kill)} after the kill")
@@ -231,8 +235,7 @@ class Demo:
             "supervisor puts it back at the tail, it drops what it had not replicated "
             "and catches up")
         self.progress_for(max(seconds / 2, 0.5))
-        self.progress_for(60, until=lambda: (v := self.view()) is not None
-                          and len(v["chain"]) == 3 and len(v["synchronous_chain"]) == 2)
+        self.progress_for(60, until=lambda: self.full_chain() is not None)
         view = self.wait_chain("the restarted node to rejoin")
         rate_after = len(self.samples_since(t_after)) / max(1e-9, time.monotonic() - t_after)
         for w in self.writers:

@@ -91,11 +91,9 @@ def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         sdnotify.notify(f"READY=1\nSTATUS=serving on {listen}\nMAINPID={os.getpid()}")
-        watchdog = sdnotify.watchdog_interval()
-        step = min(0.5, watchdog) if watchdog else 0.5
-        while not replica.stopped.wait(step):
-            if watchdog and time.monotonic() - replica.loop_alive_at < watchdog:
-                sdnotify.notify("WATCHDOG=1")
+        sdnotify.wait_with_watchdog(
+            replica.stopped.wait,
+            lambda interval: time.monotonic() - replica.loop_alive_at < interval)
         sdnotify.notify("STOPPING=1")
         replica.stop()
         return 1 if replica.crashed else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Callable
 
 
 def notify(state: str) -> bool:
@@ -41,3 +42,18 @@ def watchdog_interval() -> float | None:
     except ValueError:
         return None
     return value / 1e6 / 2 if value > 0 else None
+
+
+def wait_with_watchdog(wait: Callable[[float], bool], healthy: Callable[[float], bool],
+                       step: float = 0.5) -> None:
+    """Block until ``wait(timeout)`` returns True.  After each wait, call
+    ``healthy(interval)`` (``interval``: seconds between the pings systemd
+    expects, 0 without a watchdog) and, under a watchdog, send WATCHDOG=1
+    when it returns True: a process whose real work stalled stops pinging
+    although this loop still runs."""
+    interval = watchdog_interval() or 0.0
+    if interval:
+        step = min(step, interval)
+    while not wait(step):
+        if healthy(interval) and interval:
+            notify("WATCHDOG=1")

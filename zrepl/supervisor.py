@@ -179,6 +179,17 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         mem.note = note
         return Plan(calls, mem, new_epoch, mem.key() != persisted_before)
 
+    def promote(address: str) -> int:
+        """A new epoch led by ``address``: its calls, and the memory of it."""
+        epoch = mem.max_leader_id + 1
+        mem.max_leader_id = epoch
+        mem.leader, mem.leader_id = address, epoch
+        mem.chain = [a for a in mem.chain if a != address]
+        mem.sync_chain = []
+        calls.append(Call("set_role", address, NodeRole.LEADER, epoch))
+        calls.append(Call("renew", address, leader_id=epoch))
+        return epoch
+
     # --- 2. who leads -------------------------------------------------------------
     if not mem.leader:
         claimers = sorted((st.leader_id, a) for a, st in alive.items()
@@ -194,13 +205,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             best = max(alive, key=lambda a: (_last_epoch(alive[a]),
                                             max(alive[a].max_wal, alive[a].max_applied_wal),
                                             -order.index(a)))
-            new_epoch = mem.max_leader_id + 1
-            mem.max_leader_id = new_epoch
-            mem.leader, mem.leader_id = best, new_epoch
-            mem.chain = [a for a in mem.chain if a != best]
-            mem.sync_chain = []
-            calls.append(Call("set_role", best, NodeRole.LEADER, new_epoch))
-            calls.append(Call("renew", best, leader_id=new_epoch))
+            new_epoch = promote(best)
             log.warning("no leader: making %s the leader of epoch %d", best, new_epoch)
 
     leader = mem.leader
@@ -229,14 +234,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                 log.error(note)
             return done(note)
         new_leader = max(candidates)[2]
-        new_epoch = mem.max_leader_id + 1
-        mem.max_leader_id = new_epoch
+        new_epoch = promote(new_leader)
         log.warning("leader %s is dead: promoting %s with epoch %d", leader, new_leader, new_epoch)
-        mem.chain = [a for a in mem.chain if a != new_leader]
-        mem.leader, mem.leader_id = new_leader, new_epoch
-        mem.sync_chain = []
-        calls.append(Call("set_role", new_leader, NodeRole.LEADER, new_epoch))
-        calls.append(Call("renew", new_leader, leader_id=new_epoch))
         leader = new_leader
     elif leader not in alive:
         return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
@@ -469,13 +468,17 @@ class Supervisor:
                 observed[a] = st
                 if a == m.leader and st.role == NodeRole.LEADER and \
                         st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
-                    # its lease now runs at most until this reply + lease
-                    self.memory.lease_safe_at = max(
-                        self.memory.lease_safe_at,
-                        time.monotonic() + self.config.lease * self.config.lease_margin)
+                    self._lease_granted()
         for s, (a, _t) in sent.items():  # no answer in time: lazy pirate
             self._reset(a)
         return observed
+
+    def _lease_granted(self) -> None:
+        """The leader confirmed a renewal just now: its lease runs at most
+        until now + lease (with the clock-rate margin)."""
+        self.memory.lease_safe_at = max(
+            self.memory.lease_safe_at,
+            time.monotonic() + self.config.lease * self.config.lease_margin)
 
     def _reset(self, address: str) -> None:
         s = self._socks.pop(address, None)
@@ -490,9 +493,7 @@ class Supervisor:
             elif call.op == "renew":
                 d = rpc.call("status", renew_lease_for=call.leader_id, lease=self.config.lease)
                 if not d.get("extra", {}).get("lease_refused"):
-                    self.memory.lease_safe_at = max(
-                        self.memory.lease_safe_at,
-                        time.monotonic() + self.config.lease * self.config.lease_margin)
+                    self._lease_granted()
             else:
                 rpc.call(call.op, address=call.target)
             log.info("%s", call)

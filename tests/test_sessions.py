@@ -14,9 +14,8 @@ from zrepl import NodeRole, ReplicationError, SessionExpired, Timeout
 from zrepl import protocol as p
 from zrepl.session import SessionTable, describe, unwrap, wrap_client, wrap_plain
 
-from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_incr, wait_applied, wait_synchronous
-from .helpers.load import SUPERVISED, chain_ok, kill_leaders, settled_chain
+from .helpers.load import SUPERVISED, kill_leaders, settled_chain, supervised_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -111,9 +110,7 @@ def test_a_retried_command_is_answered_not_reapplied_across_failover_sync_and_re
 
 def test_client_retries_across_repeated_failovers_without_applying_twice():
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n).start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, _ = supervised_chain(c)
         client = c.client(*nodes, timeout=0.5, retry_for=30)
         acked = [0]
         unknown = [0]

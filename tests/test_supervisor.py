@@ -13,16 +13,14 @@ from zrepl import NodeRole, ReplicationError
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set, wait_applied
 from .helpers.load import (SUPERVISED, Writer, chain_ok, kill_leaders, leader_of, missing,
-                           settled_chain)
+                           settled_chain, supervised_chain)
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def test_supervisor_builds_the_chain_from_empty_nodes():
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n).start() for n in "ABC"]
-        c.supervisor(nodes)
-        chain = wait_for(lambda: chain_ok(nodes), 30, "leader -> forwarder -> follower")
+        nodes, _, chain = supervised_chain(c)
         assert [n.name for n in chain] == ["A", "B", "C"]
         assert c.client(*nodes).apply(kv_set("k", 1)) == 0
         assert all(n.status().leader_id == 1 for n in nodes)
@@ -30,9 +28,7 @@ def test_supervisor_builds_the_chain_from_empty_nodes():
 
 def test_repeated_leader_kills_lose_no_acknowledged_write():
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n).start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, _ = supervised_chain(c)
         writer = Writer(c, nodes, timeout=0.5)
         writer.start()
         leaders, failovers = [], []
@@ -64,9 +60,8 @@ def test_repeated_leader_kills_lose_no_acknowledged_write():
 
 def test_killed_middle_node_is_healed_around_and_rejoins_at_the_tail():
     with Cluster(**SUPERVISED) as c:
-        a, b, cc = nodes = [c.node(n).start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, _ = supervised_chain(c)
+        a, b, cc = nodes
         sup.wait_synchronous(2)
         writer = Writer(c, nodes, timeout=0.5)
         writer.start()
@@ -87,9 +82,7 @@ def test_killed_middle_node_is_healed_around_and_rejoins_at_the_tail():
 
 def test_paused_leader_acknowledges_nothing_the_new_leader_lacks():
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n).start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, _ = supervised_chain(c)
         sup.wait_synchronous(2)
         writer = Writer(c, nodes, timeout=0.5)
         writer.start()
@@ -116,9 +109,7 @@ def test_paused_leader_acknowledges_nothing_the_new_leader_lacks():
 
 def test_restarted_supervisor_adopts_the_cluster_without_failover():
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n).start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        chain = wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, chain = supervised_chain(c)
         sup.wait_synchronous(2)
         epoch = chain[0].status().leader_id
         sup.kill()

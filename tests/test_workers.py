@@ -16,9 +16,8 @@ from workers.ledger import (BAD_AMOUNT, EXISTS, INSUFFICIENT_FUNDS, NO_ACCOUNT, 
 from workers.ledger import encode as ledger_encode
 from zrepl import NotLeader, ProtocolError, ReplicationError, WALEntry
 
-from .helpers import wait_for
 from .helpers.cluster import Cluster, wait_applied
-from .helpers.load import SUPERVISED, chain_ok, kill_leaders, settled_chain
+from .helpers.load import SUPERVISED, kill_leaders, settled_chain, supervised_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -77,9 +76,7 @@ def test_kv_served_by_a_leader_and_follower():
 def test_ledger_total_never_changes_across_failovers():
     accounts = [f"acct{i}" for i in range(8)]
     with Cluster(**SUPERVISED) as c:
-        nodes = [c.node(n, app="workers.ledger:Ledger").start() for n in "ABC"]
-        sup = c.supervisor(nodes)
-        wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+        nodes, sup, _ = supervised_chain(c, app="workers.ledger:Ledger")
         ledger = LedgerClient([n.address for n in nodes], timeout=0.5, retry_for=30)
         for acct in accounts:
             assert ledger.open(acct, 1000) == OK

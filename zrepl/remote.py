@@ -182,6 +182,15 @@ class Client:
         return ([self._leader] if self._leader in fresh else []) + \
             [a for a in fresh if a != self._leader]
 
+    def _request(self, address: str, payload: bytes, what: str) -> bytes:
+        """One request to one node; a node that does not answer (Timeout)
+        is skipped for a while."""
+        try:
+            return self._rpc(address).request(payload, what=what)
+        except Timeout:
+            self._lost(address)
+            raise
+
     def _lost(self, address: str) -> None:
         self._timed_out[address] = time.monotonic()
         if self._leader == address:
@@ -226,11 +235,9 @@ class Client:
             tried.add(address)
             request_id = next(self._ids)
             try:
-                raw = self._rpc(address).request(
-                    protocol.submit_request(request_id, data, self.client_id, seq),
-                    what="submit")
+                raw = self._request(address, protocol.submit_request(
+                    request_id, data, self.client_id, seq), "submit")
             except Timeout as exc:
-                self._lost(address)
                 last_error = exc
                 continue
             rid, code, err = protocol.parse_submit_reply(raw)
@@ -264,10 +271,9 @@ class Client:
         for address in self._candidates():
             rid = next(self._ids)
             try:
-                raw = self._rpc(address).request(
-                    protocol.query_request(rid, request, leader_only), what="query")
+                raw = self._request(address, protocol.query_request(rid, request, leader_only),
+                                    "query")
             except Timeout as exc:
-                self._lost(address)
                 last = exc
                 continue
             _, answer, err = protocol.parse_submit_reply(raw)

@@ -95,6 +95,16 @@ def chain_ok(nodes: list[NodeProc]) -> list[NodeProc] | None:
     return chain if roles == want else None
 
 
+def supervised_chain(cluster: Cluster, names: str = "ABC", app: str = "workers.kv:KV"
+                     ) -> tuple[list[NodeProc], SupervisorProc, list[NodeProc]]:
+    """Nodes ``names`` started empty and a supervisor over them; returns
+    (nodes, supervisor, the chain it built) once that chain is healthy."""
+    nodes = [cluster.node(n, app=app).start() for n in names]
+    sup = cluster.supervisor(nodes)
+    chain = wait_for(lambda: chain_ok(nodes), 30, "initial chain")
+    return nodes, sup, chain
+
+
 def kill_leaders(nodes: list[NodeProc], sup: SupervisorProc, rounds: int,
                  progress: Callable[[], int], step: int,
                  after_kill: Callable[[NodeProc, float], None] | None = None) -> None:

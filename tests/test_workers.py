@@ -110,7 +110,6 @@ def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
     from zrepl import App, Client, MemoryStorage, NodeRole, Replica
 
     class NoReads(App):  # the App interface's default query()
-        check = KV.check
         encode_cmd = KV.encode_cmd
         decode_cmd = KV.decode_cmd
         apply = KV.apply

@@ -21,22 +21,28 @@ def unpack(raw: bytes, what: str) -> Any:
         raise ValueError(f"not a {what}: {exc}") from None
 
 
-class TupleApp(App):
-    """``encode_cmd``/``decode_cmd`` for tuple commands; a subclass sets
-    ``check`` (raises ValueError for a malformed command) and ``what``."""
+def tuple_codec(check: Callable[[Any], None], what: str
+                ) -> tuple[Callable[..., WALEntry], Callable[..., Any]]:
+    """``App.encode_cmd`` and ``App.decode_cmd`` for tuple commands checked
+    by ``check`` (ValueError for a malformed one).  Closures rather than a
+    base class: decode runs once per entry on every replica, and ``check``
+    and msgpack are reached without an attribute lookup."""
+    unpackb = msgpack.unpackb
 
-    check: Callable[[Any], None]
-    what = "command"
-
-    def encode_cmd(self, cmd: Any, entry: WALEntry) -> WALEntry:
-        self.check(cmd)
+    def encode_cmd(self: App, cmd: Any, entry: WALEntry) -> WALEntry:
+        check(cmd)
         entry.data = packb(cmd)
         return entry
 
-    def decode_cmd(self, entry: WALEntry) -> Any:
-        cmd = unpack(entry.data, self.what)
-        self.check(cmd)
+    def decode_cmd(self: App, entry: WALEntry) -> Any:
+        try:
+            cmd = unpackb(entry.data, raw=False, use_list=False)
+        except Exception as exc:
+            raise ValueError(f"not a {what}: {exc}") from None
+        check(cmd)
         return cmd
+
+    return encode_cmd, decode_cmd
 
 
 class ServiceClient:

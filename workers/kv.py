@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ._tuples import ServiceClient, TupleApp, packb, unpack
+from zrepl import App
+
+from ._tuples import ServiceClient, packb, tuple_codec, unpack
 
 OK = 0
 NOT_FOUND = 1
@@ -49,9 +51,8 @@ def check(cmd: Any) -> None:
         raise ValueError("KV incr takes an int")
 
 
-class KV(TupleApp):
-    check = staticmethod(check)
-    what = "KV command"
+class KV(App):
+    encode_cmd, decode_cmd = tuple_codec(check, "KV command")
 
     def __init__(self) -> None:
         self.data: dict[Any, Any] = {}

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from ._tuples import ServiceClient, TupleApp, packb, unpack
+from zrepl import App
+
+from ._tuples import ServiceClient, packb, tuple_codec, unpack
 
 OK = 0
 NO_ACCOUNT = 1
@@ -43,9 +45,8 @@ def check(cmd: Any) -> None:
                      f"('transfer', src, dst, amount); got {cmd!r:.80}")
 
 
-class Ledger(TupleApp):
-    check = staticmethod(check)
-    what = "ledger command"
+class Ledger(App):
+    encode_cmd, decode_cmd = tuple_codec(check, "ledger command")
 
     def __init__(self) -> None:
         self.balances: dict[str, int] = {}

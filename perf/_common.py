@@ -40,7 +40,10 @@ class Workdir(LocalCluster):
     warnings only, plus other processes (``extra``) killed on close."""
 
     def __init__(self, prefix: str = "zrepl-perf-"):
-        super().__init__(tempfile.mkdtemp(prefix=prefix), log_level="WARNING")
+        # Same session as the script: the nodes share the CPU with the
+        # reference processes and the clients on equal terms.
+        super().__init__(tempfile.mkdtemp(prefix=prefix), log_level="WARNING",
+                         new_session=False)
         self.path = self.root
         self.extra: list[subprocess.Popen] = []
 

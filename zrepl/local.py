@@ -78,7 +78,7 @@ class LocalCluster:
     directory unless given; removed on close unless ``keep``)."""
 
     def __init__(self, root: str | Path | None = None, transport: str = "ipc",
-                 keep: bool = False, log_level: str = "INFO"):
+                 keep: bool = False, log_level: str = "INFO", new_session: bool = True):
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be ipc or tcp; got {transport!r}")
         if root is None:
@@ -89,6 +89,11 @@ class LocalCluster:
         self.transport = transport
         self.keep = keep
         self.log_level = log_level
+        # A session of their own keeps a terminal's Ctrl-C from reaching the
+        # nodes before the demo cleans up.  It also puts each in its own
+        # scheduler autogroup, which changes how they share the CPU with
+        # other processes: benchmarks pass False.
+        self.new_session = new_session
         self.procs: dict[str, subprocess.Popen] = {}
         self._env = dict(os.environ)
         here = str(Path(__file__).resolve().parent.parent)
@@ -107,7 +112,7 @@ class LocalCluster:
         with open(self.log_path(name), "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "zrepl", *args],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=self._env, start_new_session=True)
+                                    env=self._env, start_new_session=self.new_session)
         self.procs[name] = proc
         return proc
 

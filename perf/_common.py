@@ -97,6 +97,20 @@ while True:  # a Python loop on purpose: the cost of one do-nothing Python hop
 """
 
 
+# The same relay with no Python on the path: libzmq's own proxy loop, which
+# runs in C.  Its cost per hop is what any relaying node pays on this
+# machine before it does any work of its own.
+RELAY_C_SERVER = """
+import zmq
+ctx = zmq.Context()
+front = ctx.socket(zmq.ROUTER)
+front.bind(%r)
+back = ctx.socket(zmq.DEALER)
+back.connect(%r)
+zmq.proxy(front, back)
+"""
+
+
 def process_stats(pids: list[int]) -> dict[int, dict[str, float]]:
     out = {}
     for pid in pids:

@@ -31,12 +31,13 @@ from pathlib import Path
 import psutil
 import zmq
 
-from _common import ECHO_SERVER, RELAY_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
+from _common import ECHO_SERVER, RELAY_C_SERVER, RELAY_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
 
 from workers.kv import KV  # noqa: E402
 from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole, Replica,  # noqa: E402
                    WALEntry)
 
+RELAYS = {"Python": RELAY_SERVER, "C": RELAY_C_SERVER}
 VALUE = b"v" * 50  # ("set", "k12345", VALUE) encodes to 64 bytes
 
 
@@ -65,12 +66,15 @@ def session(args, w: Workdir, index: int, hops: int) -> dict:
         (lambda name: tcp_address())
     echo_addr = addr("echo")
     echo = w.start_python(ECHO_SERVER % echo_addr)
+    # references: the same chain length of do-nothing relays, in Python and in C
     relays = []
-    relay_addr = echo_addr
-    for r in range(hops - 1):  # reference: the same chain length of do-nothing Python relays
-        front = addr(f"relay{r}")
-        relays.append(w.start_python(RELAY_SERVER % (front, relay_addr)))
-        relay_addr = front
+    relay_addrs = {}
+    for kind, code in RELAYS.items():
+        relay_addrs[kind] = echo_addr
+        for r in range(hops - 1):
+            front = addr(f"relay{kind}{r}")
+            relays.append(w.start_python(code % (front, relay_addrs[kind])))
+            relay_addrs[kind] = front
     chain_addrs = [addr(f"n{h}") for h in range(hops)]
     chain = [w.start_node(f"n{h}-{index}-{hops}", a, {"fsync": args.follower_fsync or args.fsync})
              for h, a in enumerate(chain_addrs)]
@@ -99,12 +103,13 @@ def session(args, w: Workdir, index: int, hops: int) -> dict:
         req.connect(echo_addr)
         payload = b"x" * 64
         bare_round_trips(req, 300, payload)  # warm up both paths
-        relayed = []
-        if relays:
-            rreq = ctx.socket(zmq.REQ)
-            rreq.setsockopt(zmq.LINGER, 0)
-            rreq.connect(relay_addr)
-            bare_round_trips(rreq, 300, payload)
+        relayed: dict[str, list[float]] = {kind: [] for kind in relay_addrs} if relays else {}
+        rreqs = {}
+        for kind in relayed:
+            rreqs[kind] = ctx.socket(zmq.REQ)
+            rreqs[kind].setsockopt(zmq.LINGER, 0)
+            rreqs[kind].connect(relay_addrs[kind])
+            bare_round_trips(rreqs[kind], 300, payload)
         commits(leader.manager, 300, 0)
         bare, zr = [], []
         n = args.per_round
@@ -120,8 +125,8 @@ def session(args, w: Workdir, index: int, hops: int) -> dict:
         for r in range(args.rounds):
             c0, e0 = cpu_of(me), cpu_of(ep)
             bare += bare_round_trips(req, n, payload)
-            if relays:
-                relayed += bare_round_trips(rreq, n, payload)
+            for kind, rreq in rreqs.items():
+                relayed[kind] += bare_round_trips(rreq, n, payload)
             c1, e1, f1 = cpu_of(me), cpu_of(ep), cpu_of(fp)
             zr += commits(leader.manager, n, (r + 1) * n)
             c2, f2 = cpu_of(me), cpu_of(fp)
@@ -187,7 +192,7 @@ def main() -> int:
                 results.append({"bare_p50": b50, "bare_p99": b99, "zrepl_p50": z50,
                                 "zrepl_p99": z99, "zrepl_p999": z999,
                                 "ratio_p50": z50 / b50, "ratio_p99": z99 / b99,
-                                "relayed_p50": pct(r["relayed"], .5) if r["relayed"] else 0.0,
+                                **{f"relayed_{k}_p50": pct(v, .5) for k, v in r["relayed"].items()},
                                 "cpu_us": r["cpu_us"]})
                 print(f"{i + 1:<8} {b50 * 1e6:8.1f}µs {b99 * 1e6:7.1f}µs {z50 * 1e6:9.1f}µs "
                       f"{z99 * 1e6:7.1f}µs {z999 * 1e6:7.1f}µs {z50 / b50:6.2f}x {z99 / b99:6.2f}x")
@@ -196,9 +201,9 @@ def main() -> int:
             print(f"{'median':8} {med['bare_p50'] * 1e6:8.1f}µs {med['bare_p99'] * 1e6:7.1f}µs "
                   f"{med['zrepl_p50'] * 1e6:9.1f}µs {med['zrepl_p99'] * 1e6:7.1f}µs "
                   f"{med['zrepl_p999'] * 1e6:7.1f}µs {med['ratio_p50']:6.2f}x {med['ratio_p99']:6.2f}x")
-            if hops > 1:
-                print(f"reference: the bare round trip through {hops - 1} do-nothing Python "
-                      f"relay{'s' if hops > 2 else ''}: p50 {med['relayed_p50'] * 1e6:.1f} µs")
+            for kind in RELAYS if hops > 1 else ():
+                print(f"reference: the bare round trip through {hops - 1} do-nothing {kind} "
+                      f"relay{'s' if hops > 2 else ''}: p50 {med[f'relayed_{kind}_p50'] * 1e6:.1f} µs")
             print(f"CPU per commit (median): leader process {cpu['leader']:.1f} µs, chain "
                   f"{cpu['follower']:.1f} µs; per bare round trip: client {cpu['bare_client']:.1f} "
                   f"µs + echo {cpu['echo']:.1f} µs")
@@ -216,11 +221,13 @@ def main() -> int:
             m = summary[hops]["median"]
             extra = (m["zrepl_p50"] - med["zrepl_p50"]) / (hops - 1)
             bare = statistics.median([summary[h]["median"]["bare_p50"] for h in hops_list])
-            relay_hop = (m["relayed_p50"] - m["bare_p50"]) / (hops - 1)
             print(f"{hops} hops: p50 {m['zrepl_p50'] * 1e6:.1f} µs, p99 {m['zrepl_p99'] * 1e6:.1f} µs;"
                   f" each extra hop adds {extra * 1e6:.1f} µs = {extra / bare:.2f} bare round trips "
-                  f"at p50 (target <= 1: {'met' if extra <= bare else 'MISSED'}); a do-nothing "
-                  f"Python relay hop adds {relay_hop * 1e6:.1f} µs = {relay_hop / bare:.2f}")
+                  f"at p50 (target <= 1: {'met' if extra <= bare else 'MISSED'})")
+            for kind in RELAYS:
+                relay_hop = (m[f"relayed_{kind}_p50"] - m["bare_p50"]) / (hops - 1)
+                print(f"    a do-nothing {kind} relay hop adds {relay_hop * 1e6:.1f} µs = "
+                      f"{relay_hop / bare:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({str(k): v for k, v in summary.items()}, indent=1))
     return 0

@@ -9,6 +9,9 @@ times ``FileStorage.write_wal`` and, on the same disk, the floors:
 * ``raw write, framed``: one ``os.write`` per batch of the bytes FileStorage
   really writes (record header, msgpack framing): shows how much of the gap
   is the kernel's cost of a write that is no longer a whole number of pages
+* ``check+frame, no I/O``: what ``write_wal`` does besides the system call
+  (check the ids and types, pack, checksum), with no write at all: a
+  ceiling that ``write_wal`` cannot pass however cheap the write
 
 then times ``read_wal`` streaming the whole log back.  Each figure is the
 median of ``--repeat`` runs (default 3).
@@ -36,6 +39,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zrepl import Config, FileStorage, WALEntry  # noqa: E402
+from zrepl.storage import check_batch  # noqa: E402
 from zrepl.wal import encode_record  # noqa: E402
 
 ENTRY_BYTES = 64
@@ -97,6 +101,19 @@ def time_raw(base: Path, batches: list[list[WALEntry]], fsync: bool,
         os.unlink(name)
 
 
+def time_cpu(batches: list[list[WALEntry]]) -> tuple[int, float]:
+    """write_wal's work minus the system call: check the batch, pack it and
+    checksum it.  A ceiling: write_wal cannot beat this even if the write
+    were free."""
+    done = 0
+    t0 = time.perf_counter()
+    for b in batches:
+        datas = check_batch(b, b[0].wal_id - 1)
+        encode_record(b[0].wal_id, datas, time.time_ns())
+        done += len(b)
+    return done, time.perf_counter() - t0
+
+
 def time_read(base: Path, n_entries: int, chunk: int) -> tuple[int, float]:
     path = Path(tempfile.mkdtemp(dir=base))
     try:
@@ -148,8 +165,10 @@ def main() -> int:
             floor = median_rate(lambda: time_raw(base, batches, False), args.repeat)
             floor_sync = median_rate(lambda: time_raw(base, batches, True), args.repeat)
             framed = median_rate(lambda: time_raw(base, batches, False, True), args.repeat)
+            cpu = median_rate(lambda: time_cpu(batches), args.repeat)
             rows = [("raw write", floor, None), ("raw write+fsync", floor_sync, None),
-                    ("raw write, framed", framed, framed / floor)]
+                    ("raw write, framed", framed, framed / floor),
+                    ("check+frame, no I/O", cpu, cpu / floor)]
             for policy in POLICIES:
                 rate = median_rate(lambda: time_storage(base, policy, batches), args.repeat)
                 ref = floor_sync if policy == "always" else floor

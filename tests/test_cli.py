@@ -291,3 +291,23 @@ def test_status_and_supervisor_from_the_command_line(data_dir):
         proc = run("status", "--node", a.address, "--node", b.address, "--timeout", "0.3")
         assert proc.returncode == 1
         assert "DOWN" in proc.stdout and f"did not answer: {a.address}" in proc.stderr
+
+
+def test_status_asks_every_node_at_once(data_dir):
+    """Down nodes cost one deadline in all, not one each."""
+    import time
+    from zrepl import NodeStatus, Timeout
+    from zrepl.errors import ProtocolError
+    from zrepl.supervisor import poll_statuses
+    from .helpers.cluster import Cluster
+    with Cluster(fsync="off") as cluster:
+        a = cluster.node("a").start()
+        dead = [f"ipc://{data_dir}/dead{i}" for i in range(4)]
+        t0 = time.monotonic()
+        res = poll_statuses(dead + ["nonsense", a.address], timeout=2.0)
+        elapsed = time.monotonic() - t0
+        assert list(res) == dead + ["nonsense", a.address]
+        assert all(isinstance(res[d], Timeout) for d in dead), res
+        assert isinstance(res["nonsense"], ProtocolError)
+        assert isinstance(res[a.address], NodeStatus) and res[a.address].address == a.address
+        assert elapsed < 4.0, f"{elapsed:.1f}s: asked one node after another (4 x 2 s)"

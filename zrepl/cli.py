@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--node, ask the nodes it supervises")
     st.add_argument("--json", help="machine-readable output", **flag)
     st.add_argument("--timeout", type=float, metavar="SECONDS",
-                    help="seconds to wait per node (default 1)")
+                    help="seconds to wait for the answers; all nodes are asked "
+                         "at once (default 1)")
     _common(st, "nodes, supervisor, json, timeout", logging_flags=False)
     st.set_defaults(func=cmd_status)
 

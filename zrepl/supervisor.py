@@ -62,7 +62,7 @@ import zmq
 
 from . import protocol
 from .config import Config
-from .errors import ProtocolError, ReplicationError
+from .errors import ProtocolError, ReplicationError, Timeout
 from .fsutil import atomic_write
 from .rpc import RpcClient, new_context
 from .types import FollowerState, NodeRole, NodeStatus
@@ -436,41 +436,24 @@ class Supervisor:
         its lease.  A node that does not answer in time, or answers
         nonsense, counts as not answering (and its socket is reopened)."""
         m = self.memory
-        sent: dict[zmq.Socket, tuple[str, float]] = {}
+        requests = {}
         for a in self.nodes:
             args: dict[str, Any] = {}
             if a == m.leader and m.leader_id:
                 args = {"renew_lease_for": m.leader_id, "lease": self.config.lease}
-            s = self._sock(a)
-            try:
-                s.send(protocol.control_request("status", args), zmq.NOBLOCK)
-                sent[s] = (a, time.monotonic())
-            except zmq.ZMQError:
-                self._reset(a)
+            requests[a] = (self._sock(a), protocol.control_request("status", args))
         observed: dict[str, NodeStatus | None] = {a: None for a in self.nodes}
-        poller = zmq.Poller()
-        for s in sent:
-            poller.register(s, zmq.POLLIN)
-        deadline = now + self.config.heartbeat_interval * 0.8
-        while sent:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for s, _ in poller.poll(max(1, int(left * 1000))):
-                a, _t = sent.pop(s)
-                poller.unregister(s)
-                try:
-                    raw = s.recv()
-                    st = NodeStatus.from_dict(protocol.parse_control_reply(raw))
-                except (ReplicationError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("%s answered with a malformed status: %s", a, exc)
-                    continue
-                observed[a] = st
-                if a == m.leader and st.role == NodeRole.LEADER and \
-                        st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
-                    self._lease_granted()
-        for s, (a, _t) in sent.items():  # no answer in time: lazy pirate
-            self._reset(a)
+        for a, st in ask_all(requests, now + self.config.heartbeat_interval * 0.8).items():
+            if isinstance(st, Timeout):
+                self._reset(a)  # lazy pirate: a REQ socket that lost its reply is stuck
+                continue
+            if isinstance(st, ReplicationError):
+                log.warning("%s answered with a malformed status: %s", a, st)
+                continue
+            observed[a] = st
+            if a == m.leader and st.role == NodeRole.LEADER and \
+                    st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
+                self._lease_granted()
         return observed
 
     def _lease_granted(self) -> None:
@@ -511,18 +494,70 @@ def supervisor_view(listen: str, timeout: float = 0.5) -> dict | None:
         return None
 
 
+def ask_all(requests: dict[str, tuple[zmq.Socket, bytes]], deadline: float
+            ) -> dict[str, NodeStatus | ReplicationError]:
+    """Send every node its status request at once, then collect the replies
+    until ``deadline`` (``time.monotonic()``): a dead node costs the wait
+    once, not once per node.  Each node gets a NodeStatus, the error it
+    reported, a ProtocolError for a malformed reply, or Timeout.  The
+    sockets are REQ sockets; one that got no reply must be closed."""
+    out: dict[str, NodeStatus | ReplicationError] = {}
+    waiting: dict[zmq.Socket, str] = {}
+    poller = zmq.Poller()
+    for a, (sock, payload) in requests.items():
+        try:
+            sock.send(payload, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            out[a] = Timeout(f"{a} is not accepting requests: {exc}")
+            continue
+        waiting[sock] = a
+        poller.register(sock, zmq.POLLIN)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for sock, _ in poller.poll(max(1, int(left * 1000))):
+            a = waiting.pop(sock)
+            poller.unregister(sock)
+            try:
+                out[a] = NodeStatus.from_dict(protocol.parse_control_reply(sock.recv()))
+            except ReplicationError as exc:
+                out[a] = exc
+            except (KeyError, TypeError, ValueError) as exc:
+                out[a] = ProtocolError(f"malformed status from {a}: {exc}")
+    for a in waiting.values():
+        out[a] = Timeout(f"no status from {a} within the deadline")
+    return out
+
+
 def poll_statuses(addresses: list[str], timeout: float = 1.0
                   ) -> dict[str, NodeStatus | ReplicationError]:
-    """One status per node (for ``zrepl status``): a NodeStatus or the error
-    that stood in its way."""
+    """One status per node (for ``zrepl status`` and the demo), asked of all
+    nodes at once: a NodeStatus or the error that stood in its way.  The
+    whole poll takes at most ``timeout``, however many nodes are down."""
+    ctx = new_context()
     out: dict[str, NodeStatus | ReplicationError] = {}
-    for a in addresses:
-        try:
-            with RpcClient(protocol.endpoints(a).control, timeout) as rpc:
-                out[a] = NodeStatus.from_dict(rpc.call("status"))
-        except ReplicationError as exc:
-            out[a] = exc
-        except (KeyError, TypeError, ValueError) as exc:
-            out[a] = ProtocolError(f"malformed status: {exc}")
-    return out
+    requests = {}
+    try:
+        for a in addresses:
+            try:
+                control = protocol.endpoints(a).control
+            except ValueError as exc:
+                out[a] = ProtocolError(str(exc))
+                continue
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, Config().max_message_bytes)
+            try:
+                sock.connect(control)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                out[a] = ProtocolError(f"cannot connect to {a}: {exc}")
+                continue
+            requests[a] = (sock, protocol.control_request("status", {}))
+        out.update(ask_all(requests, time.monotonic() + timeout))
+    finally:
+        for sock, _ in requests.values():
+            sock.close(linger=0)
+    return {a: out[a] for a in addresses}
 

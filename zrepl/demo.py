@@ -14,10 +14,12 @@ checked against the clients' tallies.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
@@ -32,12 +34,58 @@ from .types import NodeStatus
 NAMES = ("a", "b", "c")
 
 
+class Histogram:
+    """Latencies in log-scale buckets 1 % wide: the percentiles of a run of
+    any length in a few thousand counters at most."""
+    STEPS = 100  # buckets per factor e
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+        self.n = 0
+        self.max = 0.0
+
+    def add(self, x: float) -> None:
+        self.counts[math.floor(math.log(max(x, 1e-9)) * self.STEPS)] += 1
+        self.n += 1
+        self.max = max(self.max, x)
+
+    def merge(self, other: "Histogram") -> None:
+        self.counts.update(other.counts)
+        self.n += other.n
+        self.max = max(self.max, other.max)
+
+    def quantile(self, q: float) -> float:
+        """The middle of the bucket holding quantile ``q`` (within 0.5 % of
+        the true value); 0 if empty."""
+        rank, seen = min(self.n - 1, int(self.n * q)), 0
+        for k in sorted(self.counts):
+            seen += self.counts[k]
+            if seen > rank:
+                return math.exp((k + 0.5) / self.STEPS)
+        return 0.0
+
+
+RECENT = 50_000  # per writer: more than a second of writes from one blocking client
+
+
 @dataclass
 class Tally:
-    """One writer's record: what it knows happened."""
+    """One writer's record of what it knows happened, in bounded memory.
+    Written by the writer's thread, read by the main thread under ``lock``."""
     acked: int = 0
     unknown: int = 0  # raised after retrying: may or may not have been applied
-    samples: list[tuple[float, float, str]] = field(default_factory=list)  # (done, latency, node)
+    # (done, latency) of the latest writes, for the progress line
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=RECENT))
+    latency: Histogram = field(default_factory=Histogram)
+    first_ack_by: dict[str, float] = field(default_factory=dict)  # node -> its first ack
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, done: float, latency: float, node: str) -> None:
+        with self.lock:
+            self.acked += 1
+            self.recent.append((done, latency))
+            self.latency.add(latency)
+            self.first_ack_by.setdefault(node, done)
 
 
 class Writer(threading.Thread):
@@ -63,8 +111,7 @@ class Writer(threading.Thread):
                 t1 = clock()
                 if code != 0:
                     raise RuntimeError(f"incr answered code {code}")
-                tally.acked += 1
-                tally.samples.append((t1, t1 - t0, self.client.leader or ""))
+                tally.record(t1, t1 - t0, self.client.leader or "")
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
@@ -131,15 +178,20 @@ class Demo:
         return wait_until(self.full_chain, timeout, what, 0.05)
 
     # --- writing and watching -------------------------------------------------------
-    def samples_since(self, since: float) -> list[tuple[float, float, str]]:
+    def latencies_since(self, since: float) -> list[float]:
+        """Latencies of the writes acknowledged after ``since`` (recent ones
+        only: each writer keeps its last RECENT)."""
         out = []
         for w in self.writers:
-            s = w.tally.samples
-            i = len(s)
-            while i > 0 and s[i - 1][0] > since:
-                i -= 1
-            out.extend(s[i:])
+            with w.tally.lock:
+                for done, latency in reversed(w.tally.recent):
+                    if done <= since:
+                        break
+                    out.append(latency)
         return out
+
+    def acked(self) -> int:
+        return sum(w.tally.acked for w in self.writers)
 
     def progress_for(self, seconds: float, until: Callable[[], bool] | None = None,
                      on_tick: Callable[[], None] | None = None) -> None:
@@ -147,9 +199,8 @@ class Demo:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not (until and until()):
             tick = time.monotonic()
-            recent = self.samples_since(tick - 1.0)
-            lat = [lat for _, lat, _ in recent]
-            acked = sum(w.tally.acked for w in self.writers)
+            lat = self.latencies_since(tick - 1.0)
+            acked = self.acked()
             lags = []
             statuses = poll_statuses(list(self.addresses.values()), timeout=0.15)
             for a, st in statuses.items():
@@ -158,7 +209,7 @@ class Demo:
                                 f"{st.follower_lag}")
             down = [self.names[a] for a, st in statuses.items() if not isinstance(st, NodeStatus)]
             self.screen.progress(
-                f"  {tick - self.t0:5.1f}s  {acked:8,d} writes  {len(recent):7,d}/s  "
+                f"  {tick - self.t0:5.1f}s  {acked:8,d} writes  {len(lat):7,d}/s  "
                 f"p50 {_ms(_pct(lat, 0.5))}  p99 {_ms(_pct(lat, 0.99))}  "
                 f"lag {', '.join(lags) or '-'}" + (f"  down: {', '.join(down)}" if down else ""))
             for w in self.writers:
@@ -186,8 +237,7 @@ class Demo:
             w.start()
         say(f"writing with {self.n_clients} clients (each: incr client-N) for {seconds:g}s")
         self.progress_for(seconds)
-        before = self.samples_since(self.t0)
-        rate_before = len(before) / max(1e-9, time.monotonic() - self.t0)
+        rate_before = self.acked() / max(1e-9, time.monotonic() - self.t0)
 
         c.kill(self.names[old])
         t_kill = time.monotonic()
@@ -215,8 +265,12 @@ class Demo:
         watcher.start()
 
         def first_new_ack() -> float | None:
-            return min((t for t, _, node in self.samples_since(t_kill) if node != old),
-                       default=None)
+            firsts = []
+            for w in self.writers:
+                with w.tally.lock:
+                    firsts += [t for node, t in w.tally.first_ack_by.items()
+                               if node != old and t > t_kill]
+            return min(firsts, default=None)
 
         self.progress_for(30, until=lambda: bool(promoted) and first_new_ack() is not None,
                           on_tick=announce)
@@ -229,7 +283,7 @@ class Demo:
         say(f"  {t_ack - self.t0:5.1f}s  writes flow again through "
             f"{self.names[promoted['leader']]}: failover took {_ms(failover)}")
 
-        t_after = time.monotonic()
+        t_after, acked_after = time.monotonic(), self.acked()
         c.start_node(self.names[old], old)
         say(f"  {time.monotonic() - self.t0:5.1f}s  restarted {self.names[old]}; the "
             "supervisor puts it back at the tail, it drops what it had not replicated "
@@ -237,7 +291,7 @@ class Demo:
         self.progress_for(max(seconds / 2, 0.5))
         self.progress_for(60, until=lambda: self.full_chain() is not None)
         view = self.wait_chain("the restarted node to rejoin")
-        rate_after = len(self.samples_since(t_after)) / max(1e-9, time.monotonic() - t_after)
+        rate_after = (self.acked() - acked_after) / max(1e-9, time.monotonic() - t_after)
         for w in self.writers:
             w.halt.set()
         for w in self.writers:
@@ -278,8 +332,9 @@ class Demo:
                          str(st.leader_id), str(st.max_applied_wal),
                          f"{sum(state.get(k, 0) for k in expected):,}", str(lost), str(twice),
                          digest["sha256"][:12]])
-        samples = self.samples_since(self.t0)
-        lat = [x for _, x, _ in samples]
+        lat = Histogram()
+        for w in self.writers:
+            lat.merge(w.tally.latency)
         acked = sum(a for a, _ in expected.values())
         unknown = sum(u for _, u in expected.values())
         head = ["NODE", "ROLE", "EPOCH", "APPLIED", "SUM OF COUNTERS", "LOST", "TWICE",
@@ -293,8 +348,8 @@ class Demo:
             f"acknowledged writes   {acked:,} (outcome unknown: {unknown})\n"
             f"throughput            {rate_before:,.0f}/s before the failover, "
             f"{rate_after:,.0f}/s after ({self.n_clients} clients, each waits for its reply)\n"
-            f"latency               p50 {_ms(_pct(lat, 0.5))}, p99 {_ms(_pct(lat, 0.99))}, "
-            f"max {_ms(max(lat, default=0))} (a write caught by the failover)\n"
+            f"latency               p50 {_ms(lat.quantile(0.5))}, "
+            f"p99 {_ms(lat.quantile(0.99))}, max {_ms(lat.max)} (a write caught by the failover)\n"
             f"failover              first write acknowledged by the new leader {_ms(failover)} "
             f"after the SIGKILL (the supervisor reported it after {_ms(promotion)})\n"
             f"lost / applied twice  {lost_total} / {twice_total} (on the worst node)\n"

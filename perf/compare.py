@@ -23,7 +23,9 @@ in the same run (DESIGN.md's two comparison targets).
    * PySyncObj: a two-node cluster (a Raft commit needs both), each node
      submitting ``@replicated`` calls with callbacks and a bounded number
      in flight, as PySyncObj's own benchmark does; its log is kept in
-     memory (its default: no journal file), zrepl's is on disk.
+     memory (its default: no journal file), zrepl's is on disk.  Its
+     throughput depends on how many calls are in flight, so several
+     windows are tried and its best counts.
 
    Target: zrepl >= 25 x PySyncObj and >= 250,000 commands/s.
 
@@ -31,7 +33,8 @@ Needs ``pip install -e '.[perf]'`` (redis-py, pysyncobj) and a
 ``redis-server`` binary on PATH (Debian: ``apt-get install redis-server``);
 a part whose tool is missing is skipped with a note.
 
-    python3 perf/compare.py [--seconds 2] [--rounds 3] [--parts redis,pysyncobj] [--json FILE]
+    python3 perf/compare.py [--seconds 2] [--rounds 3] [--parts redis,pysyncobj]
+                            [--windows 1000,5000,20000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -119,7 +122,11 @@ while True:
         counted_from, ok_from = now, ok[0]
     if now >= t_end:
         break
-    slots.acquire()
+    if not slots.acquire(timeout=10):  # callbacks stopped coming: slots leaked
+        print(json.dumps({"stalled": True}))
+        sys.stdout.flush()
+        store.destroy()
+        raise SystemExit(0)
     store.put(value, callback=done)
 ok_to, t_to = ok[0], time.time()
 print(json.dumps({"ok": ok_to - ok_from, "seconds": t_to - counted_from, "failed": failed[0],
@@ -213,14 +220,15 @@ def _redis_info(r) -> dict:
         return {}
 
 
-def part_pysyncobj(w: Workdir, args) -> dict:
+def run_pysyncobj(w: Workdir, seconds: float, window: int) -> dict | None:
+    """One fresh two-node cluster; commits/s over both nodes, or None if
+    callbacks stopped coming (PySyncObj lost some: their slots leaked)."""
     ports = [int(tcp_address().rsplit(":", 1)[1]) for _ in range(2)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
-    seconds = max(args.seconds, 3.0)
     start_at = time.time() + 5.0  # time to elect a leader
     procs = [subprocess.Popen([sys.executable, "-c", SYNCOBJ_NODE, a,
                                ",".join(x for x in addrs if x != a), str(start_at),
-                               str(seconds), str(args.window)],
+                               str(seconds), str(window)],
                               stdout=subprocess.PIPE, text=True) for a in addrs]
     w.extra.extend(procs)
     results = []
@@ -229,8 +237,25 @@ def part_pysyncobj(w: Workdir, args) -> dict:
         if p.returncode != 0:
             raise RuntimeError(f"a PySyncObj node failed with status {p.returncode}")
         results.append(json.loads(out))
-    syncobj = sum(r["ok"] / r["seconds"] for r in results)
-    failed = sum(r["failed"] for r in results)
+    if any(r.get("stalled") for r in results):
+        return None
+    return {"per_s": sum(r["ok"] / r["seconds"] for r in results),
+            "failed": sum(r["failed"] for r in results)}
+
+
+def part_pysyncobj(w: Workdir, args) -> dict:
+    seconds = max(args.seconds, 3.0)
+    by_window = {}
+    for window in (int(x) for x in args.windows.split(",")):
+        r = run_pysyncobj(w, seconds, window)
+        by_window[window] = r
+        print(f"PySyncObj, 2 nodes, both submitting, {window} calls in flight each: " +
+              (f"{r['per_s']:,.0f} commits/s ({r['failed']} failed callbacks)" if r else
+               "stalled (callbacks stopped coming)"), flush=True)
+    best = max((r for r in by_window.values() if r), key=lambda r: r["per_s"], default=None)
+    if best is None:
+        raise RuntimeError("PySyncObj stalled at every window")
+    syncobj = best["per_s"]
 
     cfg = Config(fsync="batch")
     follower_addr = tcp_address()
@@ -254,14 +279,12 @@ def part_pysyncobj(w: Workdir, args) -> dict:
         leader.stop()
         storage.close()
     zrepl = statistics.median(runs)
-    print(f"PySyncObj, 2 nodes, both submitting (window {args.window} each): "
-          f"{syncobj:,.0f} commits/s ({failed} failed callbacks)")
     print(f"zrepl apply_many, 64 submitters, synchronous follower: median {zrepl:,.0f}/s "
           f"over {args.rounds} runs ({', '.join(f'{x:,.0f}' for x in runs)})")
-    print(f"zrepl/PySyncObj = {zrepl / syncobj:.1f}x (target >= 25x: "
+    print(f"zrepl/PySyncObj (its best window) = {zrepl / syncobj:.1f}x (target >= 25x: "
           f"{'met' if zrepl >= 25 * syncobj else 'MISSED'}; >= 250,000/s: "
           f"{'met' if zrepl >= 250_000 else 'MISSED'})")
-    return {"pysyncobj_per_s": syncobj, "pysyncobj_failed": failed, "zrepl_per_s": zrepl,
+    return {"pysyncobj_per_s": syncobj, "pysyncobj_by_window": by_window, "zrepl_per_s": zrepl,
             "zrepl_runs": runs}
 
 
@@ -270,8 +293,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="per round (default 2)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parts", default="redis,pysyncobj")
-    ap.add_argument("--window", type=int, default=2000,
-                    help="PySyncObj calls in flight per node (default 2000)")
+    ap.add_argument("--windows", default="1000,5000,20000",
+                    help="PySyncObj calls in flight per node, each tried; its best counts "
+                         "(default 1000,5000,20000)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     parts = args.parts.split(",")

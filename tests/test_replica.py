@@ -248,3 +248,28 @@ def test_epoch_history_reaches_a_follower_whose_first_catch_up_send_fails(nodes)
     assert failed, "the catch-up never tried to send"
     assert follower.status().epoch_history == leader.status().epoch_history == [(1, 1), (2, 11)]
     assert follower.app.data == leader.app.data
+
+
+def test_follower_refuses_wal_before_any_epoch_history(nodes):
+    """Defence in depth behind the test above: a stream whose batches never
+    carry the epoch history is refused, so nothing is logged by a node that
+    has no record of any epoch; the leader reports the link as failed."""
+    leader = nodes.make("L")
+    leader.set_role(NodeRole.LEADER, 1)
+    leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
+    leader._history_to_send = lambda: (None, leader._history_version)  # a broken upstream
+    follower = nodes.make("F")
+    follower.set_role(NodeRole.FOLLOWER, 1)
+    leader.set_follower(follower.address)
+    wait_for(lambda: leader.status().follower_state == FollowerState.ERROR, 10,
+             "the leader to see its stream refused")
+    assert "no epoch history" in leader.status().extra["follower_error"]
+    st = follower.status()
+    assert st.extra["refused_batches"] >= 1
+    assert st.max_wal == 0 and st.epoch_history == [] and follower.app.data == {}
+    del leader._history_to_send  # mended: setting the follower again restarts the link
+    leader.set_follower(follower.address)
+    wait_for(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 10,
+             "synchronous follower once the history arrives")
+    assert follower.status().epoch_history == [(1, 1)]
+    assert follower.app.data == leader.app.data

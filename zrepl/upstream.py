@@ -162,6 +162,7 @@ class UpstreamSide:
                 self._state_end(stream, msg[4], msg[5])
                 self._ack_upstream(stream, STATE_END, msg[4], b"")
         except (ReplicationError, ValueError, TypeError) as exc:
+            self._counters["refused_batches"] += 1
             self.log.warning("refused a batch from %s: %s", self._leader_address, exc)
             err = exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
             self._ack_upstream(stream, kind if kind != STATE_BEGIN else STATE, 0, b"", err)
@@ -177,6 +178,7 @@ class UpstreamSide:
             self._check_continues(first, datas)
             if history is not None:
                 self._set_history(history)
+            self._check_history_known()
             batch = None
             if self._synchronous:
                 batch = Batch(first, last, [(AckSink(self._forwarded_ack(stream, last)), 0,
@@ -195,6 +197,17 @@ class UpstreamSide:
                 self._complete_local(batch, codes, cb)
                 return
         self._ack_upstream(stream, WAL, last, cb)
+
+    def _check_history_known(self) -> None:
+        """Refuse to log entries while this node's epoch history is empty: a
+        later failover compares histories to find where two logs diverge,
+        and every upstream has a history (a leader starts one when it is
+        promoted) which it sends with the first batch of each stream.  (In
+        a chain the newest epoch may still be on its way down while older
+        entries are forwarded, so only "none at all" is certain to be wrong.)"""
+        if not self._history:
+            raise ProtocolError("WAL batch, but no epoch history has reached this node: the "
+                                "upstream did not send it with the stream")
 
     def _forwarded_ack(self, stream: int, last: int
                        ) -> Callable[[list[int] | None, BaseException | None], None]:

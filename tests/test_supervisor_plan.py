@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,6 +97,20 @@ def test_dead_leader_waits_for_its_lease_then_promotes_the_synchronous_follower(
     assert p.new_epoch == 2 and p.memory.leader == B
     assert str(p.calls[0]) == str(Call("set_role", B, L, 2))
     assert str(Call("set_role", C, F, 2)) in ops(p)
+    assert p.events == [(logging.WARNING, f"leader {A} is dead: promoting {B} with epoch 2")]
+
+
+def test_plan_logs_nothing_itself(caplog):
+    """plan() is pure: what is worth logging comes back in Plan.events for
+    the Supervisor to log."""
+    caplog.set_level(logging.DEBUG)
+    p = plan(ORDER, {a: s(a) for a in ORDER}, Memory(), CFG, now=0)
+    assert p.events == [(logging.WARNING, f"no leader: making {A} the leader of epoch 1")]
+    obs = dict(steady())
+    obs[A] = obs[B] = obs[C] = None
+    p = dead_leader(steady_memory(), obs, now=100.0)
+    assert [lvl for lvl, _ in p.events] == [logging.ERROR] and "promoting nobody" in p.events[0][1]
+    assert caplog.records == []
 
 
 def test_promotion_prefers_the_longest_wal_then_the_closest():

@@ -134,6 +134,7 @@ class Plan:
     memory: Memory
     new_epoch: int = 0  # persist this before making the calls (0: none)
     persist: bool = False  # the persisted part of the memory changed
+    events: list[tuple[int, str]] = field(default_factory=list)  # (logging level, text) to log
 
 
 def _last_epoch(st: NodeStatus) -> int:
@@ -161,12 +162,14 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
          cfg: Config, now: float) -> Plan:
     """Decide this tick's calls.  ``observed`` maps every configured address
     to its status, or None if it did not answer this poll.  Pure: the given
-    memory is not modified."""
+    memory is not modified and nothing is logged (what is worth logging
+    comes back in ``Plan.events``)."""
     mem = dataclasses.replace(memory, sync_chain=list(memory.sync_chain),
                               chain=list(memory.chain), misses=dict(memory.misses),
                               error_retry=dict(memory.error_retry))
     persisted_before = mem.key()
     calls: list[Call] = []
+    events: list[tuple[int, str]] = []
     new_epoch = 0
     alive = {a: st for a, st in observed.items() if st is not None}
     for a in order:
@@ -177,7 +180,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
 
     def done(note: str) -> Plan:
         mem.note = note
-        return Plan(calls, mem, new_epoch, mem.key() != persisted_before)
+        return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events)
 
     def promote(address: str) -> int:
         """A new epoch led by ``address``: its calls, and the memory of it."""
@@ -206,7 +209,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                                             max(alive[a].max_wal, alive[a].max_applied_wal),
                                             -order.index(a)))
             new_epoch = promote(best)
-            log.warning("no leader: making %s the leader of epoch %d", best, new_epoch)
+            events.append((logging.WARNING,
+                           f"no leader: making {best} the leader of epoch {new_epoch}"))
 
     leader = mem.leader
     lst = alive.get(leader)
@@ -231,11 +235,12 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                     f"write is reachable (synchronous chain was "
                     f"{[a for a, _ in mem.sync_chain] or 'empty'}): promoting nobody, waiting")
             if note != memory.note:
-                log.error(note)
+                events.append((logging.ERROR, note))
             return done(note)
         new_leader = max(candidates)[2]
         new_epoch = promote(new_leader)
-        log.warning("leader %s is dead: promoting %s with epoch %d", leader, new_leader, new_epoch)
+        events.append((logging.WARNING, f"leader {leader} is dead: promoting {new_leader} "
+                                        f"with epoch {new_epoch}"))
         leader = new_leader
     elif leader not in alive:
         return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
@@ -409,6 +414,8 @@ class Supervisor:
         observed = self._poll(now)
         self.last_observed = observed
         result = plan(self.nodes, observed, self.memory, self.config, time.monotonic())
+        for level, text in result.events:
+            log.log(level, "%s", text)
         if result.new_epoch or result.persist:
             self.memory = result.memory
             self._save_state()  # the new epoch is durable before any node hears of it

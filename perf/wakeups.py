@@ -10,7 +10,10 @@ Round trips of 64 bytes between this process and an echo process:
   CPUs (``os.sched_setaffinity``): how much of it is waking a thread on the
   other CPU;
 * ``raw TCP``: a plain socket echo (TCP_NODELAY), two wake-ups per round
-  trip.
+  trip;
+* ``raw TCP via a Python relay``: the same through a do-nothing relay
+  process: what a chain hop would cost at least over plain sockets (the
+  pyzmq figure for a relay hop is in perf/latency.py --hops).
 
 Each figure is the median of ``--rounds`` rounds' p50, the cases
 alternating.
@@ -50,6 +53,30 @@ while True:
     c.sendall(m)
 """
 
+# A do-nothing relay on plain sockets: what one hop of a chain would cost
+# at least if the nodes' data link were plain TCP instead of ZeroMQ.
+TCP_RELAY = """
+import selectors, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", %d))
+s.listen(1)
+front, _ = s.accept()
+back = socket.create_connection(("127.0.0.1", %d))
+for c in (front, back):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+other = {front: back, back: front}
+sel = selectors.DefaultSelector()
+sel.register(front, selectors.EVENT_READ)
+sel.register(back, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        m = key.fileobj.recv(65536)
+        if not m:
+            raise SystemExit(0)
+        other[key.fileobj].sendall(m)
+"""
+
 PINNED_ECHO = "import os\ncpus = %r\nif cpus:\n    os.sched_setaffinity(0, cpus)\n" + ECHO_SERVER
 
 
@@ -67,7 +94,8 @@ def main() -> int:
     cases = [("pyzmq REQ/REP", mine, None, "zmq"),
              ("pyzmq, both on one CPU", {cpus[0]}, {cpus[0]}, "zmq"),
              ("pyzmq, on two CPUs", {cpus[0]}, other, "zmq"),
-             ("raw TCP", mine, None, "tcp")]
+             ("raw TCP", mine, None, "tcp"),
+             ("raw TCP via a Python relay", mine, None, "tcp-relay")]
     results: dict[str, list[float]] = {name: [] for name, *_ in cases}
     with Workdir("zrepl-wakeups-") as w:
         contexts: list[zmq.Context] = []
@@ -90,6 +118,10 @@ def main() -> int:
                     calls[name] = (lambda s=s: (s.send(payload), s.recv()))
                 else:
                     w.start_python(TCP_ECHO % (echo_cpus, port))
+                    if transport == "tcp-relay":
+                        echo_port, port = port, free_tcp_base()
+                        wait_until(lambda: _listening(echo_port), 30, "the TCP echo")
+                        w.start_python(TCP_RELAY % (port, echo_port))
                     conn = wait_until(lambda: _connect(port), 30, "the TCP echo")
                     conns.append(conn)
                     calls[name] = (lambda c=conn: (c.sendall(payload), c.recv(65536)))
@@ -122,6 +154,14 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on ``port``, without connecting to it (the
+    echo serves one connection only)."""
+    import psutil
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+               for c in psutil.net_connections("tcp4"))
 
 
 def _connect(port: int) -> socket.socket | None:

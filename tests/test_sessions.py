@@ -150,3 +150,46 @@ def test_retry_of_a_command_too_old_is_refused_not_reapplied():
         assert counter(a) == 9
         with pytest.raises(ReplicationError):
             submit(a, b"short", 1, kv_incr("n"))  # a malformed session
+
+
+def test_apply_many_reuses_one_connection_per_node(tmp_path):
+    """Each apply_many call once opened a new connection to the leader:
+    a handshake per call, and a TIME_WAIT socket left per call, which under
+    sustained use ran the machine out of ports.  One connection now serves
+    every call; a reply to a call that gave up is skipped by request id."""
+    from zmq.utils.monitor import recv_monitor_message
+    from zrepl.remote import Client
+    address = f"ipc://{tmp_path}/fake.sock"
+    ctx = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(p.endpoints(address).client)
+    monitor = server.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    stop = threading.Event()
+    accepted = []
+
+    def serve() -> None:  # a leader that answers every submission with code 0
+        poller = zmq.Poller()
+        poller.register(server, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        while not stop.is_set():
+            for sock, _ in poller.poll(50):
+                if sock is monitor:
+                    accepted.append(recv_monitor_message(monitor)["event"])
+                    continue
+                *envelope, payload = server.recv_multipart()
+                _, fields = p.parse_client_request(payload)
+                server.send_multipart(envelope + [p.submit_reply(fields[0], 0)])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with Client([address], timeout=5.0) as c:
+            for i in range(20):
+                assert c.apply_many([b"cmd"] * 8) == [0] * 8
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        server.disable_monitor()
+        monitor.close(linger=0)
+        server.close(linger=0)
+    assert accepted == [zmq.EVENT_ACCEPTED], accepted

@@ -157,6 +157,7 @@ class Client:
         self._ids = itertools.count(1)
         self._leader: str | None = None
         self._rpcs: dict[str, RpcClient] = {}
+        self._dealers: dict[str, zmq.Socket] = {}  # apply_many's pipelines, one per node
         self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
 
     @property
@@ -311,10 +312,17 @@ class Client:
 
     def _pipeline(self, address: str, datas: list[bytes], seqs: list[int],
                   codes: list[int | None], todo: list[int], window: int) -> list[int]:
-        """Send ``todo`` to one node, pipelined; return what must be retried."""
-        sock = new_context().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(protocol.endpoints(address).client)
+        """Send ``todo`` to one node, pipelined; return what must be retried.
+        The socket stays open for the next call (a connection per call cost
+        a TCP and ZMTP handshake each time, and left a TIME_WAIT socket
+        behind: hundreds a second ran the machine out of ports).  Replies
+        to an earlier call that gave up are recognised by their request id
+        and skipped."""
+        sock = self._dealers.get(address)
+        if sock is None:
+            sock = self._dealers[address] = new_context().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(protocol.endpoints(address).client)
         retry: list[int] = []
         by_request: dict[int, int] = {}
         try:
@@ -327,6 +335,7 @@ class Client:
                     sock.send(protocol.submit_request(rid, datas[i], self.client_id, seqs[i]))
                 if not sock.poll(int(self.timeout * 1000), zmq.POLLIN):
                     self._lost(address)  # no answer: everything outstanding is retried
+                    self._drop_dealer(address)  # and what is queued to it is dropped
                     return sorted(retry + list(by_request.values()) + list(queue))
                 rid, code, err = protocol.parse_submit_reply(sock.recv())
                 i = by_request.pop(rid, -1) if isinstance(rid, int) else -1
@@ -345,13 +354,21 @@ class Client:
             if not retry:
                 self._leader = address
             return sorted(retry)
-        finally:
+        except BaseException:
+            self._drop_dealer(address)  # half a pipeline in flight: start clean next time
+            raise
+
+    def _drop_dealer(self, address: str) -> None:
+        sock = self._dealers.pop(address, None)
+        if sock is not None:
             sock.close(linger=0)
 
     def close(self) -> None:
         for rpc in self._rpcs.values():
             rpc.close()
         self._rpcs.clear()
+        for address in list(self._dealers):
+            self._drop_dealer(address)
 
     def __enter__(self) -> "Client":
         return self

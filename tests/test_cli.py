@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from .helpers import wait_for
+from .helpers import reap, stop_process, wait_for
 
 from zrepl import FileStorage, WALEntry
 from zrepl.wal import list_segments
@@ -127,7 +127,6 @@ def test_node_config_file_errors_name_the_problem(data_dir):
 
 
 def test_node_runs_and_stops_on_sigterm(data_dir):
-    import signal
     import time
     from zrepl import NodeClient, ReplicationError
     address = f"ipc://{data_dir}/n.sock"
@@ -145,14 +144,10 @@ def test_node_runs_and_stops_on_sigterm(data_dir):
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None, "node did not start"
             assert c.status().address == address
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-        _, err = proc.communicate()
-        assert "stopping" in err
+        assert stop_process(proc) == 0
+        assert "stopping" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 # --- settings from TOML, one-line errors ----------------------------------------------
@@ -233,7 +228,6 @@ def test_wal_dump_reads_its_flags_from_toml(data_dir):
 
 def test_node_from_toml_only_logs_json_lines_with_its_address(data_dir):
     import json
-    import signal
     address = f"ipc://{data_dir}/n.sock"
     cfg = data_dir / "n.toml"
     cfg.write_text(f'app = "workers.kv:KV"\ndata = "{data_dir / "d"}"\nlisten = "{address}"\n'
@@ -243,13 +237,10 @@ def test_node_from_toml_only_logs_json_lines_with_its_address(data_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: pings(address, proc), 20, "the node to answer")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-        _, err = proc.communicate()
+        assert stop_process(proc) == 0
+        err = proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     events = [json.loads(line) for line in err.splitlines()]
     assert events and all(e["node"] == address for e in events), err
     assert {e["level"] for e in events} <= {"INFO", "WARNING"}  # the flag beat the file

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from zrepl import demo
 
-from .helpers import wait_for
+from .helpers import reap, stop_process, wait_for
 from .helpers.cluster import ROOT
 
 
@@ -66,12 +66,9 @@ def test_demo_stops_cleanly_on_ctrl_c(tmp_path):
     try:
         wait_for(lambda: "writes" in log.read_text() or proc.poll() is not None, 60,
                  "the demo to start writing", interval=0.05)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert stop_process(proc, signal.SIGINT, timeout=60) == 130
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     text = log.read_text()
     assert "interrupted: stopping every process" in text
     assert not _root(text).exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 
 from zrepl import Client, NodeClient, NodeRole, ReplicationError, sdnotify
 
+from .helpers import reap, stop_process
 from .helpers.cluster import ROOT, Cluster, kv_set
 
 UNITS = ROOT / "systemd"
@@ -123,14 +123,10 @@ def _popen(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(timeout=20)
+        return stop_process(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_node_sends_ready_watchdog_and_stopping(data_dir):

@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ECHO_SERVER, ROOT, Workdir, pct, tcp_address, wait_until
+from _common import ECHO_SERVER, Workdir, pct, tcp_address, wait_until
 from kv import run_case
 from throughput import run_mode
 

@@ -131,6 +131,7 @@ NODE_KEYS = [
     Key("app", "--app MODULE:CLASS", required=True),
     Key("data", "--data DIR", required=True),
     Key("listen", "--listen ENDPOINT", required=True),
+    Key("metrics", "--metrics HOST:PORT"),
     Key("fsync", "--fsync", config=True),
     Key("require_sync", "--require-sync", bool, config=True),
     Key("checkpoint_entries", "--checkpoint-entries", int, config=True),
@@ -217,7 +218,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     values, config = settings(args, NODE_KEYS, with_config=True)
     _logging(values)
     try:
-        return run_node(values["app"], values["data"], values["listen"], config)
+        return run_node(values["app"], values["data"], values["listen"], config,
+                        values["metrics"])
     except SetupError as exc:
         raise CommandError(str(exc)) from None
 
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--data", metavar="DIR", help="data directory (required)")
     node.add_argument("--listen", metavar="ENDPOINT",
                       help="this node's address, e.g. tcp://127.0.0.1:7400 (required)")
+    node.add_argument("--metrics", metavar="HOST:PORT",
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
+                           "default; :PORT for every interface)")
     node.add_argument("--fsync", choices=["always", "batch", "off"], help="WAL fsync policy")
     node.add_argument("--require-sync", help="refuse to commit without a synchronous follower",
                       **flag)

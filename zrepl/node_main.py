@@ -16,6 +16,7 @@ from .config import Config
 from .errors import ReplicationError
 from .filestorage import FileStorage
 from .interfaces import App
+from .metrics import MetricsServer, parse_listen, render
 from .protocol import endpoints
 from .replica import Replica
 
@@ -58,17 +59,21 @@ def load_app(spec: str) -> App:
         raise SetupError(f"{spec}() failed: {type(exc).__name__}: {exc}{_where(exc)}") from None
 
 
-def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
+def run_node(app_spec: str, data: str, listen: str, config: Config,
+             metrics: str | None = None) -> int:
     """Serve until stopped; exit status 0, or 1 if the engine crashed.
 
     The main thread only waits: for a signal, for the engine to stop, and to
     tell systemd (when it started us with ``Type=notify``) READY=1 once the
     node serves and WATCHDOG=1 while the engine loop keeps coming round.
     A wedged engine stops the pings and systemd restarts the node.
+    ``metrics`` (HOST:PORT) also serves Prometheus metrics there.
     """
     log = logging.getLogger("zrepl.node")
     try:
         endpoints(listen)
+        if metrics:
+            parse_listen(metrics)
     except ValueError as exc:
         raise SetupError(str(exc)) from None
     app = load_app(app_spec)
@@ -76,12 +81,21 @@ def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
         storage = FileStorage(data, config=config)
     except ReplicationError as exc:
         raise SetupError(str(exc)) from None
+    server: MetricsServer | None = None
     try:
         replica = Replica(app, storage, listen, config)
+        if metrics:  # bound before the node starts: a taken port is a setup error
+            try:
+                server = MetricsServer(metrics, lambda: render(replica.status()))
+            except OSError as exc:
+                raise SetupError(f"cannot serve metrics on {metrics}: "
+                                 f"{exc.strerror or exc}") from None
         try:
             replica.start()
         except (ReplicationError, ValueError) as exc:
             raise SetupError(str(exc)) from None
+        if server is not None:
+            server.start()
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("[%s] signal %d: stopping", listen, signum, extra={"node": listen})
@@ -98,4 +112,6 @@ def run_node(app_spec: str, data: str, listen: str, config: Config) -> int:
         replica.stop()
         return 1 if replica.crashed else 0
     finally:
+        if server is not None:
+            server.stop()
         storage.close()

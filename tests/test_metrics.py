@@ -20,7 +20,7 @@ from zrepl.remote import Client
 from .helpers import reap, stop_process, wait_for
 from .test_cli import one_line_error, run
 
-SAMPLE = re.compile(r'^([a-z_]+)\{([^}]*)\} (\S+)$')
+SAMPLE = re.compile(r'^([a-z_]+)(?:\{([^}]*)\})? (\S+)$')
 
 
 def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -39,7 +39,7 @@ def parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         name = m.group(1)
         assert name in typed, f"{name} has no TYPE line"
         assert (typed[name] == "counter") == name.endswith("_total"), name
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2)))
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
         out.setdefault(name, []).append((labels, float(m.group(3))))
     return out
 
@@ -120,3 +120,31 @@ def test_node_refuses_bad_or_taken_metrics_address(data_dir):
         port = taken.getsockname()[1]
         one_line_error(run(*base, "--metrics", f"127.0.0.1:{port}"),
                        f"cannot serve metrics on 127.0.0.1:{port}")
+
+
+def scrape(port: int) -> dict | None:
+    """The parsed metrics at 127.0.0.1:port (None while nothing answers)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return parse(resp.read().decode())
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def test_supervisor_serves_its_metrics():
+    from .helpers.cluster import Cluster
+    port = free_tcp_base(1)
+    with Cluster(fsync="off") as c:
+        a, b = c.node("a").start(), c.node("b").start()
+        sup = c.supervisor([a, b], metrics=f"127.0.0.1:{port}")
+        sup.wait_synchronous(1)
+        m = wait_for(lambda: scrape(port), 20, "the supervisor's metrics")
+        assert m["zrepl_supervisor_leader"] == [({"node": a.address}, 1.0)]
+        assert m["zrepl_supervisor_epoch"] == [({}, 1.0)]
+        assert m["zrepl_supervisor_promotions_total"] == [({}, 1.0)]
+        assert m["zrepl_supervisor_synchronous_nodes"] == [({}, 1.0)]
+        assert sorted(m["zrepl_supervisor_node_up"], key=lambda s: s[0]["node"]) == \
+            [({"node": a.address}, 1.0), ({"node": b.address}, 1.0)]
+        b.kill()
+        wait_for(lambda: ({"node": b.address}, 0.0) in (scrape(port) or {}).get(
+            "zrepl_supervisor_node_up", []), 30, "the dead follower to show as down")

@@ -143,6 +143,7 @@ SUPERVISOR_KEYS = [
     Key("nodes", "--node ENDPOINT", list, required=True),
     Key("state", "--state FILE"),
     Key("listen", "--listen ENDPOINT"),
+    Key("metrics", "--metrics HOST:PORT"),
     Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
     Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
@@ -230,6 +231,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     import threading
 
     from . import sdnotify
+    from .metrics import MetricsServer, render_supervisor
     from .supervisor import Supervisor
     values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
     _logging(values)
@@ -239,6 +241,16 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
                          listen=values["listen"] or "")
     except (ValueError, ReplicationError) as exc:
         raise CommandError(str(exc)) from None
+    server = None
+    if values["metrics"]:
+        try:
+            server = MetricsServer(values["metrics"],
+                                   lambda: render_supervisor(sup.status(), sup.nodes))
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"cannot serve metrics on {values['metrics']}: "
+                               f"{exc.strerror or exc}") from None
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -248,6 +260,8 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     sup.start()
+    if server is not None:
+        server.start()
     # The main thread waits for signals and speaks to systemd: READY once the
     # first round of polls is done, WATCHDOG=1 only while rounds keep coming.
     seen_ticks = 0
@@ -262,9 +276,13 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
         advanced, seen_ticks = ticks != seen_ticks, ticks
         return advanced
 
-    sdnotify.wait_with_watchdog(stop.wait, ticking, step=0.2)
-    sdnotify.notify("STOPPING=1")
-    sup.stop()
+    try:
+        sdnotify.wait_with_watchdog(stop.wait, ticking, step=0.2)
+    finally:
+        sdnotify.notify("STOPPING=1")
+        if server is not None:
+            server.stop()
+        sup.stop()
     return 0
 
 
@@ -405,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to keep the largest epoch issued and the synchronous chain")
     sup.add_argument("--listen", metavar="ENDPOINT",
                      help="answer 'zrepl status --supervisor ENDPOINT' here")
+    sup.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
+                          "default)")
     _common(sup, "these keys and any zrepl.Config field (heartbeat_interval, lease, ...)")
     sup.set_defaults(func=cmd_supervisor)
 

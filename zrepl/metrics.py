@@ -1,7 +1,7 @@
-"""Prometheus metrics: ``zrepl node --metrics HOST:PORT`` serves
-``GET /metrics`` in the Prometheus text format (version 0.0.4), rendered
-from the node's own status at each scrape.  Standard library only: one
-``http.server`` thread, off by default.
+"""Prometheus metrics: ``zrepl node --metrics HOST:PORT`` (and ``zrepl
+supervisor --metrics``) serve ``GET /metrics`` in the Prometheus text
+format (version 0.0.4), rendered from the process's own status at each
+scrape.  Standard library only: one ``http.server`` thread, off by default.
 
 Every series carries ``node="<address>"``.  Gauges: the node's role and
 its follower's state (one series each, value 1, the state as a label),
@@ -9,6 +9,11 @@ the epoch, WAL positions, the follower's lag, RSS and CPU, queued and
 in-flight submissions; counters (``_total``): client requests, replies,
 queries, duplicates answered, dropped messages, refused batches,
 replication failures, state syncs and log catch-ups.
+
+The supervisor's series start with ``zrepl_supervisor_``: the epoch in
+force and the largest issued, one ``node_up`` per configured node, the
+lengths of the chain and of its synchronous part, and counters of polls
+and of promotions this process made.
 """
 
 from __future__ import annotations
@@ -83,16 +88,34 @@ def _number(value: Any) -> str | None:
     return None
 
 
+class _Text:
+    """Prometheus text, one metric family after another."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, help_: str, kind: str,
+               samples: list[tuple[str, Any]]) -> None:
+        """``samples``: (labels, value); a None value is left out (no sample
+        rather than a made-up one)."""
+        shown = [(labels, text) for labels, value in samples
+                 if (text := _number(value)) is not None]
+        if shown:
+            self.lines.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}")
+            self.lines += [f"{name}{{{labels}}} {text}" if labels else f"{name} {text}"
+                           for labels, text in shown]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
 def render(st: NodeStatus) -> str:
     """One node's status in the Prometheus text format."""
     node = f'node="{_label(st.address)}"'
-    out: list[str] = []
+    text = _Text()
 
     def series(name: str, help_: str, kind: str, value: Any, labels: str = node) -> None:
-        text = _number(value)
-        if text is None:
-            return  # absent (e.g. no lease): no sample rather than a made-up one
-        out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{{{labels}}} {text}")
+        text.family(name, help_, kind, [(labels, value)])
 
     series("zrepl_role", "This node's role (the role is the label).", "gauge", 1,
            f'{node},role="{st.role.name}"')
@@ -106,7 +129,36 @@ def render(st: NodeStatus) -> str:
         series(name, help_, "counter", st.extra.get(key, 0))
     for name, help_, key in _EXTRA_GAUGES:
         series(name, help_, "gauge", st.extra.get(key))
-    return "\n".join(out) + "\n"
+    return str(text)
+
+
+def render_supervisor(view: dict[str, Any], nodes: list[str]) -> str:
+    """The supervisor's view (``Supervisor.status()``) in the Prometheus
+    text format."""
+    text = _Text()
+    leader = view.get("leader") or ""
+    text.family("zrepl_supervisor_leader", "The node the supervisor made leader (the "
+                "address is the label); absent while there is none.", "gauge",
+                [(f'node="{_label(leader)}"', 1 if leader else None)])
+    text.family("zrepl_supervisor_epoch", "The epoch (leader_id) in force.", "gauge",
+                [("", view.get("leader_id"))])
+    text.family("zrepl_supervisor_max_epoch", "The largest epoch ever issued (persisted).",
+                "gauge", [("", view.get("max_leader_id"))])
+    dead = set(view.get("dead", []))
+    text.family("zrepl_supervisor_node_up", "1 while a configured node answers its polls "
+                "(0 once it missed missed_heartbeats in a row).", "gauge",
+                [(f'node="{_label(a)}"', 0 if a in dead else 1) for a in nodes])
+    text.family("zrepl_supervisor_chain_nodes", "Nodes in the chain, the leader included.",
+                "gauge", [("", len(view.get("chain", [])))])
+    text.family("zrepl_supervisor_synchronous_nodes", "Nodes behind the leader known to "
+                "hold every acknowledged write.", "gauge",
+                [("", len(view.get("synchronous_chain", [])))])
+    text.family("zrepl_supervisor_polls_total", "Rounds of status polls.", "counter",
+                [("", view.get("ticks", 0))])
+    text.family("zrepl_supervisor_promotions_total", "Leaders this supervisor process "
+                "promoted (a fresh cluster's first leader included).", "counter",
+                [("", view.get("promotions", 0))])
+    return str(text)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

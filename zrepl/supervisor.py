@@ -313,6 +313,7 @@ class Supervisor:
         self.memory = self._load_state()
         self.last_observed: dict[str, NodeStatus | None] = {}
         self.ticks = 0
+        self.promotions = 0  # new epochs this process issued
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx = new_context()
@@ -404,7 +405,7 @@ class Supervisor:
         return {"leader": m.leader, "leader_id": m.leader_id, "max_leader_id": m.max_leader_id,
                 "chain": [m.leader] + m.chain if m.leader else m.chain,
                 "synchronous_chain": [a for a, _ in m.sync_chain], "note": m.note,
-                "ticks": self.ticks,
+                "ticks": self.ticks, "promotions": self.promotions,
                 "dead": [a for a in self.nodes
                          if m.misses.get(a, 0) >= self.config.missed_heartbeats]}
 
@@ -416,6 +417,8 @@ class Supervisor:
         result = plan(self.nodes, observed, self.memory, self.config, time.monotonic())
         for level, text in result.events:
             log.log(level, "%s", text)
+        if result.new_epoch:
+            self.promotions += 1
         if result.new_epoch or result.persist:
             self.memory = result.memory
             self._save_state()  # the new epoch is durable before any node hears of it

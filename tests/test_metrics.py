@@ -120,6 +120,10 @@ def test_node_refuses_bad_or_taken_metrics_address(data_dir):
         port = taken.getsockname()[1]
         one_line_error(run(*base, "--metrics", f"127.0.0.1:{port}"),
                        f"cannot serve metrics on 127.0.0.1:{port}")
+        sup = ["supervisor", "--node", f"ipc://{data_dir}/n.sock"]
+        one_line_error(run(*sup, "--metrics", f"127.0.0.1:{port}"),
+                       f"cannot serve metrics on 127.0.0.1:{port}")
+    one_line_error(run(*sup, "--metrics", "nonsense"), "--metrics takes HOST:PORT")
 
 
 def scrape(port: int) -> dict | None:

@@ -24,6 +24,7 @@ from . import protocol
 from .commit import Batch
 from .errors import ProtocolError, ReplicationError, StaleLeader, Timeout, WALGap, WALTruncated
 from .protocol import STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, endpoints
+from .progress import Progress
 from .snapshot import MessageReader, fork_snapshot_to_pipe
 from .sync import FollowerInfo, UpstreamView, plan_sync
 from .types import FollowerState, NodeRole
@@ -56,6 +57,7 @@ class _SnapshotOut:
     end_sent: bool = False
     done: bool = False
     last_progress: float = field(default_factory=time.monotonic)
+    progress: Progress | None = None  # the log lines of a long sync
 
 
 class DownstreamLink:
@@ -250,6 +252,10 @@ class DownstreamLink:
                 self.config.snapshot_batch_entries, message, zrepl_message)
             self._slot = wal_id + 1
         snap = _SnapshotOut(wal_id, stream, pid, fd)
+        snap.progress = Progress(
+            self.log, f"state sync to {self._sync.address} at WAL id {wal_id} (up to "
+            f"{self.config.snapshot_batch_entries} entries per batch)",
+            unit="batches acknowledged")
         self._snap_out = snap
         self._counters["state_syncs_sent"] += 1
         snap.queue.append((0, protocol.state_message(STATE_BEGIN, leader_id, stream, wal_id,

@@ -441,6 +441,8 @@ class CommitPipeline:
             snap = self._snap_out
             if snap is not None and snap.stream == stream:
                 if kind == STATE:
+                    if position > snap.acked_seq and snap.progress is not None:
+                        snap.progress.add(position - snap.acked_seq)
                     snap.acked_seq = max(snap.acked_seq, position)
                 else:
                     snap.done = True

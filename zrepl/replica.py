@@ -67,6 +67,7 @@ from .downstream import DownstreamLink, _DownCall, _SnapshotOut
 from .errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError, StaleLeader, Timeout
 from .interfaces import App, Manager, Node, Storage
 from .pipeline import CommitPipeline
+from .progress import Progress
 from .protocol import endpoints
 from .snapshot import fork_checkpoint, iter_app_batches, list_checkpoints, read_checkpoint
 from .session import SessionTable, unwrap
@@ -326,8 +327,10 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
             except (CorruptStorage, OSError) as exc:
                 self.log.warning("skipping unreadable checkpoint %s: %s", path.name, exc)
                 continue
+            loading = Progress(self.log, f"loading checkpoint {path.name}", snap.entries)
             for datas in iter_app_batches(path):
                 app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+                loading.add(len(datas))
             self._sessions.load_section(snap.zrepl.get("sessions"))
             position = snap.wal_id
             self.log.info("loaded checkpoint %s (%d entries)", path.name, snap.entries)
@@ -340,6 +343,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                     f"cannot restore: state is at WAL id {position} but the WAL starts at "
                     f"{st.min_wal()} (entries {start}..{st.min_wal() - 1} are missing)")
             replayed = 0
+            replay = Progress(self.log, f"replaying WAL {start}..{top}", top - start + 1)
             while start <= top:
                 datas = st.read_wal_data(start, self.config.stream_batch_entries)
                 if not datas:
@@ -352,6 +356,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 self._apply_app_datas(start, app_datas, sessions)
                 start += len(datas)
                 replayed += len(datas)
+                replay.add(len(datas))
             position = start - 1
             self.log.info("replayed %d WAL entries up to %d", replayed, position)
         self._position = position

@@ -18,6 +18,7 @@ from .commit import AckSink, Batch
 from .errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
 from .protocol import (ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, codes_to_bytes,
                        endpoints)
+from .progress import Progress
 from .snapshot import CheckpointFileWriter
 from .session import unwrap
 from .storage import entries_from
@@ -37,6 +38,7 @@ class _SnapshotIn:
     writer: CheckpointFileWriter | None = None
     section: dict = field(default_factory=dict)  # zrepl's section, completed by STATE_ZREPL
     app_started: bool = False
+    progress: Progress | None = None  # the log lines of a long sync
 
 
 class UpstreamSide:
@@ -284,6 +286,7 @@ class UpstreamSide:
                                                         "leader_id": self.storage.leader_id(),
                                                         "created_ns": time.time_ns()}])
             snap.section = dict(section)
+            snap.progress = Progress(self.log, f"receiving a state sync at WAL id {wal_id}")
             self._snap_in = snap
         self._counters["state_syncs_received"] += 1
         self.log.info("receiving a full state sync at WAL id %d", wal_id)
@@ -298,6 +301,8 @@ class UpstreamSide:
             app = self.app
             app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
             snap.entries += len(datas)
+            if snap.progress is not None:
+                snap.progress.add(len(datas))
             if snap.writer is not None:
                 snap.writer.write_raw_frame(["batch", datas])
 

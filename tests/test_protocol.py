@@ -95,18 +95,25 @@ def test_bad_data_frames(raw, message):
         p.parse_data(raw)
 
 
+def parse_submit(raw: bytes) -> tuple:
+    """A submission's (request_id, data, client_id, seq), as the node reads it."""
+    op, fields = p.parse_client_request(raw)
+    assert op == "submit"
+    return fields
+
+
 def test_submit_frames():
-    assert p.parse_submit(p.submit_request(5, b"cmd")) == (5, b"cmd", None, None)
+    assert parse_submit(p.submit_request(5, b"cmd")) == (5, b"cmd", None, None)
     cid = b"c" * 16
-    assert p.parse_submit(p.submit_request(6, b"cmd", cid, 9)) == (6, b"cmd", cid, 9)
+    assert parse_submit(p.submit_request(6, b"cmd", cid, 9)) == (6, b"cmd", cid, 9)
     for bad in ((b"short", 1), (cid, 0), (cid, "1"), (None, 5)):
         with pytest.raises(ProtocolError, match="client_id"):
-            p.parse_submit(p.submit_request(7, b"cmd", *bad))
+            parse_submit(p.submit_request(7, b"cmd", *bad))
     rid, code, err = p.parse_submit_reply(p.submit_reply(5, 2))
     assert (rid, code, err) == (5, 2, None)
     rid, code, err = p.parse_submit_reply(p.submit_reply(5, None, NotLeader("x", "tcp://l:1")))
     assert isinstance(err, NotLeader) and err.leader_address == "tcp://l:1"
     with pytest.raises(ProtocolError, match="version"):
-        p.parse_submit(msgpack.packb([7, "submit", 1, b"x"]))
+        parse_submit(msgpack.packb([7, "submit", 1, b"x"]))
     with pytest.raises(ProtocolError, match="unknown client op"):
-        p.parse_submit(msgpack.packb([1, "drop_tables", 1, b"x"]))
+        parse_submit(msgpack.packb([1, "drop_tables", 1, b"x"]))

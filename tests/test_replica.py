@@ -257,7 +257,7 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     leader = nodes.make("L")
     leader.set_role(NodeRole.LEADER, 1)
     leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
-    leader._history_to_send = lambda: (None, leader._history_version)  # a broken upstream
+    leader._unsent_history = lambda: None  # a broken upstream
     follower = nodes.make("F")
     follower.set_role(NodeRole.FOLLOWER, 1)
     leader.set_follower(follower.address)
@@ -267,7 +267,7 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     st = follower.status()
     assert st.extra["refused_batches"] >= 1
     assert st.max_wal == 0 and st.epoch_history == [] and follower.app.data == {}
-    del leader._history_to_send  # mended: setting the follower again restarts the link
+    del leader._unsent_history  # mended: setting the follower again restarts the link
     leader.set_follower(follower.address)
     wait_for(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 10,
              "synchronous follower once the history arrives")

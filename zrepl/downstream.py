@@ -45,6 +45,7 @@ class _SnapshotOut:
 
     wal_id: int
     stream: int
+    progress: Progress  # STATE batches acknowledged, as log lines of a long sync
     pid: int = 0
     fd: int = -1
     reader: MessageReader = field(default_factory=MessageReader)
@@ -57,7 +58,6 @@ class _SnapshotOut:
     end_sent: bool = False
     done: bool = False
     last_progress: float = field(default_factory=time.monotonic)
-    progress: Progress | None = None  # the log lines of a long sync
 
 
 class DownstreamLink:
@@ -180,9 +180,7 @@ class DownstreamLink:
 
         def on_ok(info: Any) -> None:
             try:
-                fi = FollowerInfo(int(info["leader_id"]), int(info["max_wal"]),
-                                  int(info["min_wal"]), int(info["max_applied_wal"]),
-                                  [(int(a), int(b)) for a, b in info["epoch_history"]])
+                fi = FollowerInfo.from_reply(info)
             except (KeyError, TypeError, ValueError) as exc:
                 self._sync.failed(ProtocolError(f"bad handshake reply: {exc}"), time.monotonic())
                 return
@@ -251,11 +249,10 @@ class DownstreamLink:
                 lambda: {**section, "sessions": sessions.to_section()},  # in the child
                 self.config.snapshot_batch_entries, message, zrepl_message)
             self._slot = wal_id + 1
-        snap = _SnapshotOut(wal_id, stream, pid, fd)
-        snap.progress = Progress(
+        snap = _SnapshotOut(wal_id, stream, Progress(
             self.log, f"state sync to {self._sync.address} at WAL id {wal_id} (up to "
             f"{self.config.snapshot_batch_entries} entries per batch)",
-            unit="batches acknowledged")
+            unit="batches acknowledged"), pid, fd)
         self._snap_out = snap
         self._counters["state_syncs_sent"] += 1
         snap.queue.append((0, protocol.state_message(STATE_BEGIN, leader_id, stream, wal_id,
@@ -379,37 +376,13 @@ class DownstreamLink:
             if not datas:
                 return 0.01
             batch = Batch(pos, pos + len(datas) - 1, local_done=True)  # nothing to compare
-            with self._inflight_lock:
-                self._inflight.append(batch)
-            history, version = self._history_to_send()
-            msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, pos, datas,
-                                       history)
-            if self._send_data(msg):
-                self._history_delivered(version)
-            else:
-                with self._inflight_lock:
-                    if self._inflight and self._inflight[-1] is batch:
-                        self._inflight.pop()
+            if not self._send_wal(batch, datas, self._send_data):
                 if now - self._data_out_ready > self.config.rpc_timeout:
                     self._link_failure(Timeout(f"follower {self._sync.address} data endpoint "
                                                "unreachable"))
                 return 0.001
             self._catchup_pos = batch.last + 1
         return 0.05
-
-    def _history_to_send(self) -> tuple[list | None, int]:
-        """The epoch history if this stream has not received this version
-        yet (else None), and the version: pass it to ``_history_delivered``
-        once the message carrying it was really sent.  (Marking it sent
-        before that lost the history whenever the first send of a stream
-        found the follower not connected yet: the retry went without it.)"""
-        version = self._history_version
-        if self._history_sent == version:
-            return None, version
-        return [list(x) for x in self._history], version
-
-    def _history_delivered(self, version: int) -> None:
-        self._history_sent = version
 
     def _read_wal_datas(self, start: int, count: int) -> list[bytes]:
         return self.storage.read_wal_data(start, count)

@@ -22,16 +22,12 @@ from .fsutil import DirLock, atomic_write
 from .storage import (
     EMPTY_META,
     BaseStorage,
-    check_batch,
-    check_data_batch,
     check_epoch_history,
     check_id,
     check_read,
     check_role,
     datetime_to_ns,
-    entries_from,
 )
-from .types import WALEntry
 from .wal import SegmentedWAL
 
 log = logging.getLogger("zrepl.storage")
@@ -122,25 +118,8 @@ class FileStorage(BaseStorage):
             raise StorageError(f"storage {self.path} is closed")
 
     # --- WAL ---------------------------------------------------------------------
-    def write_wal(self, entries: list[WALEntry]) -> None:
-        with self._lock:
-            self._check_open()
-            datas = check_batch(entries, self._wal.max_id)
-            if datas:
-                self._wal.append(entries[0].wal_id, datas)
-
-    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
-        with self._lock:
-            self._check_open()
-            check_data_batch(first_id, datas, self._wal.max_id)
-            if datas:
-                self._wal.append(first_id, datas)
-
-    def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
-        check_read(start_id, max_count)
-        with self._lock:
-            self._check_open()
-            return entries_from(start_id, self._wal.read(start_id, max_count))
+    def _append(self, first_id: int, datas: list[bytes]) -> None:
+        self._wal.append(first_id, datas)
 
     def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
         check_read(start_id, max_count)

@@ -198,8 +198,7 @@ class CommitPipeline:
             return
         self._position = last
         self.storage.set_max_applied_wal(last)
-        for i, cid, seq in sessions:
-            self._sessions.record(cid, seq, codes[i], first + i)
+        self._sessions.record_batch(first, codes, sessions)
         if sent:
             self._complete_local(batch, codes, cb)
         else:
@@ -245,32 +244,58 @@ class CommitPipeline:
     def _send_downstream(self, batch: Batch, datas: list[bytes]) -> bool:
         """Put ``batch`` in flight and send it.  App lock held.  False if the
         link is down (the caller resolves the batch by policy)."""
-        with self._inflight_lock:
-            if self._link_broken is not None or not self._synchronous:
-                return False
-            self._inflight.append(batch)
-        history, version = self._history_to_send()
-        msg = protocol.wal_message(self.storage.leader_id(), self._stream_out, batch.first, datas,
-                                   history)
-        sock = self._data_out
         try:
-            try:
-                sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
-            except zmq.Again:
-                # The queue toward the follower is full for a moment: wait
-                # for room as long as an ack may take, then give up.
-                if not sock.poll(int(self.config.ack_timeout * 1000), zmq.POLLOUT):  # type: ignore[union-attr]
-                    raise
-                sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
+            return self._send_wal(batch, datas, self._send_waiting, synchronous_only=True)
         except (zmq.ZMQError, AttributeError) as exc:
-            with self._inflight_lock:
-                if self._inflight and self._inflight[-1] is batch:
-                    self._inflight.pop()
             self._link_failure(Timeout(f"cannot send to follower {self._sync.address}: {exc} "
                                        f"({len(self._inflight)} batches in flight)"))
             return False
-        self._history_delivered(version)
+
+    def _send_waiting(self, msg: bytes) -> bool:
+        """Send on the data socket; when its queue is full for a moment, wait
+        for room as long as an ack may take, then raise.  App lock held."""
+        sock = self._data_out
+        try:
+            sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:
+            if not sock.poll(int(self.config.ack_timeout * 1000), zmq.POLLOUT):  # type: ignore[union-attr]
+                raise
+            sock.send(msg, _NOBLOCK)  # type: ignore[union-attr]
         return True
+
+    def _unsent_history(self) -> list | None:
+        """The epoch history if this stream has not had its current version."""
+        if self._history_sent == self._history_version:
+            return None
+        return [list(x) for x in self._history]
+
+    def _send_wal(self, batch: Batch, datas: list[bytes], send: Callable[[bytes], bool],
+                  synchronous_only: bool = False) -> bool:
+        """Append ``batch`` to the in-flight queue and ``send`` it - with the
+        epoch history if this stream has not had its current version (the
+        first batch of a stream always carries it).  A send that returns
+        False or raises takes the batch back out; the history then counts
+        as not sent, so the retry carries it.  ``synchronous_only``: refuse
+        (False) unless the link is up and synchronous, checked under the
+        same lock that appends."""
+        with self._inflight_lock:
+            if synchronous_only and (self._link_broken is not None or not self._synchronous):
+                return False
+            self._inflight.append(batch)
+        version = self._history_version
+        history = self._unsent_history()
+        sent = False
+        try:
+            sent = send(protocol.wal_message(self.storage.leader_id(), self._stream_out,
+                                             batch.first, datas, history))
+        finally:
+            if sent:
+                self._history_sent = version
+            else:
+                with self._inflight_lock:
+                    if self._inflight and self._inflight[-1] is batch:
+                        self._inflight.pop()
+        return sent
 
     def _wait(self, sink: WaitSink, sub: Submission, deadline: float) -> None:
         """Wait for ``sink``, helping rather than sleeping:
@@ -322,9 +347,7 @@ class CommitPipeline:
             if sub.taken == 0 and sub in self._pending:
                 self._pending.remove(sub)
                 if self.config.require_sync and not self._synchronous:
-                    sink.fail(Timeout(f"no synchronous follower within "
-                                      f"{self.config.sync_wait_timeout:g}s (require_sync): "
-                                      "nothing was written"))
+                    sink.fail(self._no_sync_follower())
                 else:
                     sink.fail(Timeout("command was not committed in time; nothing was written"))
                 return
@@ -337,12 +360,14 @@ class CommitPipeline:
         while self._pending:
             sub = self._pending.popleft()
             if sub.taken == 0 and now >= sub.deadline:
-                sub.sink.fail(Timeout(
-                    f"no synchronous follower within {self.config.sync_wait_timeout:g}s "
-                    "(require_sync): nothing was written"))
+                sub.sink.fail(self._no_sync_follower())
             else:
                 keep.append(sub)
         self._pending.extend(keep)
+
+    def _no_sync_follower(self) -> Timeout:
+        return Timeout(f"no synchronous follower within {self.config.sync_wait_timeout:g}s "
+                       "(require_sync): nothing was written")
 
     def _fail_pending(self, exc: BaseException) -> None:
         while self._pending:
@@ -363,6 +388,16 @@ class CommitPipeline:
         its upstream is answered before the upstream's own timer fires."""
         return self.config.ack_timeout * max(0.2, 1.0 - 0.1 * self._depth)
 
+    def _ack_overdue(self, now: float) -> bool:
+        """The oldest batch in flight waited longer than ``_ack_limit()``:
+        the link fails (True)."""
+        limit = self._ack_limit()
+        if self._inflight and now - self._inflight[0].sent > limit:
+            self._link_failure(Timeout(
+                f"follower {self._sync.address} did not acknowledge within {limit:g}s"))
+            return True
+        return False
+
     def _release_ack_role(self, hand_over: bool = True) -> None:
         self._ack_owner = 0
         self._ack_lock.release()
@@ -378,13 +413,9 @@ class CommitPipeline:
         while not done():
             now = time.monotonic()
             if self._inflight:
-                oldest = self._inflight[0].sent
-                limit = self._ack_limit()
-                if now - oldest > limit:
-                    self._link_failure(Timeout(
-                        f"follower {self._sync.address} did not acknowledge within {limit:g}s"))
+                if self._ack_overdue(now):
                     return
-                until = min(deadline, oldest + limit)
+                until = min(deadline, self._inflight[0].sent + self._ack_limit())
             else:
                 until = deadline
             if now >= until:
@@ -441,9 +472,9 @@ class CommitPipeline:
             snap = self._snap_out
             if snap is not None and snap.stream == stream:
                 if kind == STATE:
-                    if position > snap.acked_seq and snap.progress is not None:
+                    if position > snap.acked_seq:
                         snap.progress.add(position - snap.acked_seq)
-                    snap.acked_seq = max(snap.acked_seq, position)
+                        snap.acked_seq = position
                 else:
                     snap.done = True
                 snap.last_progress = time.monotonic()

@@ -75,6 +75,20 @@ def unpackb(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
+def _decode(raw: bytes, what: str) -> Any:
+    """``raw`` unpacked, or ProtocolError("malformed WHAT: ...")."""
+    try:
+        return unpackb(raw)
+    except Exception as exc:  # msgpack raises several types
+        raise errors.ProtocolError(f"malformed {what}: {exc}") from None
+
+
+def _check_version(version: Any) -> None:
+    if version != PROTOCOL_VERSION:
+        raise errors.ProtocolError(
+            f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+
+
 # --- endpoints ------------------------------------------------------------------
 
 
@@ -192,16 +206,10 @@ def control_err(exc: BaseException) -> bytes:
 
 def parse_control_request(raw: bytes) -> tuple[str, dict[str, Any]]:
     """Decode a control request; raises ProtocolError naming what is wrong."""
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:  # msgpack raises several types
-        raise errors.ProtocolError(f"malformed control frame: {exc}") from None
+    msg = _decode(raw, "control frame")
     if not isinstance(msg, dict):
         raise errors.ProtocolError("control frame must be a map")
-    version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise errors.ProtocolError(
-            f"protocol version {version!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    _check_version(msg.get("v"))
     op, args = msg.get("op"), msg.get("args", {})
     if not isinstance(op, str) or not isinstance(args, dict):
         raise errors.ProtocolError("control frame needs a string 'op' and a map 'args'")
@@ -210,10 +218,7 @@ def parse_control_request(raw: bytes) -> tuple[str, dict[str, Any]]:
 
 def parse_control_reply(raw: bytes) -> Any:
     """Return the result of a control reply or raise the error it carries."""
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:
-        raise errors.ProtocolError(f"malformed control reply: {exc}") from None
+    msg = _decode(raw, "control reply")
     if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
         raise errors.ProtocolError(f"control reply of an unknown protocol version: {msg!r:.200}")
     if "err" in msg:
@@ -248,15 +253,10 @@ def ack_message(stream: int, kind: int, position: int, codes: bytes,
 
 def parse_data(raw: bytes) -> list:
     """Decode and shape-check a data or ack message; ProtocolError if bad."""
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:
-        raise errors.ProtocolError(f"malformed data frame: {exc}") from None
+    msg = _decode(raw, "data frame")
     if type(msg) is not list or len(msg) < 2:
         raise errors.ProtocolError("data frame must be an array [version, kind, ...]")
-    if msg[0] != PROTOCOL_VERSION:
-        raise errors.ProtocolError(
-            f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    _check_version(msg[0])
     kind = msg[1]
     if kind == ACK:  # the hottest shape first
         ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
@@ -309,10 +309,7 @@ def query_request(request_id: int, request: bytes, leader_only: bool = False) ->
 def parse_client_request(raw: bytes) -> tuple[str, Any]:
     """("submit", (request_id, data, client_id, seq)) or ("query",
     (request_id, request, leader_only)); ProtocolError if malformed."""
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:
-        raise errors.ProtocolError(f"malformed client frame: {exc}") from None
+    msg = _decode(raw, "client frame")
     if type(msg) is list and len(msg) == 5 and msg[:2] == [PROTOCOL_VERSION, "query"]:
         if type(msg[3]) is not bytes or type(msg[4]) is not bool:
             raise errors.ProtocolError("query frame is [version, 'query', id, bytes, bool]")
@@ -320,22 +317,11 @@ def parse_client_request(raw: bytes) -> tuple[str, Any]:
     return "submit", _parse_submit_msg(msg)
 
 
-def parse_submit(raw: bytes) -> tuple[Any, bytes, bytes | None, int | None]:
-    """(request_id, data, client_id, seq) of a submission."""
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:
-        raise errors.ProtocolError(f"malformed client frame: {exc}") from None
-    return _parse_submit_msg(msg)
-
-
 def _parse_submit_msg(msg: Any) -> tuple[Any, bytes, bytes | None, int | None]:
     if type(msg) is not list or len(msg) not in (4, 6):
         raise errors.ProtocolError(
             "client frame must be [version, op, request_id, data, client_id, seq]")
-    if msg[0] != PROTOCOL_VERSION:
-        raise errors.ProtocolError(
-            f"protocol version {msg[0]!r} not supported (this node speaks {PROTOCOL_VERSION})")
+    _check_version(msg[0])
     if msg[1] != "submit" or type(msg[3]) is not bytes:
         raise errors.ProtocolError(f"unknown client op {msg[1]!r} or data not bytes")
     cid, seq = (msg[4], msg[5]) if len(msg) == 6 else (None, None)
@@ -346,10 +332,7 @@ def _parse_submit_msg(msg: Any) -> tuple[Any, bytes, bytes | None, int | None]:
 
 
 def parse_submit_reply(raw: bytes) -> tuple[Any, Any, errors.ReplicationError | None]:
-    try:
-        msg = unpackb(raw)
-    except Exception as exc:
-        raise errors.ProtocolError(f"malformed client reply: {exc}") from None
+    msg = _decode(raw, "client reply")
     if type(msg) is not list or len(msg) != 4 or msg[0] != PROTOCOL_VERSION:
         raise errors.ProtocolError(f"unexpected client reply {msg!r:.200}")
     err = error_from_wire(msg[3]) if msg[3] is not None else None

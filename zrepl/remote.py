@@ -93,8 +93,7 @@ class RemoteFollower(Follower):
         info = self._node.call("connect", leader_id=leader_id, address=address,
                                stream=self._stream,
                                epoch_history=[list(x) for x in epoch_history or []])
-        return FollowerInfo(info["leader_id"], info["max_wal"], info["min_wal"],
-                            info["max_applied_wal"], [tuple(x) for x in info["epoch_history"]])
+        return FollowerInfo.from_reply(info)
 
     def connect(self, leader_id: int, address: str) -> None:
         self.handshake(leader_id, address)

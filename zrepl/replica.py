@@ -55,7 +55,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psutil
 import zmq
@@ -329,7 +329,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 continue
             loading = Progress(self.log, f"loading checkpoint {path.name}", snap.entries)
             for datas in iter_app_batches(path):
-                app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+                self._apply_state_datas(datas)
                 loading.add(len(datas))
             self._sessions.load_section(snap.zrepl.get("sessions"))
             position = snap.wal_id
@@ -342,7 +342,6 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                 raise CorruptStorage(
                     f"cannot restore: state is at WAL id {position} but the WAL starts at "
                     f"{st.min_wal()} (entries {start}..{st.min_wal() - 1} are missing)")
-            replayed = 0
             replay = Progress(self.log, f"replaying WAL {start}..{top}", top - start + 1)
             while start <= top:
                 datas = st.read_wal_data(start, self.config.stream_batch_entries)
@@ -355,12 +354,18 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                                          ) from None
                 self._apply_app_datas(start, app_datas, sessions)
                 start += len(datas)
-                replayed += len(datas)
                 replay.add(len(datas))
             position = start - 1
-            self.log.info("replayed %d WAL entries up to %d", replayed, position)
+            self.log.info("replayed %d WAL entries up to %d", replay.done, position)
         self._position = position
         st.set_max_applied_wal(position)
+
+    def _apply_state_datas(self, datas: list[bytes]) -> None:
+        """Apply the App commands of a checkpoint or a state sync (the App's
+        encodings, not WAL envelopes; their codes mean nothing).  App lock
+        held."""
+        app = self.app
+        app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
 
     def _apply_app_datas(self, first: int, app_datas: list[bytes],
                          sessions: list[tuple[int, bytes, int]]) -> list[int]:
@@ -368,9 +373,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
         client sessions they carry.  App lock held."""
         app = self.app
         codes = app.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)])
-        record = self._sessions.record
-        for i, cid, seq in sessions:
-            record(cid, seq, codes[i], first + i)
+        self._sessions.record_batch(first, codes, sessions)
         return codes
 
     # ====================================================================
@@ -545,11 +548,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
                     if own_ack:
                         if self._ack_in in events:
                             self._drain_acks()
-                        if self._inflight and time.monotonic() - self._inflight[0].sent > \
-                                self._ack_limit():
-                            self._link_failure(Timeout(
-                                f"follower {self._sync.address} did not acknowledge within "
-                                f"{self._ack_limit():g}s"))
+                        self._ack_overdue(time.monotonic())
                 finally:
                     if own_ack:
                         self._release_ack_role(hand_over=False)
@@ -600,12 +599,17 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
 
     # --- control endpoint ------------------------------------------------
 
-    def _serve_control(self) -> None:
-        for frames in _ready(self._control, multipart=True):
+    def _requests(self, sock: zmq.Socket) -> Iterator[tuple[list, bytes]]:
+        """(envelope, payload) of each request waiting on a ROUTER socket;
+        a message without an envelope is dropped and counted."""
+        for frames in _ready(sock, multipart=True):
             if len(frames) < 2:
                 self._dropped += 1
                 continue
-            envelope, payload = frames[:-1], frames[-1]
+            yield frames[:-1], frames[-1]
+
+    def _serve_control(self) -> None:
+        for envelope, payload in self._requests(self._control):
             stop_after = False
             try:
                 op, args = protocol.parse_control_request(payload)
@@ -716,11 +720,7 @@ class Replica(CommitPipeline, UpstreamSide, DownstreamLink, Node):
     # --- client endpoint ------------------------------------------------------
 
     def _serve_clients(self) -> None:
-        for frames in _ready(self._client, multipart=True):
-            if len(frames) < 2:
-                self._dropped += 1
-                continue
-            envelope, payload = frames[:-1], frames[-1]
+        for envelope, payload in self._requests(self._client):
             try:
                 op, fields = protocol.parse_client_request(payload)
             except ProtocolError as exc:

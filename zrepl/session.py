@@ -112,6 +112,14 @@ class SessionTable:
                 del seqs[oldest]
         self._clients[client_id] = (top, seqs)
 
+    def record_batch(self, first: int, codes: list[int],
+                     sessions: list[tuple[int, bytes, int]]) -> None:
+        """Record the client commands of a batch applied from WAL id
+        ``first``: ``sessions`` as :func:`unwrap` returns them."""
+        record = self.record
+        for i, cid, seq in sessions:
+            record(cid, seq, codes[i], first + i)
+
     def lookup(self, client_id: bytes, seq: int) -> tuple[int, int] | None:
         """(code, WAL id) if this command was applied; None if it was not;
         SessionExpired if it is too old to tell."""

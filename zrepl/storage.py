@@ -143,8 +143,9 @@ def entries_from(first_id: int, datas: Sequence[bytes]) -> list[WALEntry]:
 class BaseStorage(Storage):
     """Metadata handling and argument checks common to every Storage.
 
-    Subclasses implement the WAL methods and ``_save_meta`` (make
-    ``self._meta`` durable) and may override ``_meta_changed_lazily``.
+    Subclasses implement ``_append`` (a checked batch), the other WAL
+    methods and ``_save_meta`` (make ``self._meta`` durable), and may
+    override ``_check_open``.
     """
 
     def __init__(self, meta: dict[str, Any] | None = None) -> None:
@@ -156,6 +157,31 @@ class BaseStorage(Storage):
     # subclasses -------------------------------------------------------------
     def _save_meta(self) -> None:
         raise NotImplementedError
+
+    def _append(self, first_id: int, datas: list[bytes]) -> None:
+        """Append a batch already checked against ``max_wal()``.  Lock held."""
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        """Raise StorageError if the storage was closed."""
+
+    # the WAL: checks shared by every implementation ------------------------------
+    def write_wal(self, entries: list[WALEntry]) -> None:
+        with self._lock:
+            self._check_open()
+            datas = check_batch(entries, self.max_wal())
+            if datas:
+                self._append(entries[0].wal_id, datas)
+
+    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+        with self._lock:
+            self._check_open()
+            check_data_batch(first_id, datas, self.max_wal())
+            if datas:
+                self._append(first_id, datas)
+
+    def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
+        return entries_from(start_id, self.read_wal_data(start_id, max_count))
 
     def _set(self, key: str, value: Any) -> None:
         with self._lock:
@@ -230,18 +256,6 @@ class MemoryStorage(BaseStorage):
     def _save_meta(self) -> None:
         pass
 
-    def write_wal(self, entries: list[WALEntry]) -> None:
-        with self._lock:
-            datas = check_batch(entries, self.max_wal())
-            if datas:
-                self._append(entries[0].wal_id, datas)
-
-    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
-        with self._lock:
-            check_data_batch(first_id, datas, self.max_wal())
-            if datas:
-                self._append(first_id, datas)
-
     def _append(self, first_id: int, datas: list[bytes]) -> None:
         if not self._datas:
             self._first = first_id
@@ -282,9 +296,6 @@ class MemoryStorage(BaseStorage):
         ns = datetime_to_ns(t)
         with self._lock:
             self._drop_before_index(bisect.bisect_left(self._times, ns))
-
-    def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
-        return entries_from(start_id, self.read_wal_data(start_id, max_count))
 
     def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
         check_read(start_id, max_count)

@@ -152,7 +152,7 @@ def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
         nxt = observed.get(st.follower)
         if nxt is None:
             break
-        out.append((st.follower, max(nxt.max_wal, nxt.max_applied_wal)))
+        out.append((st.follower, nxt.position))
         seen.add(st.follower)
         st = nxt
     return out
@@ -205,8 +205,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         elif not alive:
             return done("no node answers")
         else:
-            best = max(alive, key=lambda a: (_last_epoch(alive[a]),
-                                            max(alive[a].max_wal, alive[a].max_applied_wal),
+            best = max(alive, key=lambda a: (_last_epoch(alive[a]), alive[a].position,
                                             -order.index(a)))
             new_epoch = promote(best)
             events.append((logging.WARNING,
@@ -229,7 +228,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                         "its lease to run out")
         candidates = [(alive[a].max_wal, -i, a) for i, (a, pos) in enumerate(mem.sync_chain)
                       if a in alive and a not in dead and alive[a].leader_id == mem.leader_id
-                      and max(alive[a].max_wal, alive[a].max_applied_wal) >= pos]
+                      and alive[a].position >= pos]
         if not candidates:
             note = (f"leader {leader} is dead and no node known to hold every acknowledged "
                     f"write is reachable (synchronous chain was "

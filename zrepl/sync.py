@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import FollowerMismatch, ProtocolError, StaleLeader
 from .types import FollowerState
@@ -109,6 +110,14 @@ class FollowerInfo:
         """Last WAL id the follower holds (after a snapshot its WAL may be
         empty while it has applied up to the snapshot's id)."""
         return max(self.max_wal, self.max_applied_wal)
+
+    @classmethod
+    def from_reply(cls, info: Any) -> "FollowerInfo":
+        """From a ``connect`` reply; KeyError/TypeError/ValueError if it is
+        malformed."""
+        return cls(int(info["leader_id"]), int(info["max_wal"]), int(info["min_wal"]),
+                   int(info["max_applied_wal"]),
+                   [(int(a), int(b)) for a, b in info["epoch_history"]])
 
 
 @dataclass

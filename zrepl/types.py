@@ -73,6 +73,12 @@ class NodeStatus:
     cpu_percent: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def position(self) -> int:
+        """Last WAL id this node holds (after a state sync its WAL may be
+        empty while it has applied up to the snapshot's id)."""
+        return max(self.max_wal, self.max_applied_wal)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (ints, strs, lists), ready for msgpack or JSON."""
         d = dataclasses.asdict(self)

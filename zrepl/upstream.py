@@ -21,7 +21,6 @@ from .protocol import (ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, cod
 from .progress import Progress
 from .snapshot import CheckpointFileWriter
 from .session import unwrap
-from .storage import entries_from
 from .types import NodeRole
 from .zmqutil import NOBLOCK as _NOBLOCK
 from .zmqutil import ready as _ready
@@ -34,11 +33,10 @@ class _SnapshotIn:
     wal_id: int
     stream: int
     history: list
-    entries: int = 0
+    progress: Progress  # App entries received so far (and the log lines of a long sync)
     writer: CheckpointFileWriter | None = None
     section: dict = field(default_factory=dict)  # zrepl's section, completed by STATE_ZREPL
     app_started: bool = False
-    progress: Progress | None = None  # the log lines of a long sync
 
 
 class UpstreamSide:
@@ -117,7 +115,7 @@ class UpstreamSide:
         self._check_epoch(leader_id)
         datas = self._check_datas(datas)
         with self._app_lock:
-            self.app.apply([self.app.decode_cmd(e) for e in entries_from(1, datas)])
+            self._apply_state_datas(datas)
 
     def _op_apply_wal(self, leader_id: Any, first_id: Any, datas: Any) -> list[int]:
         self._check_epoch(leader_id)
@@ -279,14 +277,14 @@ class UpstreamSide:
         with self._app_lock:
             self._abort_snapshot_in()
             self._clear_local_state()
-            snap = _SnapshotIn(wal_id, stream, [tuple(x) for x in history])
+            snap = _SnapshotIn(wal_id, stream, [tuple(x) for x in history],
+                               Progress(self.log, f"receiving a state sync at WAL id {wal_id}"))
             if self._ckpt_dir is not None:
                 snap.writer = CheckpointFileWriter(self._ckpt_dir, wal_id)
                 snap.writer.write_raw_frame(["header", {"format": 1, "wal_id": wal_id,
                                                         "leader_id": self.storage.leader_id(),
                                                         "created_ns": time.time_ns()}])
             snap.section = dict(section)
-            snap.progress = Progress(self.log, f"receiving a state sync at WAL id {wal_id}")
             self._snap_in = snap
         self._counters["state_syncs_received"] += 1
         self.log.info("receiving a full state sync at WAL id %d", wal_id)
@@ -298,11 +296,8 @@ class UpstreamSide:
         b"".join(datas)  # every item is bytes (TypeError otherwise)
         with self._app_lock:
             self._begin_app_section(snap)
-            app = self.app
-            app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
-            snap.entries += len(datas)
-            if snap.progress is not None:
-                snap.progress.add(len(datas))
+            self._apply_state_datas(datas)
+            snap.progress.add(len(datas))
             if snap.writer is not None:
                 snap.writer.write_raw_frame(["batch", datas])
 
@@ -310,9 +305,9 @@ class UpstreamSide:
         snap = self._snap_in
         if snap is None or snap.stream != stream or snap.wal_id != wal_id:
             raise ProtocolError("state end outside a state sync")
-        if count != snap.entries:
+        if count != snap.progress.done:
             self._abort_snapshot_in()
-            raise ProtocolError(f"state sync carried {snap.entries} entries, the leader "
+            raise ProtocolError(f"state sync carried {snap.progress.done} entries, the leader "
                                 f"sent {count}")
         with self._app_lock:
             self._begin_app_section(snap)

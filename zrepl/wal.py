@@ -477,17 +477,18 @@ class SegmentedWAL:
         if self.config.fsync != "off":
             fsync_dir(self.dir)
 
-    def truncate_before_id(self, wal_id: int) -> None:
+    def _drop_while(self, wholly_before: Callable[[Segment], bool]) -> None:
+        """Drop the oldest segments as long as ``wholly_before`` holds."""
         n = 0
-        while n < len(self.segments) and self.segments[n].last_id < wal_id:
+        while n < len(self.segments) and wholly_before(self.segments[n]):
             n += 1
         self._drop_oldest(n)
 
+    def truncate_before_id(self, wal_id: int) -> None:
+        self._drop_while(lambda seg: seg.last_id < wal_id)
+
     def truncate_before_time(self, time_ns: int) -> None:
-        n = 0
-        while n < len(self.segments) and self.segments[n].max_time_ns < time_ns:
-            n += 1
-        self._drop_oldest(n)
+        self._drop_while(lambda seg: seg.max_time_ns < time_ns)
 
     def clear(self) -> None:
         if self._closed:

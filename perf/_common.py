@@ -19,6 +19,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from zrepl import FollowerState, NodeClient, NodeRole  # noqa: E402
 from zrepl.local import LocalCluster, free_tcp_base, wait_until  # noqa: E402,F401
 
 
@@ -51,6 +52,30 @@ class Workdir(LocalCluster):
                    settings: dict[str, Any] | None = None,
                    app: str = "workers.kv:KV") -> subprocess.Popen:
         return super().start_node(name, address, app, settings)
+
+    def start_chain(self, names: list[str], settings: dict[str, Any] | None = None
+                    ) -> list[str]:
+        """One node per name on tcp loopback: the first leads epoch 1, the
+        others follow it in order (forwarders, then a follower).  Returns
+        their addresses once every link is synchronous."""
+        addrs = [tcp_address() for _ in names]
+        for name, a in zip(names, addrs):
+            self.start_node(name, a, settings)
+        clients = [NodeClient(a) for a in addrs]
+        try:
+            for i, c in enumerate(clients[1:], 1):
+                c.set_role(NodeRole.FORWARDER if i < len(names) - 1 else NodeRole.FOLLOWER, 1)
+            clients[0].set_role(NodeRole.LEADER, 1)
+            for up, down, c_up, c_down in zip(addrs, addrs[1:], clients, clients[1:]):
+                c_up.set_follower(down)
+                c_down.set_leader(up)
+            for c in clients[:-1]:
+                wait_until(lambda: c.status().follower_state == FollowerState.SYNCHRONOUS, 30,
+                           "a synchronous chain")
+        finally:
+            for c in clients:
+                c.close()
+        return addrs
 
     def start_python(self, code: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,

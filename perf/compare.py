@@ -176,16 +176,8 @@ def part_redis(w: Workdir, args) -> dict:
                "the Redis replica to acknowledge")
 
     settings = {"fsync": "batch", "checkpoint_entries": 0, "checkpoint_interval": 0}
-    lead, fol, echo = tcp_address(), tcp_address(), tcp_address()
-    w.start_node("lead", lead, settings)
-    w.start_node("fol", fol, settings)
-    with NodeClient(fol) as f, NodeClient(lead) as c:
-        f.set_role(NodeRole.FOLLOWER, 1)
-        c.set_role(NodeRole.LEADER, 1)
-        c.set_follower(fol)
-        f.set_leader(lead)
-        wait_until(lambda: c.status().follower_state == FollowerState.SYNCHRONOUS, 30,
-                   "the follower to be synchronous")
+    lead, fol = w.start_chain(["lead", "fol"], settings)
+    echo = tcp_address()
     w.start_python(ECHO_SERVER % echo)
 
     rounds: dict[str, list[dict]] = {"bare": [], "zrepl": [], "redis": []}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from _common import ECHO_SERVER, ROOT, Workdir, pct, tcp_address, wait_until
 
-from zrepl import FollowerState, NodeClient, NodeRole  # noqa: E402
+from zrepl import NodeClient  # noqa: E402
 
 CLIENT = r"""
 import json, sys, time
@@ -115,19 +115,8 @@ def main() -> int:
     settings = {"fsync": "batch", "checkpoint_entries": 0, "checkpoint_interval": 0}
     rows: list[dict] = []
     with Workdir() as w:
-        solo, lead, fol = tcp_address(), tcp_address(), tcp_address()
-        w.start_node("solo", solo, settings)
-        w.start_node("lead", lead, settings)
-        w.start_node("fol", fol, settings)
-        with NodeClient(solo) as c:
-            c.set_role(NodeRole.LEADER, 1)
-        with NodeClient(fol) as f, NodeClient(lead) as c:
-            f.set_role(NodeRole.FOLLOWER, 1)
-            c.set_role(NodeRole.LEADER, 1)
-            c.set_follower(fol)
-            f.set_leader(lead)
-            wait_until(lambda: c.status().follower_state == FollowerState.SYNCHRONOUS, 30,
-                       "the follower to be synchronous")
+        [solo] = w.start_chain(["solo"], settings)
+        lead, fol = w.start_chain(["lead", "fol"], settings)
         echo = tcp_address()
         w.start_python(ECHO_SERVER % echo)
         ref = run_case(w, echo, "echo", 1, args.seconds)

@@ -33,7 +33,7 @@ import psutil
 
 from _common import ROOT, Workdir, tcp_address, wait_until
 
-from zrepl import FollowerState, NodeClient, NodeRole  # noqa: E402
+from zrepl import NodeClient  # noqa: E402
 
 CLIENT = r"""
 import sys, time
@@ -64,21 +64,10 @@ def main() -> int:
     args = ap.parse_args()
     names = ("leader", "forwarder", "follower")
     with Workdir("zrepl-soak-") as w:
-        addrs = {n: tcp_address() for n in names + ("idle",)}
-        procs = {n: w.start_node(n, addrs[n]) for n in names + ("idle",)}
-        with NodeClient(addrs["follower"]) as f, NodeClient(addrs["forwarder"]) as fw, \
-                NodeClient(addrs["leader"]) as lead:
-            f.set_role(NodeRole.FOLLOWER, 1)
-            fw.set_role(NodeRole.FORWARDER, 1)
-            lead.set_role(NodeRole.LEADER, 1)
-            lead.set_follower(addrs["forwarder"])
-            fw.set_leader(addrs["leader"])
-            fw.set_follower(addrs["follower"])
-            f.set_leader(addrs["forwarder"])
-            wait_until(lambda: lead.status().follower_state == FollowerState.SYNCHRONOUS and
-                       fw.status().follower_state == FollowerState.SYNCHRONOUS, 30,
-                       "a synchronous chain")
-        ps = {n: psutil.Process(p.pid) for n, p in procs.items()}
+        addrs = dict(zip(names, w.start_chain(list(names))))
+        addrs["idle"] = tcp_address()
+        w.start_node("idle", addrs["idle"])
+        ps = {n: psutil.Process(w.procs[n].pid) for n in names + ("idle",)}
         start = time.time()
         end_at = start + args.seconds
         clients = [subprocess.Popen([sys.executable, "-c", CLIENT.format(root=str(ROOT)),

@@ -6,6 +6,7 @@ the same machine, and reports medians and ratios, never absolute promises.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -76,6 +77,26 @@ class Workdir(LocalCluster):
             for c in clients:
                 c.close()
         return addrs
+
+    def spawn_scripts(self, code: str, argvs: list[list[str]]) -> list[subprocess.Popen]:
+        """``python3 -c CODE ARGV...`` once per argv, all at once (stdout
+        piped; killed on close if still running)."""
+        procs = [subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
+                                  cwd=ROOT, text=True) for argv in argvs]
+        self.extra.extend(procs)
+        return procs
+
+    @staticmethod
+    def collect_json(procs: list[subprocess.Popen], timeout: float, what: str) -> list[Any]:
+        """Each process's stdout as JSON, once it exited 0 (RuntimeError
+        naming ``what`` otherwise)."""
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"{what} failed with status {p.returncode}")
+            results.append(json.loads(out))
+        return results
 
     def start_python(self, code: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,

@@ -45,7 +45,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -153,13 +152,9 @@ def redis_server(w: Workdir, name: str, port: int, *extra: str) -> subprocess.Po
 
 def run_redis_client(w: Workdir, port: int, seconds: float) -> dict:
     start_at = time.time() + 1.0
-    proc = subprocess.Popen([sys.executable, "-c", REDIS_CLIENT, str(port), str(start_at),
-                             str(seconds)], stdout=subprocess.PIPE, text=True)
-    w.extra.append(proc)
-    out, _ = proc.communicate(timeout=seconds + 60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the Redis client failed with status {proc.returncode}")
-    r = json.loads(out)
+    [r] = w.collect_json(w.spawn_scripts(REDIS_CLIENT, [[str(port), str(start_at),
+                                                         str(seconds)]]),
+                         seconds + 60, "the Redis client")
     return {"ops_per_s": r["n"] / seconds, "p50_us": pct(r["lat"], 0.5) * 1e6,
             "p99_us": pct(r["lat"], 0.99) * 1e6}
 
@@ -218,17 +213,10 @@ def run_pysyncobj(w: Workdir, seconds: float, window: int) -> dict | None:
     ports = [int(tcp_address().rsplit(":", 1)[1]) for _ in range(2)]
     addrs = [f"127.0.0.1:{p}" for p in ports]
     start_at = time.time() + 5.0  # time to elect a leader
-    procs = [subprocess.Popen([sys.executable, "-c", SYNCOBJ_NODE, a,
-                               ",".join(x for x in addrs if x != a), str(start_at),
-                               str(seconds), str(window)],
-                              stdout=subprocess.PIPE, text=True) for a in addrs]
-    w.extra.extend(procs)
-    results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=seconds + 120)
-        if p.returncode != 0:
-            raise RuntimeError(f"a PySyncObj node failed with status {p.returncode}")
-        results.append(json.loads(out))
+    procs = w.spawn_scripts(SYNCOBJ_NODE, [[a, ",".join(x for x in addrs if x != a),
+                                            str(start_at), str(seconds), str(window)]
+                                           for a in addrs])
+    results = w.collect_json(procs, seconds + 120, "a PySyncObj node")
     if any(r.get("stalled") for r in results):
         return None
     return {"per_s": sum(r["ok"] / r["seconds"] for r in results),

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -88,17 +86,10 @@ print(json.dumps({{"n": n, "seconds": seconds, "lat": lat}}))
 
 def run_case(w: Workdir, address: str, op: str, clients: int, seconds: float) -> dict:
     start_at = time.time() + 1.0 + 0.05 * clients  # every client connected by then
-    procs = [subprocess.Popen([sys.executable, "-c", CLIENT.format(root=str(ROOT)), address, op,
-                               str(i), str(start_at), str(seconds)],
-                              stdout=subprocess.PIPE, cwd=ROOT, text=True)
-             for i in range(clients)]
-    w.extra.extend(procs)
-    results = []
-    for p in procs:
-        out, _ = p.communicate(timeout=seconds + 120)
-        if p.returncode != 0:
-            raise RuntimeError(f"a {op} client failed with status {p.returncode}")
-        results.append(json.loads(out))
+    procs = w.spawn_scripts(CLIENT.format(root=str(ROOT)),
+                            [[address, op, str(i), str(start_at), str(seconds)]
+                             for i in range(clients)])
+    results = w.collect_json(procs, seconds + 120, f"a {op} client")
     lat = [x for r in results for x in r["lat"]]
     n = sum(r["n"] for r in results)
     return {"op": op, "clients": clients, "ops_per_s": n / seconds,

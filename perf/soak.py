@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -70,11 +68,9 @@ def main() -> int:
         ps = {n: psutil.Process(w.procs[n].pid) for n in names + ("idle",)}
         start = time.time()
         end_at = start + args.seconds
-        clients = [subprocess.Popen([sys.executable, "-c", CLIENT.format(root=str(ROOT)),
-                                     addrs["leader"], str(i), str(args.keys), str(end_at)],
-                                    stdout=subprocess.PIPE, text=True, cwd=ROOT)
-                   for i in range(args.clients)]
-        w.extra.extend(clients)
+        clients = w.spawn_scripts(CLIENT.format(root=str(ROOT)),
+                                  [[addrs["leader"], str(i), str(args.keys), str(end_at)]
+                                   for i in range(args.clients)])
         samples: list[dict] = []
         ncs = {n: NodeClient(addrs[n], timeout=5) for n in names}
         try:
@@ -94,12 +90,7 @@ def main() -> int:
                           + "  ".join(f"{n} {row[f'{n}_rss_mib']:6.1f}" for n in names) +
                           f"  queued {row['leader_queued']}", flush=True)
                 time.sleep(max(0.0, next_at - time.time()))  # the sampling rate
-            done = 0
-            for c in clients:
-                out, _ = c.communicate(timeout=120)
-                if c.returncode != 0:
-                    raise RuntimeError(f"a client failed with status {c.returncode}")
-                done += int(out)
+            done = sum(w.collect_json(clients, 120, "a client"))
             top = ncs["leader"].status().max_wal
             wait_until(lambda: ncs["follower"].status().max_applied_wal >= top, 60,
                        "the follower to apply everything")

@@ -4,6 +4,8 @@ dropped, the node keeps serving and its state does not change."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import msgpack
 import pytest
 import zmq
@@ -66,7 +68,16 @@ def push(ctx, endpoint: str, payloads: list[bytes]) -> None:
     s.close()  # linger: delivered before we go on
 
 
-def assert_unharmed(c, L, F, before_l, before_f):
+@contextmanager
+def attacking(c, L, F):
+    """A ZeroMQ context to send bad frames with; once the block is done,
+    both nodes must be unharmed."""
+    before_l, before_f = L.digest(), F.digest()
+    ctx = zmq.Context()
+    try:
+        yield ctx
+    finally:
+        ctx.destroy(linger=0)
     assert L.client.ping() and F.client.ping()
     assert L.digest() == before_l and F.digest() == before_f
     # and replication still works end to end
@@ -77,9 +88,7 @@ def assert_unharmed(c, L, F, before_l, before_f):
 
 def test_control_endpoints_answer_bad_frames_with_errors(pair):
     c, L, F = pair
-    before_l, before_f = L.digest(), F.digest()
-    ctx = zmq.Context()
-    try:
+    with attacking(c, L, F) as ctx:
         for node in (L, F):
             ep = p.endpoints(node.address).control
             for payload in GARBAGE:
@@ -100,16 +109,11 @@ def test_control_endpoints_answer_bad_frames_with_errors(pair):
                     p.parse_control_reply(req(ctx, ep, payload))
             # oversized: the node drops the connection, no reply, still serving
             assert req(ctx, ep, b"\x00" * (MAX + 1), timeout_ms=500) is None
-    finally:
-        ctx.destroy(linger=0)
-    assert_unharmed(c, L, F, before_l, before_f)
 
 
 def test_client_endpoint_answers_bad_frames_with_errors(pair):
     c, L, F = pair
-    before_l, before_f = L.digest(), F.digest()
-    ctx = zmq.Context()
-    try:
+    with attacking(c, L, F) as ctx:
         ep = p.endpoints(L.address).client
         bad = GARBAGE + [msgpack.packb([1, "drop", 1, b"x"]),
                          msgpack.packb([1, "submit", 1, "text not bytes"]),
@@ -120,14 +124,10 @@ def test_client_endpoint_answers_bad_frames_with_errors(pair):
             _, code, err = p.parse_submit_reply(reply)
             assert code is None and err is not None, payload
         assert req(ctx, ep, b"\x00" * (MAX + 1), timeout_ms=500) is None
-    finally:
-        ctx.destroy(linger=0)
-    assert_unharmed(c, L, F, before_l, before_f)
 
 
 def test_data_and_ack_endpoints_drop_bad_frames(pair):
     c, L, F = pair
-    before_l, before_f = L.digest(), F.digest()
     dropped = {n.name: n.status().extra["dropped_messages"] for n in (L, F)}
     leader_id = F.status().leader_id
     forged = [
@@ -135,16 +135,12 @@ def test_data_and_ack_endpoints_drop_bad_frames(pair):
         p.wal_message(leader_id - 1 if leader_id > 1 else 0, 0, 101, [kv_set("forged", 1)]),
         p.ack_message(999, p.WAL, 5, b""),
     ]
-    ctx = zmq.Context()
-    try:
+    with attacking(c, L, F) as ctx:
         for node in (L, F):
             eps = p.endpoints(node.address)
             push(ctx, eps.data, GARBAGE + forged)
             push(ctx, eps.ack, GARBAGE + forged)
             push(ctx, eps.data, [b"\x00" * (MAX + 1)])
-    finally:
-        ctx.destroy(linger=0)
-    wait_for(lambda: all(n.status().extra["dropped_messages"] > dropped[n.name] + 10
-                         for n in (L, F)), 10, "bad frames counted as dropped")
-    assert "forged" not in F.state()
-    assert_unharmed(c, L, F, before_l, before_f)
+        wait_for(lambda: all(n.status().extra["dropped_messages"] > dropped[n.name] + 10
+                             for n in (L, F)), 10, "bad frames counted as dropped")
+        assert "forged" not in F.state()

@@ -86,17 +86,22 @@ def test_killed_leader_loses_no_acknowledged_write_and_rejoins_as_follower():
         assert writer.acked
         F.client.set_role(NodeRole.LEADER, 2)
         assert not missing(F, writer.acked)
-        # the old leader comes back as a follower of the new one
-        L.start()
-        L.client.set_role(NodeRole.FOLLOWER, 2)
-        F.client.set_follower(L.address)
-        wait_synchronous(F)
-        c.client(F).apply_many([kv_set(f"after{i}", i) for i in range(100)])
-        wait_applied(L, F.status().max_wal)
+        rejoin(c, L, F, 2, "after", 100)  # the old leader follows the new one
         assert L.digest() == F.digest()
         hl, hf = L.status().epoch_history, F.status().epoch_history
         assert hl == hf == [(1, 1), (2, L_first(F))], \
             f"{hl} {hf}\n{L.log_tail()}\n{F.log_tail()}"
+
+
+def rejoin(c, old, new, epoch: int, prefix: str, writes: int) -> None:
+    """Restart ``old`` as the follower of ``new`` (epoch ``epoch``), write
+    through ``new`` and wait until ``old`` applied it all."""
+    old.start()
+    old.client.set_role(NodeRole.FOLLOWER, epoch)
+    new.client.set_follower(old.address)
+    wait_synchronous(new)
+    c.client(new).apply_many([kv_set(f"{prefix}{i}", i) for i in range(writes)])
+    wait_applied(old, new.status().max_wal)
 
 
 def L_first(node) -> int:
@@ -124,12 +129,7 @@ def test_unacknowledged_tail_of_an_old_leader_is_cut():
         on_f = F.state()
         # lost0 may have been in F's socket buffer; lost1.. were never sent
         assert not [k for k in on_f if k.startswith("lost") and k != "lost0"]
-        L.start()
-        L.client.set_role(NodeRole.FOLLOWER, 2)
-        F.client.set_follower(L.address)
-        wait_synchronous(F)
-        c.client(F).apply_many([kv_set(f"new{i}", i) for i in range(10)])
-        wait_applied(L, F.status().max_wal)
+        rejoin(c, L, F, 2, "new", 10)
         state = L.state()
         assert state == F.state()
         assert not [k for k in state if k.startswith("lost") and k != "lost0"]

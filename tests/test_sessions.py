@@ -15,7 +15,7 @@ from zrepl import protocol as p
 from zrepl.session import SessionTable, describe, unwrap, wrap_client, wrap_plain
 
 from .helpers.cluster import Cluster, kv_incr, wait_applied, wait_synchronous
-from .helpers.load import SUPERVISED, kill_leaders, settled_chain, supervised_chain
+from .helpers.load import SUPERVISED, kill_leaders_under_load, supervised_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,24 +114,15 @@ def test_client_retries_across_repeated_failovers_without_applying_twice():
         client = c.client(*nodes, timeout=0.5, retry_for=30)
         acked = [0]
         unknown = [0]
-        halt = threading.Event()
 
         def incr() -> None:
-            while not halt.is_set():
-                try:
-                    if client.apply(kv_incr("n")) == 0:
-                        acked[0] += 1
-                except Timeout:
-                    unknown[0] += 1  # outcome unknown (should not happen within 30 s)
+            try:
+                if client.apply(kv_incr("n")) == 0:
+                    acked[0] += 1
+            except Timeout:
+                unknown[0] += 1  # outcome unknown (should not happen within 30 s)
 
-        t = threading.Thread(target=incr, daemon=True)
-        t.start()
-        try:
-            kill_leaders(nodes, sup, 5, lambda: acked[0], 30)
-        finally:
-            halt.set()
-            t.join(timeout=60)
-        settled_chain(nodes)
+        kill_leaders_under_load(incr, nodes, sup, 5, lambda: acked[0], 30)
         assert unknown[0] == 0
         values = {x.name: counter(x) for x in nodes}
         assert set(values.values()) == {acked[0]}, (values, acked[0])

@@ -5,7 +5,6 @@ invariant under repeated failovers."""
 from __future__ import annotations
 
 import random
-import threading
 
 import msgpack
 import pytest
@@ -17,7 +16,7 @@ from workers.ledger import encode as ledger_encode
 from zrepl import NotLeader, ProtocolError, ReplicationError, WALEntry
 
 from .helpers.cluster import Cluster, wait_applied
-from .helpers.load import SUPERVISED, kill_leaders, settled_chain, supervised_chain
+from .helpers.load import SUPERVISED, kill_leaders_under_load, supervised_chain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -80,24 +79,15 @@ def test_ledger_total_never_changes_across_failovers():
         ledger = LedgerClient([n.address for n in nodes], timeout=0.5, retry_for=30)
         for acct in accounts:
             assert ledger.open(acct, 1000) == OK
-        halt = threading.Event()
         moved = [0]
+        rng = random.Random(1)
 
-        def transfers() -> None:
-            rng = random.Random(1)
-            while not halt.is_set():
-                src, dst = rng.sample(accounts, 2)
-                if ledger.transfer(src, dst, rng.randint(1, 400)) == OK:
-                    moved[0] += 1
+        def transfer() -> None:
+            src, dst = rng.sample(accounts, 2)
+            if ledger.transfer(src, dst, rng.randint(1, 400)) == OK:
+                moved[0] += 1
 
-        t = threading.Thread(target=transfers, daemon=True)
-        t.start()
-        try:
-            kill_leaders(nodes, sup, 3, lambda: moved[0], 50)
-        finally:
-            halt.set()
-            t.join(timeout=60)
-        settled_chain(nodes)
+        kill_leaders_under_load(transfer, nodes, sup, 3, lambda: moved[0], 50)
         totals = {n.name: LedgerClient([n.address], retry_for=1).total() for n in nodes}
         assert set(totals.values()) == {(len(accounts), 1000 * len(accounts))}, totals
         balances = {n.name: sorted(n.client.dump_state()) for n in nodes}

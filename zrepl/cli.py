@@ -231,7 +231,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     import threading
 
     from . import sdnotify
-    from .metrics import MetricsServer, render_supervisor
+    from .metrics import open_metrics, render_supervisor
     from .supervisor import Supervisor
     values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
     _logging(values)
@@ -244,13 +244,10 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     server = None
     if values["metrics"]:
         try:
-            server = MetricsServer(values["metrics"],
-                                   lambda: render_supervisor(sup.status(), sup.nodes))
+            server = open_metrics(values["metrics"],
+                                  lambda: render_supervisor(sup.status(), sup.nodes))
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        except OSError as exc:
-            raise CommandError(f"cannot serve metrics on {values['metrics']}: "
-                               f"{exc.strerror or exc}") from None
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -378,6 +375,10 @@ def _common(p: argparse.ArgumentParser, what: str, logging_flags: bool = True) -
                        help="text (default) or json: one object per line")
 
 
+METRICS_HELP = ("serve Prometheus metrics at http://HOST:PORT/metrics (off by default; :PORT "
+                "for every interface)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="zrepl", description="Hot-standby replication for Python state machines.",
@@ -400,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--data", metavar="DIR", help="data directory (required)")
     node.add_argument("--listen", metavar="ENDPOINT",
                       help="this node's address, e.g. tcp://127.0.0.1:7400 (required)")
-    node.add_argument("--metrics", metavar="HOST:PORT",
-                      help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
-                           "default; :PORT for every interface)")
+    node.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
     node.add_argument("--fsync", choices=["always", "batch", "off"], help="WAL fsync policy")
     node.add_argument("--require-sync", help="refuse to commit without a synchronous follower",
                       **flag)
@@ -423,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to keep the largest epoch issued and the synchronous chain")
     sup.add_argument("--listen", metavar="ENDPOINT",
                      help="answer 'zrepl status --supervisor ENDPOINT' here")
-    sup.add_argument("--metrics", metavar="HOST:PORT",
-                     help="serve Prometheus metrics at http://HOST:PORT/metrics (off by "
-                          "default)")
+    sup.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
     _common(sup, "these keys and any zrepl.Config field (heartbeat_interval, lease, ...)")
     sup.set_defaults(func=cmd_supervisor)
 

@@ -169,6 +169,15 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def open_metrics(listen: str, render_text: Callable[[], str]) -> "MetricsServer":
+    """A server bound to ``listen`` (not started yet), or ValueError with a
+    one-line reason: a malformed address or a port that is taken."""
+    try:
+        return MetricsServer(listen, render_text)
+    except OSError as exc:
+        raise ValueError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
+
+
 class MetricsServer:
     """``GET /metrics`` answered with ``render_text()`` from a daemon thread."""
 

@@ -16,7 +16,7 @@ from .config import Config
 from .errors import ReplicationError
 from .filestorage import FileStorage
 from .interfaces import App
-from .metrics import MetricsServer, parse_listen, render
+from .metrics import MetricsServer, open_metrics, parse_listen, render
 from .protocol import endpoints
 from .replica import Replica
 
@@ -86,10 +86,9 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         replica = Replica(app, storage, listen, config)
         if metrics:  # bound before the node starts: a taken port is a setup error
             try:
-                server = MetricsServer(metrics, lambda: render(replica.status()))
-            except OSError as exc:
-                raise SetupError(f"cannot serve metrics on {metrics}: "
-                                 f"{exc.strerror or exc}") from None
+                server = open_metrics(metrics, lambda: render(replica.status()))
+            except ValueError as exc:
+                raise SetupError(str(exc)) from None
         try:
             replica.start()
         except (ReplicationError, ValueError) as exc:

@@ -75,7 +75,10 @@ class FrameWriter:
         self._limit = buffer_bytes
 
     def write(self, payload_obj: Any) -> None:
-        data = frame(payload_obj)
+        self.write_bytes(frame(payload_obj))
+
+    def write_bytes(self, data: bytes) -> None:
+        """Buffer ``data`` as it is (already framed by the caller)."""
         self._buf.append(data)
         self._size += len(data)
         if self._size >= self._limit:
@@ -90,14 +93,22 @@ class FrameWriter:
             view = view[os.write(self.fd, view):]
 
 
-class FrameReader:
-    """Incremental frame parser: feed bytes, take whole frames out."""
+class _BufferedReader:
+    """Bytes fed in pieces; a subclass takes whole frames off the front."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+
+class FrameReader(_BufferedReader):
+    """Incremental frame parser: feed bytes, take whole frames out."""
 
     def frames(self) -> Iterator[list]:
         buf = self._buf
@@ -120,10 +131,6 @@ class FrameReader:
                 yield obj
         finally:
             del buf[:pos]
-
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._buf)
 
 
 def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
@@ -208,25 +215,15 @@ class MessageWriter:
             self._emit(b"E" + _packb(payload_obj[1]))
 
     def _emit(self, body: bytes) -> None:
-        out = self._out
-        out._buf.append(struct.pack("<I", len(body)) + body)
-        out._size += len(body) + 4
-        if out._size >= out._limit:
-            out.flush()
+        self._out.write_bytes(struct.pack("<I", len(body)) + body)
 
     def flush(self) -> None:
         self._out.flush()
 
 
-class MessageReader:
+class MessageReader(_BufferedReader):
     """Parent side of :class:`MessageWriter`: feed bytes, take (kind,
     payload) pairs out."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
 
     def messages(self) -> Iterator[tuple[bytes, bytes]]:
         buf = self._buf
@@ -243,10 +240,6 @@ class MessageReader:
                 pos = end
         finally:
             del buf[:pos]
-
-    @property
-    def pending_bytes(self) -> int:
-        return len(self._buf)
 
 
 def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int,

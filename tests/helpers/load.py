@@ -128,6 +128,27 @@ def kill_leaders(nodes: list[NodeProc], sup: SupervisorProc, rounds: int,
         leader.start()
 
 
+def kill_leaders_under_load(work: Callable[[], None], nodes: list[NodeProc],
+                            sup: SupervisorProc, rounds: int, progress: Callable[[], int],
+                            step: int) -> list[NodeProc]:
+    """Run ``work()`` again and again in a thread while :func:`kill_leaders`
+    kills ``rounds`` leaders; then stop it and return the settled chain."""
+    halt = threading.Event()
+
+    def loop() -> None:
+        while not halt.is_set():
+            work()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        kill_leaders(nodes, sup, rounds, progress, step)
+    finally:
+        halt.set()
+        t.join(timeout=60)
+    return settled_chain(nodes)
+
+
 def settled_chain(nodes: list[NodeProc]) -> list[NodeProc]:
     """The healthy chain, once every follower applied the leader's WAL."""
     chain = wait_for(lambda: chain_ok(nodes), 30, "final chain")

@@ -39,8 +39,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zrepl import Config, FileStorage, WALEntry  # noqa: E402
-from zrepl.storage import check_batch  # noqa: E402
-from zrepl.wal import encode_record  # noqa: E402
+from zrepl.storage.base import check_batch  # noqa: E402
+from zrepl.storage.wal import encode_record  # noqa: E402
 
 ENTRY_BYTES = 64
 BATCHES = (1, 16, 256)

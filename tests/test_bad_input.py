@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from zrepl import FollowerState, ProtocolError
-from zrepl import protocol as p
+from zrepl.core import protocol as p
 
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set

@@ -9,7 +9,7 @@ import sys
 from .helpers import reap, stop_process, wait_for
 
 from zrepl import FileStorage, WALEntry
-from zrepl.wal import list_segments
+from zrepl.storage.wal import list_segments
 
 
 def run(*args: str, env_path: str = "") -> subprocess.CompletedProcess:
@@ -288,8 +288,8 @@ def test_status_asks_every_node_at_once(data_dir):
     """Down nodes cost one deadline in all, not one each."""
     import time
     from zrepl import NodeStatus, Timeout
-    from zrepl.errors import ProtocolError
-    from zrepl.supervisor import poll_statuses
+    from zrepl.core.errors import ProtocolError
+    from zrepl.engine.supervisor import poll_statuses
     from .helpers.cluster import Cluster
     with Cluster(fsync="off") as cluster:
         a = cluster.node("a").start()

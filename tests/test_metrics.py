@@ -15,7 +15,7 @@ from workers.kv import encode
 from zrepl import FollowerState, NodeClient, NodeRole, NodeStatus
 from zrepl.local import free_tcp_base, pings
 from zrepl.metrics import parse_listen, render
-from zrepl.remote import Client
+from zrepl.engine.remote import Client
 
 from .helpers import reap, stop_process, wait_for
 from .test_cli import one_line_error, run

@@ -11,8 +11,8 @@ import pytest
 
 from workers.kv import KV
 from zrepl import Config, FileStorage, FollowerState, MemoryStorage, NodeRole, Replica
-from zrepl import progress
-from zrepl.progress import Progress
+from zrepl.engine import progress
+from zrepl.engine.progress import Progress
 
 from .helpers import wait_for
 

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from zrepl import NotLeader, ProtocolError, StaleLeader, Timeout
-from zrepl import protocol as p
+from zrepl.core import protocol as p
 
 
 def test_tcp_endpoints_use_four_ports():

@@ -13,7 +13,7 @@ from workers.kv import KV
 from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, MemoryStorage,
                    NodeRole, NotLeader, ProtocolError, RemoteFollower, Replica, StaleLeader,
                    Timeout, WALEntry, WALGap)
-from zrepl.snapshot import list_checkpoints
+from zrepl.storage.snapshot import list_checkpoints
 
 from .helpers import wait_for
 
@@ -175,7 +175,7 @@ def test_remote_follower_refuses_a_stale_leader(nodes):
         info = handle.handshake(3, "ipc:///somewhere")
         assert info.leader_id == 3 and info.position == 0
         from workers.kv import encode
-        from zrepl.session import wrap_plain
+        from zrepl.core.session import wrap_plain
         assert handle.apply_wal(3, [WALEntry(1, wrap_plain(encode(("set", "a", 1))))]) == [0]
         assert handle.max_applied_wal() == 1
         with pytest.raises(WALGap, match="expects 2"):

@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from zrepl import NodeRole, ReplicationError, SessionExpired, Timeout
-from zrepl import protocol as p
-from zrepl.session import SessionTable, describe, unwrap, wrap_client, wrap_plain
+from zrepl.core import protocol as p
+from zrepl.core.session import SessionTable, describe, unwrap, wrap_client, wrap_plain
 
 from .helpers.cluster import Cluster, kv_incr, wait_applied, wait_synchronous
 from .helpers.load import SUPERVISED, kill_leaders_under_load, supervised_chain
@@ -149,7 +149,7 @@ def test_apply_many_reuses_one_connection_per_node(tmp_path):
     sustained use ran the machine out of ports.  One connection now serves
     every call; a reply to a call that gave up is skipped by request id."""
     from zmq.utils.monitor import recv_monitor_message
-    from zrepl.remote import Client
+    from zrepl.engine.remote import Client
     address = f"ipc://{tmp_path}/fake.sock"
     ctx = zmq.Context.instance()
     server = ctx.socket(zmq.ROUTER)

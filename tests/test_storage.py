@@ -12,7 +12,7 @@ import pytest
 
 from zrepl import (Config, CorruptStorage, FileStorage, MemoryStorage, NodeRole, StorageError,
                    StorageLocked, WALEntry, WALTruncated)
-from zrepl.wal import list_segments
+from zrepl.storage.wal import list_segments
 
 from .helpers import wait_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from zrepl import Config, FileStorage, WALEntry
-from zrepl.wal import SEGMENT_HEADER, list_segments
+from zrepl.storage.wal import SEGMENT_HEADER, list_segments
 
 CFG = Config(fsync="off")
 
@@ -64,7 +64,7 @@ def test_truncated_at_every_offset_of_the_last_records(one_segment, caplog):
     checked = 0
     for offset in range(start, len(pristine)):
         seg_path.write_bytes(pristine[:offset])
-        with caplog.at_level(logging.WARNING, logger="zrepl.wal"):
+        with caplog.at_level(logging.WARNING, logger="zrepl.storage.wal"):
             caplog.clear()
             reopen_and_check(data_dir, last_valid(ends, offset))
         at_boundary = offset in {end for end, _ in ends}

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrepl import FollowerMismatch, FollowerState, ProtocolError, StaleLeader, Timeout
-from zrepl.sync import (ALLOWED, FollowerInfo, FollowerSync, OutOfOrder, SyncPlan,
+from zrepl.core.sync import (ALLOWED, FollowerInfo, FollowerSync, OutOfOrder, SyncPlan,
                         UpstreamView, divergence_point, epoch_at, plan_sync)
 
 S = FollowerState

@@ -4,17 +4,17 @@ The public surface is documented in the README and ``docs/``; everything
 listed in ``__all__`` is stable.
 """
 
-from .config import Config
-from .errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
+from .core.config import Config
+from .core.errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
                      ReplicationError, SessionExpired, StaleLeader, StorageError, StorageLocked,
                      Timeout, WALGap, WALTruncated)
-from .filestorage import FileStorage
-from .interfaces import App, Follower, Manager, Node, Storage
-from .remote import Client, NodeClient, RemoteFollower
-from .replica import Replica
-from .storage import MemoryStorage
-from .supervisor import Supervisor
-from .types import FollowerState, NodeRole, NodeStatus, WALEntry
+from .storage.file import FileStorage
+from .core.interfaces import App, Follower, Manager, Node, Storage
+from .engine.remote import Client, NodeClient, RemoteFollower
+from .engine.replica import Replica
+from .storage.base import MemoryStorage
+from .engine.supervisor import Supervisor
+from .core.types import FollowerState, NodeRole, NodeStatus, WALEntry
 
 __version__ = "0.1.0"
 

@@ -17,10 +17,11 @@ from typing import Any, Sequence
 
 import tomllib
 
-from . import __version__, logs
-from .config import Config
-from .errors import ReplicationError
-from .wal import iter_wal
+from . import __version__
+from . import logs
+from .core.config import Config
+from .core.errors import ReplicationError
+from .storage.wal import iter_wal
 
 
 class CommandError(Exception):
@@ -232,7 +233,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
     from . import sdnotify
     from .metrics import open_metrics, render_supervisor
-    from .supervisor import Supervisor
+    from .engine.supervisor import Supervisor
     values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
     _logging(values)
     log = logging.getLogger("zrepl.supervisor")
@@ -315,9 +316,9 @@ def _fmt_status_table(results: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .protocol import endpoints
-    from .rpc import RpcClient
-    from .supervisor import poll_statuses
+    from .core.protocol import endpoints
+    from .engine.rpc import RpcClient
+    from .engine.supervisor import poll_statuses
     values, _ = settings(args, STATUS_KEYS, with_config=False)
     nodes, supervisor, timeout = values["nodes"], values["supervisor"], values["timeout"]
     if not nodes and not supervisor:

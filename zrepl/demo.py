@@ -25,11 +25,11 @@ from typing import Any, Callable, TextIO
 
 import msgpack
 
-from .errors import ReplicationError
+from .core.errors import ReplicationError
 from .local import LocalCluster, wait_until
-from .remote import Client, NodeClient
-from .supervisor import poll_statuses, supervisor_view
-from .types import NodeStatus
+from .engine.remote import Client, NodeClient
+from .engine.supervisor import poll_statuses, supervisor_view
+from .core.types import NodeStatus
 
 NAMES = ("a", "b", "c")
 

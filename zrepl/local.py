@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ReplicationError
-from .remote import NodeClient
+from .core.errors import ReplicationError
+from .engine.remote import NodeClient
 
 
 def free_tcp_base(count: int = 4) -> int:

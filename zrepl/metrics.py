@@ -23,7 +23,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from .types import NodeStatus
+from .core.types import NodeStatus
 
 log = logging.getLogger("zrepl.metrics")
 

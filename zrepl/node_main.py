@@ -12,13 +12,13 @@ import traceback
 from typing import Any
 
 from . import sdnotify
-from .config import Config
-from .errors import ReplicationError
-from .filestorage import FileStorage
-from .interfaces import App
+from .core.config import Config
+from .core.errors import ReplicationError
+from .storage.file import FileStorage
+from .core.interfaces import App
 from .metrics import MetricsServer, open_metrics, parse_listen, render
-from .protocol import endpoints
-from .replica import Replica
+from .core.protocol import endpoints
+from .engine.replica import Replica
 
 
 class SetupError(Exception):

@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 
 from zrepl import Client, NodeClient, NodeRole, ReplicationError
-from zrepl.supervisor import supervisor_view
-from zrepl.types import FollowerState
+from zrepl.engine.supervisor import supervisor_view
+from zrepl.core.types import FollowerState
 
 from . import wait_for
 

@@ -16,10 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config
-from .errors import CorruptStorage, StorageError
+from ..core.config import Config
+from ..core.errors import CorruptStorage, StorageError
 from .fsutil import DirLock, atomic_write
-from .storage import (
+from .base import (
     EMPTY_META,
     BaseStorage,
     check_epoch_history,

@@ -60,20 +60,20 @@ from typing import Any, Callable, Iterator
 import psutil
 import zmq
 
-from . import protocol
+from ..core import protocol
 from .commit import Batch, CallbackSink, Submission
-from .config import Config
+from ..core.config import Config
 from .downstream import DownstreamLink, _DownCall, _SnapshotOut
-from .errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError, StaleLeader, Timeout
-from .interfaces import App, Manager, Node, Storage
+from ..core.errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError, StaleLeader, Timeout
+from ..core.interfaces import App, Manager, Node, Storage
 from .pipeline import CommitPipeline
 from .progress import Progress
-from .protocol import endpoints
-from .snapshot import fork_checkpoint, iter_app_batches, list_checkpoints, read_checkpoint
-from .session import SessionTable, unwrap
-from .storage import check_role, entries_from
-from .sync import FollowerSync
-from .types import FollowerState, NodeRole, NodeStatus, WALEntry
+from ..core.protocol import endpoints
+from ..storage.snapshot import fork_checkpoint, iter_app_batches, list_checkpoints, read_checkpoint
+from ..core.session import SessionTable, unwrap
+from ..storage.base import check_role, entries_from
+from ..core.sync import FollowerSync
+from ..core.types import FollowerState, NodeRole, NodeStatus, WALEntry
 from .upstream import UpstreamSide, _SnapshotIn
 from .zmqutil import NOBLOCK as _NOBLOCK
 from .zmqutil import ready as _ready

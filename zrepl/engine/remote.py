@@ -13,12 +13,12 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
-from .errors import NotLeader, ProtocolError, ReplicationError, Timeout
-from .interfaces import Follower, Node
+from ..core import protocol
+from ..core.errors import NotLeader, ProtocolError, ReplicationError, Timeout
+from ..core.interfaces import Follower, Node
 from .rpc import RpcClient, new_context
-from .sync import FollowerInfo
-from .types import NodeRole, NodeStatus, WALEntry
+from ..core.sync import FollowerInfo
+from ..core.types import NodeRole, NodeStatus, WALEntry
 
 
 class NodeClient(Node):

@@ -14,9 +14,9 @@ import time
 from datetime import datetime
 from typing import Any, Sequence
 
-from .errors import ReplicationError, StorageError, WALTruncated
-from .interfaces import Storage
-from .types import NodeRole, WALEntry
+from ..core.errors import ReplicationError, StorageError, WALTruncated
+from ..core.interfaces import Storage
+from ..core.types import NodeRole, WALEntry
 
 EMPTY_META: dict[str, Any] = {
     "address": "",

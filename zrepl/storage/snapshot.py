@@ -46,9 +46,9 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
-from .errors import CorruptStorage
+from ..core.errors import CorruptStorage
 from .fsutil import fsync_dir, numbered_files
-from .types import WALEntry
+from ..core.types import WALEntry
 
 FILE_MAGIC = b"ZREPLCKP"
 FORMAT = 1

@@ -64,8 +64,8 @@ from typing import Callable, Iterator
 
 import msgpack
 
-from .config import Config
-from .errors import CorruptStorage, StorageError, WALTruncated
+from ..core.config import Config
+from ..core.errors import CorruptStorage, StorageError, WALTruncated
 from .fsutil import fsync_dir, numbered_files
 
 log = logging.getLogger("zrepl.wal")

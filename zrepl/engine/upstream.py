@@ -13,15 +13,15 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
+from ..core import protocol
 from .commit import AckSink, Batch
-from .errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
-from .protocol import (ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, codes_to_bytes,
+from ..core.errors import NotLeader, ProtocolError, ReplicationError, StaleLeader, WALGap
+from ..core.protocol import (ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, codes_to_bytes,
                        endpoints)
 from .progress import Progress
-from .snapshot import CheckpointFileWriter
-from .session import unwrap
-from .types import NodeRole
+from ..storage.snapshot import CheckpointFileWriter
+from ..core.session import unwrap
+from ..core.types import NodeRole
 from .zmqutil import NOBLOCK as _NOBLOCK
 from .zmqutil import ready as _ready
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
+from ..core import protocol
 from .commit import Batch, FutureSink, Sink, Submission, WaitSink
-from .errors import (
+from ..core.errors import (
     FollowerMismatch,
     NotLeader,
     ProtocolError,
@@ -26,10 +26,10 @@ from .errors import (
     StorageError,
     Timeout,
 )
-from .protocol import ACK, STATE, STATE_END, WAL, codes_from_bytes, codes_to_bytes
-from .storage import entries_from
-from .session import wrap_client, wrap_plain
-from .types import WALEntry
+from ..core.protocol import ACK, STATE, STATE_END, WAL, codes_from_bytes, codes_to_bytes
+from ..storage.base import entries_from
+from ..core.session import wrap_client, wrap_plain
+from ..core.types import WALEntry
 from .zmqutil import NOBLOCK as _NOBLOCK
 from .zmqutil import ready as _ready
 

@@ -60,12 +60,12 @@ from typing import Any
 
 import zmq
 
-from . import protocol
-from .config import Config
-from .errors import ProtocolError, ReplicationError, Timeout
-from .fsutil import atomic_write
+from ..core import protocol
+from ..core.config import Config
+from ..core.errors import ProtocolError, ReplicationError, Timeout
+from ..storage.fsutil import atomic_write
 from .rpc import RpcClient, new_context
-from .types import FollowerState, NodeRole, NodeStatus
+from ..core.types import FollowerState, NodeRole, NodeStatus
 
 log = logging.getLogger("zrepl.supervisor")
 

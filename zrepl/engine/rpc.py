@@ -12,8 +12,8 @@ from typing import Any
 
 import zmq
 
-from .errors import Timeout
-from .protocol import control_request, parse_control_reply
+from ..core.errors import Timeout
+from ..core.protocol import control_request, parse_control_reply
 
 
 def new_context() -> zmq.Context:

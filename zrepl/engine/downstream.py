@@ -20,14 +20,14 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
+from ..core import protocol
 from .commit import Batch
-from .errors import ProtocolError, ReplicationError, StaleLeader, Timeout, WALGap, WALTruncated
-from .protocol import STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, endpoints
+from ..core.errors import ProtocolError, ReplicationError, StaleLeader, Timeout, WALGap, WALTruncated
+from ..core.protocol import STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, endpoints
 from .progress import Progress
-from .snapshot import MessageReader, fork_snapshot_to_pipe
-from .sync import FollowerInfo, UpstreamView, plan_sync
-from .types import FollowerState, NodeRole
+from ..storage.snapshot import MessageReader, fork_snapshot_to_pipe
+from ..core.sync import FollowerInfo, UpstreamView, plan_sync
+from ..core.types import FollowerState, NodeRole
 from .zmqutil import NOBLOCK as _NOBLOCK
 
 

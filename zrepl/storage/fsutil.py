@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import StorageLocked
+from ..core.errors import StorageLocked
 
 
 def numbered_files(directory: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:

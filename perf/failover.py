@@ -102,7 +102,7 @@ def main() -> int:
         names = ["a", "b", "c"]
         procs = {a: w.start_node(n, a, SETTINGS) for a, n in zip(addrs, names)}
         sup_listen = w.start_supervisor(addrs, SETTINGS)
-        from zrepl.engine.supervisor import supervisor_view
+        from zrepl.engine.remote import supervisor_view
 
         def supervisor_sees_sync_chain() -> bool:
             view = supervisor_view(sup_listen)

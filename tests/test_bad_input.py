@@ -37,7 +37,7 @@ GARBAGE = [
 
 @pytest.fixture
 def pair():
-    with Cluster(max_message_bytes=MAX) as c:
+    with Cluster(max_message_bytes=MAX, max_batch_data=MAX // 2) as c:
         L = c.node("L").start()
         F = c.node("F").start()
         c.leader_with_follower(L, F)

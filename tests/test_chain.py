@@ -100,7 +100,7 @@ def test_forwarder_refuses_a_stale_leader_and_its_follower_never_sees_it():
 
 
 def test_an_asynchronous_link_acknowledges_before_its_follower():
-    with Cluster(ack_timeout=3) as c:
+    with Cluster(ack_timeout=3, state_sync_stall_timeout=12) as c:
         a = c.node("A").start()
         b = c.node("B", sync_downstream=False).start()
         cc = c.node("C").start()

@@ -289,7 +289,7 @@ def test_status_asks_every_node_at_once(data_dir):
     import time
     from zrepl import NodeStatus, Timeout
     from zrepl.core.errors import ProtocolError
-    from zrepl.engine.supervisor import poll_statuses
+    from zrepl.engine.remote import poll_statuses
     from .helpers.cluster import Cluster
     with Cluster(fsync="off") as cluster:
         a = cluster.node("a").start()

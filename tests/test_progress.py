@@ -7,11 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 
 from workers.kv import KV
 from zrepl import Config, FileStorage, FollowerState, MemoryStorage, NodeRole, Replica
-from zrepl.engine import progress
 from zrepl.engine.progress import Progress
 
 from .helpers import wait_for
@@ -35,28 +33,25 @@ class Lines:
 
 def test_progress_logs_at_most_every_interval_with_total_and_rate():
     clock, log = FakeClock(), Lines()
-    p = Progress(log, "replaying WAL 1..1000", total=1000, clock=clock)
+    p = Progress(log, "replaying WAL 1..1000", total=1000, clock=clock, every=5.0)
     p.add(100)
-    assert log.lines == []  # nothing before EVERY seconds
-    clock.now += progress.EVERY
+    assert log.lines == []  # nothing before 5 seconds
+    clock.now += 5.0
     p.add(400)
     clock.now += 1.0
     p.add(100)  # too soon after the last line
     assert log.lines == [f"replaying WAL 1..1000: 500 of 1,000 (50%) entries, "
-                         f"{500 / progress.EVERY:,.0f}/s"]
+                         f"{500 / 5.0:,.0f}/s"]
     assert p.line(clock.now).startswith("replaying WAL 1..1000: 600 of 1,000 (60%)")
-    assert Progress(log, "state sync", clock=clock).line() == "state sync: 0 entries, 0/s"
+    assert Progress(log, "state sync", clock=clock, every=5.0).line() == \
+        "state sync: 0 entries, 0/s"
 
 
-@pytest.fixture
-def every_batch(monkeypatch):
-    monkeypatch.setattr(progress, "EVERY", 0.0)
 
-
-def test_restart_replay_reports_progress(every_batch, caplog):
+def test_restart_replay_reports_progress(caplog):
     d = Path(tempfile.mkdtemp(prefix="zr-"))
     cfg = Config(fsync="off", checkpoint_entries=0, checkpoint_interval=0,
-                 stream_batch_entries=100)
+                 stream_batch_entries=100, progress_interval=1e-9)  # a line per batch
     try:
         with FileStorage(d, config=cfg) as st:
             r = Replica(KV(), st, f"ipc://{d}/n.sock", cfg).start()
@@ -74,11 +69,11 @@ def test_restart_replay_reports_progress(every_batch, caplog):
     assert "1,000 of 1,000 (100%) entries" in lines[-1]
 
 
-def test_state_sync_reports_progress_on_both_sides(every_batch, caplog):
+def test_state_sync_reports_progress_on_both_sides(caplog):
     caplog.set_level(logging.INFO, logger="zrepl.replica")
     d = Path(tempfile.mkdtemp(prefix="zr-"))
     cfg = Config(fsync="off", checkpoint_entries=0, checkpoint_interval=0,
-                 snapshot_batch_entries=100)
+                 snapshot_batch_entries=100, progress_interval=1e-9)  # a line per batch
     started = []
     try:
         leader = Replica(KV(), MemoryStorage(), f"ipc://{d}/L.sock", cfg).start()

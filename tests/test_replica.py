@@ -192,8 +192,7 @@ def test_restart_restores_from_checkpoint_and_wal(nodes, tmp):
     r = nodes.make("L", storage=storage)
     r.set_role(NodeRole.LEADER, 1)
     r.manager.apply_many([("set", f"k{i}", i) for i in range(3000)])
-    r._op_checkpoint()
-    r._poke()
+    r.checkpointer.request()
     wait_for(lambda: list_checkpoints(tmp / "L" / "checkpoints") and r.status().min_wal > 1,
              20, "checkpoint written and WAL truncated")
     r.manager.apply_many([("incr", f"k{i}", 1) for i in range(500)])
@@ -215,7 +214,7 @@ def test_queue_is_bounded_apply_async_blocks_when_full(nodes):
     high = 0
     for i in range(300):
         futs.append(leader.manager.apply_async(("incr", "n", 1)))
-        high = max(high, len(leader._pending))
+        high = max(high, len(leader.pipeline.pending))
     assert [f.result(timeout=10) for f in futs] == [0] * 300
     assert high <= 4
     wait_for(lambda: follower.app.data.get("n") == 300, 10, "follower to apply all")
@@ -231,7 +230,7 @@ def test_epoch_history_reaches_a_follower_whose_first_catch_up_send_fails(nodes)
     leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
     leader.set_role(NodeRole.LEADER, 2)  # a new epoch from WAL 11
     leader.manager.apply_many([("set", f"b{i}", i) for i in range(10)])
-    real_send, failed = leader._send_data, []
+    real_send, failed = leader.downstream._send, []
 
     def first_send_fails(msg: bytes) -> bool:
         if not failed:
@@ -239,7 +238,7 @@ def test_epoch_history_reaches_a_follower_whose_first_catch_up_send_fails(nodes)
             return False
         return real_send(msg)
 
-    leader._send_data = first_send_fails
+    leader.downstream._send = first_send_fails
     follower = nodes.make("F")
     follower.set_role(NodeRole.FOLLOWER, 2)
     leader.set_follower(follower.address)
@@ -257,7 +256,7 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     leader = nodes.make("L")
     leader.set_role(NodeRole.LEADER, 1)
     leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
-    leader._unsent_history = lambda: None  # a broken upstream
+    leader.core._history_for_stream = lambda: None  # a broken upstream
     follower = nodes.make("F")
     follower.set_role(NodeRole.FOLLOWER, 1)
     leader.set_follower(follower.address)
@@ -267,7 +266,7 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     st = follower.status()
     assert st.extra["refused_batches"] >= 1
     assert st.max_wal == 0 and st.epoch_history == [] and follower.app.data == {}
-    del leader._unsent_history  # mended: setting the follower again restarts the link
+    del leader.core._history_for_stream  # mended: setting the follower again restarts the link
     leader.set_follower(follower.address)
     wait_for(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 10,
              "synchronous follower once the history arrives")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrepl import Config, FollowerState, NodeRole, NodeStatus
-from zrepl.engine.supervisor import Call, Memory, plan, synchronous_chain
+from zrepl.core.plan import Call, Memory, plan, synchronous_chain
 
 A, B, C = "tcp://a:1000", "tcp://b:1000", "tcp://c:1000"
 ORDER = [A, B, C]

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zrepl import FollowerMismatch, FollowerState, ProtocolError, StaleLeader, Timeout
-from zrepl.core.sync import (ALLOWED, FollowerInfo, FollowerSync, OutOfOrder, SyncPlan,
-                        UpstreamView, divergence_point, epoch_at, plan_sync)
+from zrepl.core.epochs import (FollowerInfo, SyncPlan, UpstreamView, divergence_point, epoch_at,
+                               plan_sync)
+from zrepl.core.link import ALLOWED, FollowerSync, OutOfOrder
 
 S = FollowerState
 

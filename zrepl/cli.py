@@ -89,6 +89,11 @@ def settings(args: argparse.Namespace, keys: list[Key], with_config: bool
     path = getattr(args, "config", None)
     doc = _read_toml(path) if path else {}
     where = f"config {path}"
+    if with_config:
+        try:
+            doc = Config.flatten(doc)  # [storage], [replication]... tables
+        except ValueError as exc:
+            raise CommandError(f"{where}: {exc}") from None
     by_name = {k.name: k for k in keys}
     for name in doc:
         if name not in by_name and not (with_config and name in CONFIG_FIELDS):
@@ -266,7 +271,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
     def ticking(_interval: float) -> bool:
         nonlocal seen_ticks
-        if sup._thread is not None and not sup._thread.is_alive():
+        if not sup.running():
             raise CommandError("the supervisor loop stopped unexpectedly (see the log)")
         ticks = sup.ticks
         if ticks and not seen_ticks:
@@ -318,7 +323,7 @@ def _fmt_status_table(results: dict) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from .core.protocol import endpoints
     from .engine.rpc import RpcClient
-    from .engine.supervisor import poll_statuses
+    from .engine.remote import poll_statuses
     values, _ = settings(args, STATUS_KEYS, with_config=False)
     nodes, supervisor, timeout = values["nodes"], values["supervisor"], values["timeout"]
     if not nodes and not supervisor:

@@ -28,7 +28,7 @@ import msgpack
 from .core.errors import ReplicationError
 from .local import LocalCluster, wait_until
 from .engine.remote import Client, NodeClient
-from .engine.supervisor import poll_statuses, supervisor_view
+from .engine.remote import poll_statuses, supervisor_view
 from .core.types import NodeStatus
 
 NAMES = ("a", "b", "c")

@@ -98,8 +98,7 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("[%s] signal %d: stopping", listen, signum, extra={"node": listen})
-            replica._stopping = True
-            replica._poke()
+            replica.request_stop()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

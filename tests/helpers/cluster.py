@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from zrepl import Client, NodeClient, NodeRole, ReplicationError
-from zrepl.engine.supervisor import supervisor_view
+from zrepl.engine.remote import supervisor_view
 from zrepl.core.types import FollowerState
 
 from . import wait_for

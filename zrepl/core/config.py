@@ -3,6 +3,15 @@
 One dataclass, so that a node, the supervisor, the command line and the TOML
 config file all share the same names.  Each default says why it is what it
 is.  Later features add their settings here, never as loose constants.
+
+Settings come in groups (:data:`GROUPS`): ``storage`` and ``replication``
+are read by nodes, ``supervisor`` by the supervisor, ``client`` by
+``zrepl.Client``, and ``limits`` (message sizes, queues) by every process.
+A TOML file may set them flat or under a table named after their group
+(``[replication]``, ``[supervisor]``...).  :meth:`Config.validate` checks
+each field alone and then the fields against each other (like
+hashicorp/raft's ``ValidateConfig``): every refusal is one line naming the
+fields involved.
 """
 
 from __future__ import annotations
@@ -13,10 +22,86 @@ from typing import Any
 
 FSYNC_POLICIES = ("always", "batch", "off")
 
+# Which process reads which settings (the sections of Config below, and the
+# optional tables of a TOML file).
+GROUPS: dict[str, tuple[str, ...]] = {
+    'storage': (
+        'fsync',
+        'fsync_interval',
+        'fsync_bytes',
+        'segment_bytes',
+        'max_batch_bytes',
+        'checkpoint_entries',
+        'checkpoint_interval',
+        'checkpoints_kept',
+        'max_retained_wal',
+    ),
+    'replication': (
+        'require_sync',
+        'sync_wait_timeout',
+        'sync_downstream',
+        'lease_required',
+        'ack_timeout',
+        'ack_timeout_hop_step',
+        'ack_timeout_floor',
+        'commit_timeout',
+        'window',
+        'max_batch_entries',
+        'max_batch_data',
+        'max_pending',
+        'session_window',
+        'max_sessions',
+        'leader_read_timeout',
+        'rpc_timeout',
+        'connect_backoff_min',
+        'connect_backoff_max',
+        'stream_batch_entries',
+        'snapshot_batch_entries',
+        'state_sync_stall_timeout',
+        'snapshot_child_nice',
+        'progress_interval',
+    ),
+    'supervisor': (
+        'heartbeat_interval',
+        'missed_heartbeats',
+        'lease',
+        'lease_margin',
+        'follower_error_retry',
+        'poll_timeout_fraction',
+    ),
+    'client': (
+        'client_max_pause',
+    ),
+    'limits': (
+        'max_message_bytes',
+        'data_queue_messages',
+        'send_queue_batches',
+        'ack_queue_messages',
+        'client_reply_queue',
+        'messages_per_turn',
+    ),
+}
+
+ZERO_DISABLES = frozenset({"checkpoint_entries", "checkpoint_interval"})
+
+# (smaller, larger, why): cross-field rules checked by Config.validate.
+_ORDER = [
+    ("connect_backoff_min", "connect_backoff_max",
+     "the handshake backoff starts at the minimum and doubles up to the maximum"),
+    ("ack_timeout", "commit_timeout",
+     "a blocking apply would give up before its follower is declared failed"),
+    ("ack_timeout", "state_sync_stall_timeout",
+     "a state batch takes longer to apply than a WAL batch"),
+    ("window", "send_queue_batches", "every batch in flight must fit in the send queue"),
+    ("max_batch_data", "max_message_bytes", "a batch must fit in one message"),
+    ("rpc_timeout", "sync_wait_timeout",
+     "a leader waiting for a synchronous follower must allow one handshake"),
+]
+
 
 @dataclass
 class Config:
-    # --- storage ----------------------------------------------------------
+    # --- storage -----------------------------------------------------------
 
     fsync: str = "batch"
     """When the WAL is forced to disk.
@@ -59,17 +144,26 @@ class Config:
     """Largest encoded WAL batch accepted by ``write_wal``.  Guards the
     length field of the record format and the reader's memory."""
 
-    # --- replication ------------------------------------------------------
+    checkpoint_entries: int = 1_000_000
+    """Write a checkpoint after this many entries were applied since the
+    last one (0 disables).  Restart time is checkpoint load + replay of at
+    most this many entries."""
 
-    ack_timeout: float = 0.5
-    """Seconds a leader waits for its follower to acknowledge a batch before
-    it declares the link failed.  While a synchronous follower is silent,
-    commits stall this long at most; 0.5 s is far above a healthy round
-    trip (well under 1 ms) and short enough not to freeze writers."""
+    checkpoint_interval: float = 300.0
+    """Also write a checkpoint this many seconds after the last one, if
+    anything was applied since (0 disables)."""
 
-    commit_timeout: float = 10.0
-    """Longest time ``Manager.apply`` waits for its command to commit
-    before raising ``Timeout`` (outcome unknown)."""
+    checkpoints_kept: int = 2
+    """Checkpoint files kept; older ones are removed.  Two, so that a
+    checkpoint that turns out unreadable still leaves one to fall back on
+    (the WAL is only truncated up to the older kept one)."""
+
+    max_retained_wal: int = 10_000_000
+    """WAL entries kept beyond the newest checkpoint for a follower that
+    is syncing or disconnected (like a replication slot).  A follower that
+    falls further behind gets a full state sync instead."""
+
+    # --- replication -------------------------------------------------------
 
     require_sync: bool = False
     """If true, a leader without a synchronous follower does not commit
@@ -90,6 +184,32 @@ class Config:
     batch, in order): for a WAN hop at the end of a chain.  Status
     reports each link's ``follower_sync``."""
 
+    lease_required: bool = False
+    """As leader, accept writes only under a lease granted by the
+    supervisor (renewed by its polls).  Leases are enforced anyway once one
+    was granted; this makes a restarted leader wait for the first renewal
+    too.  Set it on every node run under a supervisor."""
+
+    ack_timeout: float = 0.5
+    """Seconds a leader waits for its follower to acknowledge a batch before
+    it declares the link failed.  While a synchronous follower is silent,
+    commits stall this long at most; 0.5 s is far above a healthy round
+    trip (well under 1 ms) and short enough not to freeze writers."""
+
+    ack_timeout_hop_step: float = 0.1
+    """In a chain, each hop from the leader waits ``ack_timeout`` shortened
+    by this fraction per hop (``ack_timeout * (1 - step * depth)``), so that
+    when a tail hangs the link next to it fails first and the nodes above
+    are answered before their own, longer timers fire."""
+
+    ack_timeout_floor: float = 0.2
+    """The per-hop shortening never goes below this fraction of
+    ``ack_timeout``: a deep chain still gives its tail a fair chance."""
+
+    commit_timeout: float = 10.0
+    """Longest time ``Manager.apply`` waits for its command to commit
+    before raising ``Timeout`` (outcome unknown)."""
+
     window: int = 8
     """Batches sent downstream and not yet acknowledged, at most.  Enough
     to keep leader and follower busy at the same time; bounds memory."""
@@ -100,12 +220,6 @@ class Config:
     max_batch_data: int = 4 * 1024 * 1024
     """Bytes of command data in one batch, at most (a single larger
     command travels alone)."""
-
-    lease_required: bool = False
-    """As leader, accept writes only under a lease granted by the
-    supervisor (renewed by its polls).  Leases are enforced anyway once one
-    was granted; this makes a restarted leader wait for the first renewal
-    too.  Set it on every node run under a supervisor."""
 
     max_pending: int = 65536
     """Submissions queued on a leader and not yet in a batch, at most.  Past
@@ -122,6 +236,12 @@ class Config:
     """Remote clients remembered; the least recently active is forgotten
     first (its old retries are then refused, never re-applied)."""
 
+    leader_read_timeout: float = 2.0
+    """Longest time a ``leader_only`` read waits for the writes applied
+    before it to be acknowledged (the read barrier) before it fails with
+    ``Timeout``.  Reads wait only while writes are in flight; an idle
+    leader answers at once."""
+
     rpc_timeout: float = 0.5
     """Seconds to wait for a reply to a control call (handshake, status)
     before the socket is reopened and the call fails."""
@@ -133,36 +253,30 @@ class Config:
     connect_backoff_max: float = 1.0
     """Longest delay between handshake retries."""
 
-    max_message_bytes: int = 64 * 1024 * 1024
-    """Largest ZeroMQ message any endpoint accepts; a peer that sends a
-    larger one is disconnected.  Larger than any batch zrepl sends."""
-
     stream_batch_entries: int = 2048
     """WAL entries per batch when a follower catches up from the log."""
 
     snapshot_batch_entries: int = 4096
     """App commands per batch of a full state sync or checkpoint."""
 
-    max_retained_wal: int = 10_000_000
-    """WAL entries kept beyond the newest checkpoint for a follower that
-    is syncing or disconnected (like a replication slot).  A follower that
-    falls further behind gets a full state sync instead."""
+    state_sync_stall_timeout: float = 2.0
+    """Seconds a full state sync may go without the follower acknowledging
+    any of its batches before the link is declared failed.  Four times
+    ``ack_timeout``: a state batch carries thousands of entries, and a
+    follower that keeps acknowledging is busy, not dead."""
 
-    checkpoint_entries: int = 1_000_000
-    """Write a checkpoint after this many entries were applied since the
-    last one (0 disables).  Restart time is checkpoint load + replay of at
-    most this many entries."""
+    snapshot_child_nice: int = 10
+    """Nice increment of the forked child that writes a state sync or a
+    checkpoint: it is background work, and on a busy machine the parent's
+    commit path must win the CPU when it wakes (measured with
+    perf/sync.py).  0 keeps the parent's priority."""
 
-    checkpoint_interval: float = 300.0
-    """Also write a checkpoint this many seconds after the last one, if
-    anything was applied since (0 disables)."""
+    progress_interval: float = 5.0
+    """Seconds between two progress lines of long work (restart replay,
+    checkpoint load, state syncs): an operator watching a node that takes
+    minutes to come back sees it moving, without a line per batch."""
 
-    checkpoints_kept: int = 2
-    """Checkpoint files kept; older ones are removed.  Two, so that a
-    checkpoint that turns out unreadable still leaves one to fall back on
-    (the WAL is only truncated up to the older kept one)."""
-
-    # --- supervisor -------------------------------------------------------
+    # --- supervisor --------------------------------------------------------
 
     heartbeat_interval: float = 0.1
     """Seconds between the supervisor's polls of every node (each poll of
@@ -180,7 +294,54 @@ class Config:
 
     lease_margin: float = 1.2
     """Safety factor on ``lease`` for clock-rate differences between the
-    supervisor's and the leader's machines."""
+    supervisor's and the leader's machines: the supervisor promotes only
+    ``lease * lease_margin`` after the last renewal, so clocks may drift
+    apart by up to 20 % before a cut-off leader could still be writing."""
+
+    follower_error_retry: float = 5.0
+    """Seconds between the supervisor's attempts to re-link a follower whose
+    link is in ``ERROR`` (a refusal that retrying at once cannot fix)."""
+
+    poll_timeout_fraction: float = 0.8
+    """The share of ``heartbeat_interval`` the supervisor waits for status
+    replies; the rest of the interval is left for its calls."""
+
+    # --- client ------------------------------------------------------------
+
+    client_max_pause: float = 0.05
+    """Longest wait of ``zrepl.Client`` between two rounds of attempts.
+    During a failover every live node answers NotLeader at once until one
+    is promoted; a short cap finds the new leader within 50 ms of its
+    promotion, for a few cheap requests per round."""
+
+    # --- limits ------------------------------------------------------------
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest ZeroMQ message any endpoint accepts; a peer that sends a
+    larger one is disconnected.  Larger than any batch zrepl sends."""
+
+    data_queue_messages: int = 10_000
+    """Messages a node's data endpoint queues from its upstream before
+    ZeroMQ pushes back (receive high-water mark).  Batches are bounded by
+    the upstream's window; this only absorbs bursts."""
+
+    send_queue_batches: int = 48
+    """Messages queued toward the follower's data endpoint before a send
+    waits (send high-water mark).  At least ``window``: every batch in
+    flight must fit, plus a state sync's messages."""
+
+    ack_queue_messages: int = 10_000
+    """Acknowledgements queued toward the upstream before ZeroMQ pushes
+    back (send high-water mark)."""
+
+    client_reply_queue: int = 100_000
+    """Replies queued toward remote clients.  Clients bound what they have
+    outstanding, so a deep queue costs little; a full one is counted
+    (``client_replies_dropped``), never silent."""
+
+    messages_per_turn: int = 256
+    """Messages the engine takes from one endpoint before it looks at the
+    others: fairness between data, acks, clients and control calls."""
 
     # --- helpers ----------------------------------------------------------
 
@@ -188,31 +349,73 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad setting."""
+        """Raise ``ValueError`` naming the first bad setting (or pair of
+        settings)."""
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError(
                 f"fsync must be one of {', '.join(FSYNC_POLICIES)}; got {self.fsync!r}"
             )
-        positive = {name: getattr(self, name) for name in (
-            "fsync_interval", "fsync_bytes", "segment_bytes", "max_batch_bytes",
-            "ack_timeout", "commit_timeout", "sync_wait_timeout", "window", "max_pending",
-            "session_window", "max_sessions",
-            "max_batch_entries", "max_batch_data", "rpc_timeout", "connect_backoff_min",
-            "connect_backoff_max", "max_message_bytes", "stream_batch_entries",
-            "snapshot_batch_entries", "max_retained_wal", "checkpoints_kept",
-            "heartbeat_interval", "missed_heartbeats", "lease", "lease_margin")}
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number; got {value!r}")
-        for name in ("checkpoint_entries", "checkpoint_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0 (0 disables); got {value!r}")
-        for name in ("require_sync", "sync_downstream", "lease_required"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false; got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false; got {value!r}")
+            elif kind in ("int", "float"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                        (kind == "int" and not isinstance(value, int)):
+                    raise ValueError(f"{f.name} must be {'an integer' if kind == 'int' else 'a number'}"
+                                     f"; got {value!r}")
+                if f.name in ZERO_DISABLES:
+                    if value < 0:
+                        raise ValueError(f"{f.name} must be >= 0 (0 disables); got {value!r}")
+                elif f.name == "snapshot_child_nice":
+                    if not 0 <= value <= 19:
+                        raise ValueError(f"snapshot_child_nice must be in 0..19; got {value!r}")
+                elif value <= 0:
+                    raise ValueError(f"{f.name} must be a positive number; got {value!r}")
         if self.max_batch_bytes >= 2**32:
             raise ValueError("max_batch_bytes must be below 4 GiB (record length field)")
+        for name in ("ack_timeout_hop_step", "ack_timeout_floor", "poll_timeout_fraction"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be below 1; got {getattr(self, name)!r}")
+        # --- fields against each other -------------------------------------
+        for a, b, why in _ORDER:
+            if getattr(self, a) > getattr(self, b):
+                raise ValueError(f"{a} ({getattr(self, a)!r}) must not exceed {b} "
+                                 f"({getattr(self, b)!r}): {why}")
+        if self.lease_margin < 1:
+            raise ValueError(f"lease_margin ({self.lease_margin!r}) must be >= 1: the supervisor "
+                             "would promote before the old leader's lease has run out")
+        if self.lease < 2 * self.heartbeat_interval:
+            raise ValueError(f"lease ({self.lease!r}) must be at least twice heartbeat_interval "
+                             f"({self.heartbeat_interval!r}): a shorter lease lapses whenever one "
+                             "renewal poll is late")
+        if self.lease > self.heartbeat_interval * self.missed_heartbeats * 100:
+            raise ValueError(f"lease ({self.lease!r}) must be at most 100 x heartbeat_interval x "
+                             f"missed_heartbeats ({self.heartbeat_interval * self.missed_heartbeats:g}"
+                             "): a failover waits out the whole lease")
+
+    @staticmethod
+    def flatten(doc: dict[str, Any]) -> dict[str, Any]:
+        """Settings from a TOML document that may group them under tables
+        named after their group (``[replication]``); a setting under the
+        wrong table, or given twice, is a ``ValueError``.  Keys that are
+        not settings are passed through for the caller to judge."""
+        flat: dict[str, Any] = {}
+        for key, value in doc.items():
+            if key in GROUPS and isinstance(value, dict):
+                for name, v in value.items():
+                    if name not in GROUPS[key]:
+                        owner = next((g for g, names in GROUPS.items() if name in names), None)
+                        raise ValueError(f"[{key}] has no setting {name!r}" + (
+                            f" (it belongs in [{owner}])" if owner else ""))
+                    if name in flat or name in doc:
+                        raise ValueError(f"{name} is set twice (flat and under [{key}])")
+                    flat[name] = v
+            else:
+                flat[key] = value
+        return flat
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated)."""

@@ -1,19 +1,17 @@
 """Progress lines for long work (restart replay, checkpoint load, state
-syncs): at most one log line every ``EVERY`` seconds, with the count, the
-total when known and the rate, so an operator watching a node that takes
-minutes to come back sees it moving."""
+syncs): at most one log line every ``every`` seconds
+(``Config.progress_interval``), with the count, the total when known and
+the rate, so an operator watching a node that takes minutes to come back
+sees it moving."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
-
-EVERY = 5.0  # seconds between two progress lines
 
 
 class Progress:
     def __init__(self, log: Any, what: str, total: int | None = None,
-                 unit: str = "entries", clock: Callable[[], float] = time.monotonic):
+                 unit: str = "entries", *, clock: Callable[[], float], every: float):
         self.log = log
         self.what = what
         self.total = total
@@ -21,14 +19,15 @@ class Progress:
         self.clock = clock
         self.done = 0
         self.started = clock()
-        self._next = self.started + EVERY
+        self.every = every
+        self._next = self.started + self.every
 
     def add(self, n: int) -> None:
-        """Count ``n`` more; log a line if the last one is ``EVERY`` old."""
+        """Count ``n`` more; log a line if the last one is ``every`` old."""
         self.done += n
         now = self.clock()
         if now >= self._next:
-            self._next = now + EVERY
+            self._next = now + self.every
             self.log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:

@@ -17,7 +17,8 @@ from ..core import protocol
 from ..core.errors import NotLeader, ProtocolError, ReplicationError, Timeout
 from ..core.interfaces import Follower, Node
 from .rpc import RpcClient, new_context
-from ..core.sync import FollowerInfo
+from ..core.epochs import FollowerInfo
+from ..core.config import Config
 from ..core.types import NodeRole, NodeStatus, WALEntry
 
 
@@ -134,14 +135,9 @@ class Client:
     """
 
     RETRYABLE = (NotLeader, Timeout)
-    MAX_PAUSE = 0.05
-    """Longest wait between two rounds of attempts.  During a failover every
-    live node answers NotLeader at once until one is promoted; a short cap
-    finds the new leader within 50 ms of its promotion, for a few cheap
-    requests per round."""
 
     def __init__(self, addresses: list[str] | str, timeout: float = 1.0,
-                 retry_for: float = 10.0):
+                 retry_for: float = 10.0, config: Config | None = None):
         if isinstance(addresses, str):
             addresses = [addresses]
         if not addresses:
@@ -151,6 +147,8 @@ class Client:
         self.addresses = list(addresses)
         self.timeout = timeout
         self.retry_for = retry_for
+        # longest pause between rounds of attempts (Config.client_max_pause)
+        self.max_pause = (config or Config()).client_max_pause
         self.client_id = os.urandom(16)
         self._seq = itertools.count(1)
         self._ids = itertools.count(1)
@@ -209,7 +207,7 @@ class Client:
     def _retry(self, attempt: Callable[[], Any],
                give_up: Callable[[ReplicationError], ReplicationError]) -> Any:
         """``attempt()`` until it returns or raises something retrying cannot
-        change; between rounds a backoff pause (at most ``MAX_PAUSE``); after
+        change; between rounds a backoff pause (at most ``max_pause``); after
         ``retry_for`` seconds, ``give_up(last retryable error)`` is raised."""
         deadline = time.monotonic() + self.retry_for
         pause = 0.01
@@ -221,7 +219,7 @@ class Client:
             if time.monotonic() + pause > deadline:
                 raise give_up(last)
             time.sleep(pause)  # back off between rounds of attempts
-            pause = min(pause * 2, self.MAX_PAUSE)
+            pause = min(pause * 2, self.max_pause)
 
     def _attempt(self, data: bytes, seq: int) -> int:
         """One round over the candidates; raises NotLeader or Timeout to retry."""
@@ -374,3 +372,85 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# --- status tools (zrepl status, the demo, tests) ----------------------------------
+
+
+def supervisor_view(listen: str, timeout: float = 0.5) -> dict | None:
+    """A running supervisor's own status (``Supervisor.status()``) from its
+    ``--listen`` endpoint; None while it does not answer."""
+    try:
+        with RpcClient(listen, timeout) as rpc:
+            return rpc.call("status")
+    except ReplicationError:
+        return None
+
+
+def ask_all(requests: dict[str, tuple[zmq.Socket, bytes]], deadline: float
+            ) -> dict[str, NodeStatus | ReplicationError]:
+    """Send every node its status request at once, then collect the replies
+    until ``deadline`` (``time.monotonic()``): a dead node costs the wait
+    once, not once per node.  Each node gets a NodeStatus, the error it
+    reported, a ProtocolError for a malformed reply, or Timeout.  The
+    sockets are REQ sockets; one that got no reply must be closed."""
+    out: dict[str, NodeStatus | ReplicationError] = {}
+    waiting: dict[zmq.Socket, str] = {}
+    poller = zmq.Poller()
+    for a, (sock, payload) in requests.items():
+        try:
+            sock.send(payload, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            out[a] = Timeout(f"{a} is not accepting requests: {exc}")
+            continue
+        waiting[sock] = a
+        poller.register(sock, zmq.POLLIN)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        for sock, _ in poller.poll(max(1, int(left * 1000))):
+            a = waiting.pop(sock)
+            poller.unregister(sock)
+            try:
+                out[a] = NodeStatus.from_dict(protocol.parse_control_reply(sock.recv()))
+            except ReplicationError as exc:
+                out[a] = exc
+            except (KeyError, TypeError, ValueError) as exc:
+                out[a] = ProtocolError(f"malformed status from {a}: {exc}")
+    for a in waiting.values():
+        out[a] = Timeout(f"no status from {a} within the deadline")
+    return out
+
+
+def poll_statuses(addresses: list[str], timeout: float = 1.0
+                  ) -> dict[str, NodeStatus | ReplicationError]:
+    """One status per node (for ``zrepl status`` and the demo), asked of all
+    nodes at once: a NodeStatus or the error that stood in its way.  The
+    whole poll takes at most ``timeout``, however many nodes are down."""
+    ctx = new_context()
+    out: dict[str, NodeStatus | ReplicationError] = {}
+    requests = {}
+    try:
+        for a in addresses:
+            try:
+                control = protocol.endpoints(a).control
+            except ValueError as exc:
+                out[a] = ProtocolError(str(exc))
+                continue
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, Config().max_message_bytes)
+            try:
+                sock.connect(control)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                out[a] = ProtocolError(f"cannot connect to {a}: {exc}")
+                continue
+            requests[a] = (sock, protocol.control_request("status", {}))
+        out.update(ask_all(requests, time.monotonic() + timeout))
+    finally:
+        for sock, _ in requests.values():
+            sock.close(linger=0)
+    return {a: out[a] for a in addresses}
+

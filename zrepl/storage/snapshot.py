@@ -22,23 +22,16 @@ table of client sessions, for instance) without breaking older readers.
 A stream without its ``end`` frame, or with any frame failing its checksum,
 is invalid as a whole.
 
-Producing a snapshot: :func:`fork_snapshot` forks the process.  The child
-shares the parent's memory copy-on-write, so it sees the App frozen at the
-moment of the fork (which the caller makes a point between two applies,
-holding the App's lock) while the parent keeps applying.  The child never
-touches the parent's sockets or locks: it iterates the state, writes frames
-to a pipe or a file, and leaves with ``os._exit``.
+Producing a snapshot while the node keeps applying (a forked child, or a
+copy) is the engine's business: ``zrepl.engine.snapshots``.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import re
-import signal
 import struct
 import time
-import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,106 +154,6 @@ def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
     return count
 
 
-CHILD_NICE = 10
-"""Snapshot and checkpoint children run at a lower CPU priority: they are
-background work, and on a busy machine the parent's commit path must win
-the CPU when it wakes (measured with perf/sync.py)."""
-
-
-def _child_main(fn, *args) -> None:  # pragma: no cover - runs in the forked child
-    code = 0
-    try:
-        gc.disable()  # no finalizer may close the parent's sockets from here
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
-            os.nice(CHILD_NICE)
-        except OSError:
-            pass
-        fn(*args)
-    except BaseException:
-        code = 1
-        try:
-            os.write(2, ("zrepl snapshot child failed:\n" + traceback.format_exc()).encode())
-        except OSError:
-            pass
-    os._exit(code)
-
-
-class MessageWriter:
-    """Snapshot output for a pipe to the parent: each App batch leaves the
-    child as the finished network message (``make_message(seq, datas)``),
-    so the parent only forwards bytes and does no per-entry work while
-    its own commits go on.  Pipe frames are ``u32 length | kind | payload``
-    with kind ``M`` (a message to send) or ``E`` (the end: msgpack
-    ``{"entries": N}``).  Header and section frames are not forwarded: the
-    parent announces the snapshot itself."""
-
-    def __init__(self, fd: int, make_message: Callable[[int, list[bytes]], bytes],
-                 make_section: Callable[[int, dict], bytes]):
-        self._out = FrameWriter(fd)
-        self._make = make_message
-        self._make_section = make_section
-        self.seq = 0
-
-    def write(self, payload_obj: Any) -> None:
-        kind = payload_obj[0]
-        if kind == "batch":
-            self.seq += 1
-            self._emit(b"M" + self._make(self.seq, payload_obj[1]))
-        elif kind == "section" and payload_obj[1] == "zrepl":
-            self.seq += 1  # zrepl's own state, ahead of the App's
-            self._emit(b"M" + self._make_section(self.seq, payload_obj[2]))
-        elif kind == "end":
-            self._emit(b"E" + _packb(payload_obj[1]))
-
-    def _emit(self, body: bytes) -> None:
-        self._out.write_bytes(struct.pack("<I", len(body)) + body)
-
-    def flush(self) -> None:
-        self._out.flush()
-
-
-class MessageReader(_BufferedReader):
-    """Parent side of :class:`MessageWriter`: feed bytes, take (kind,
-    payload) pairs out."""
-
-    def messages(self) -> Iterator[tuple[bytes, bytes]]:
-        buf = self._buf
-        pos = 0
-        try:
-            while len(buf) - pos >= 4:
-                (length,) = struct.unpack_from("<I", buf, pos)
-                if length > MAX_FRAME or length == 0:
-                    raise CorruptStorage(f"snapshot pipe frame of {length} bytes")
-                end = pos + 4 + length
-                if end > len(buf):
-                    break
-                yield bytes(buf[pos + 4:pos + 5]), bytes(buf[pos + 5:end])
-                pos = end
-        finally:
-            del buf[:pos]
-
-
-def fork_snapshot_to_pipe(app: Any, wal_id: int, leader_id: int,
-                          zrepl_section: dict | Callable[[], dict], batch_entries: int,
-                          make_message: Callable[[int, list[bytes]], bytes],
-                          make_section: Callable[[int, dict], bytes]) -> tuple[int, int]:
-    """Fork a child streaming a snapshot, as ready-to-send messages, into a
-    pipe.  Call it from the thread that owns the App, between two applies.
-    Returns (pid, read fd); the caller reads with :class:`MessageReader`,
-    then reaps the child with ``os.waitpid``."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(r)
-        _child_main(lambda: write_snapshot(MessageWriter(w, make_message, make_section), app,
-                                           wal_id, leader_id, zrepl_section, batch_entries))
-    os.close(w)
-    os.set_blocking(r, False)
-    return pid, r
-
-
 # --- checkpoint files --------------------------------------------------------------------
 
 
@@ -315,17 +208,6 @@ def write_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
     except BaseException:
         w.abort()
         raise
-
-
-def fork_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
-                    zrepl_section: dict | Callable[[], dict], batch_entries: int) -> int:
-    """Fork a child that writes a checkpoint file; returns its pid.  Its
-    exit status says whether the file was committed."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        _child_main(write_checkpoint, directory, app, wal_id, leader_id, zrepl_section,
-                    batch_entries)
-    return pid
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The follower-sync machine and the epoch rules, without any I/O.
+"""The downstream link: this node's view of its follower, without I/O.
 
-Theory of operation
--------------------
+The follower-sync machine
+-------------------------
 
 An upstream node (a leader or a forwarder) drives its follower through
 
@@ -13,42 +13,39 @@ An upstream node (a leader or a forwarder) drives its follower through
 * ``NOT_CONNECTED``: a follower address is configured; the upstream tries
   the handshake (``connect``), retrying with exponential backoff.
 * On a successful handshake the follower reports its log (positions and
-  epoch history) and :func:`plan_sync` decides: stream the log from where
-  the follower is (``SYNCING_LOG``), or, when the follower diverged or the
-  WAL it needs is gone, rebuild it from a snapshot (``SYNCING_STATE``,
-  which ends in ``SYNCING_LOG`` from the snapshot's WAL id + 1).
-* ``SYNCING_LOG`` ends when the follower has everything the upstream has,
-  checked while no new write can start: from then on every batch waits
-  for the follower's acknowledgement (``SYNCHRONOUS``).
+  epoch history) and :func:`zrepl.core.epochs.plan_sync` decides: stream
+  the log from where the follower is (``SYNCING_LOG``), or, when the
+  follower diverged or the WAL it needs is gone, rebuild it from a snapshot
+  (``SYNCING_STATE``, which ends in ``SYNCING_LOG`` from the snapshot's WAL
+  id + 1).
+* ``SYNCING_LOG`` ends in two steps.  When everything this node holds has
+  been *sent* (checked while no write can start) the link starts
+  *forwarding*: every new batch goes through the follower and waits for its
+  acknowledgement.  Once the follower has *acknowledged* everything that
+  was sent before, the link is ``SYNCHRONOUS`` (the definition is in
+  :mod:`zrepl.core.node`).
 * A transport failure (timeout, lost connection) goes back to
   ``NOT_CONNECTED`` and retries.  A refusal that retrying cannot fix (the
   follower obeys a newer epoch, its response codes differ, it speaks
   another protocol) is ``ERROR``: reported, and sticky until the follower
   is configured again.
 
-Epochs
-~~~~~~
-
-``leader_id`` is an epoch; an *epoch history* is the list of
-``(leader_id, first WAL id written under it)``.  Within one epoch a single
-leader wrote a single sequence, so two logs hold the same entry at id ``x``
-exactly when the epoch that wrote ``x`` is the same in both histories
-(:func:`epoch_at`).  :func:`divergence_point` finds the first id where they
-differ: the follower's entries from there on were never part of the
-upstream's log (an old leader's unacknowledged tail) and the follower
-must be rebuilt.  PostgreSQL's timeline histories solve the same problem.
+:class:`FollowerSync` is the machine alone (its transitions are checked
+against :data:`ALLOWED`); :class:`Link` adds what the link carries: the
+stream token, the batches in flight (the window), what the follower
+acknowledged, the catch-up position, the state sync being sent and the
+control call being waited for.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from dataclasses import dataclass, field
-from typing import Any
+import collections
+from dataclasses import dataclass
 
+from .commit import Batch
+from .epochs import SyncPlan
 from .errors import FollowerMismatch, ProtocolError, StaleLeader
 from .types import FollowerState
-
-History = list[tuple[int, int]]
 
 # Every transition the machine may make; tests check each step against it.
 ALLOWED: dict[FollowerState, set[FollowerState]] = {
@@ -74,88 +71,6 @@ class OutOfOrder(Exception):
     the state is left unchanged."""
 
 
-def epoch_at(history: History, wal_id: int) -> int:
-    """The leader_id under which ``wal_id`` was written (0 if before any)."""
-    i = bisect_right([first for _, first in history], wal_id) - 1
-    return history[i][0] if i >= 0 else 0
-
-
-def divergence_point(upstream: History, follower: History, position: int) -> int | None:
-    """First WAL id ``<= position`` that the follower's log holds from a
-    different epoch than the upstream's, or None if the follower's log up to
-    ``position`` is a prefix of the upstream's."""
-    if position <= 0:
-        return None
-    candidates = sorted({1} | {first for _, first in upstream} | {first for _, first in follower})
-    for wal_id in candidates:
-        if wal_id > position:
-            break
-        if epoch_at(upstream, wal_id) != epoch_at(follower, wal_id):
-            return wal_id
-    return None
-
-
-@dataclass
-class FollowerInfo:
-    """What a follower reports in the handshake."""
-
-    leader_id: int
-    max_wal: int
-    min_wal: int
-    max_applied_wal: int
-    epoch_history: History = field(default_factory=list)
-
-    @property
-    def position(self) -> int:
-        """Last WAL id the follower holds (after a snapshot its WAL may be
-        empty while it has applied up to the snapshot's id)."""
-        return max(self.max_wal, self.max_applied_wal)
-
-    @classmethod
-    def from_reply(cls, info: Any) -> "FollowerInfo":
-        """From a ``connect`` reply; KeyError/TypeError/ValueError if it is
-        malformed."""
-        return cls(int(info["leader_id"]), int(info["max_wal"]), int(info["min_wal"]),
-                   int(info["max_applied_wal"]),
-                   [(int(a), int(b)) for a, b in info["epoch_history"]])
-
-
-@dataclass
-class UpstreamView:
-    """The upstream's own log when it decides."""
-
-    epoch_history: History
-    min_wal: int  # 0 when its WAL is empty
-    position: int  # last WAL id it holds and applied
-
-
-@dataclass
-class SyncPlan:
-    state: FollowerState  # SYNCING_STATE or SYNCING_LOG
-    start: int  # SYNCING_LOG: first WAL id to send
-    reason: str
-
-
-def plan_sync(up: UpstreamView, f: FollowerInfo) -> SyncPlan:
-    """Decide how to bring a follower up to date after a handshake."""
-    pos = f.position
-    d = divergence_point(up.epoch_history, f.epoch_history, min(pos, up.position))
-    if d is not None:
-        return SyncPlan(FollowerState.SYNCING_STATE, 0,
-                        f"logs diverge at WAL id {d} (the follower holds entries of another "
-                        f"epoch from there)")
-    if pos > up.position:
-        return SyncPlan(FollowerState.SYNCING_STATE, 0,
-                        f"follower is ahead ({pos} > {up.position}): its extra entries were "
-                        "never committed here")
-    need = pos + 1
-    if need == up.position + 1:
-        return SyncPlan(FollowerState.SYNCING_LOG, need, "follower is up to date")
-    if up.min_wal == 0 or need < up.min_wal:
-        held = f"{up.min_wal}..{up.position}" if up.min_wal else "nothing"
-        return SyncPlan(FollowerState.SYNCING_STATE, 0,
-                        f"follower needs WAL from {need}; this node holds {held}")
-    return SyncPlan(FollowerState.SYNCING_LOG, need, f"streaming WAL {need}..{up.position}")
 
 
 class FollowerSync:
@@ -238,3 +153,75 @@ class FollowerSync:
     def streaming(self) -> bool:
         return self.state in (FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG,
                               FollowerState.SYNCHRONOUS)
+
+
+@dataclass
+class PendingCall:
+    """A control call to the follower whose reply is awaited."""
+
+    op: str
+    token: int
+    deadline: float
+    stream: int
+
+
+@dataclass
+class SnapshotOut:
+    """A full state sync being sent: counters of the STATE messages (the
+    engine holds the messages themselves and the child or copy that makes
+    them)."""
+
+    wal_id: int
+    stream: int
+    last_progress: float
+    sent_seq: int = 0  # STATE messages sent (sequence numbers from 1)
+    acked_seq: int = 0  # STATE messages acknowledged
+    source_done: bool = False  # the source produced everything
+    count: int | None = None  # App entries in the snapshot, from the source
+    end_sent: bool = False
+    done: bool = False  # the follower acknowledged the end
+
+
+class Link:
+    """One upstream -> follower link."""
+
+    def __init__(self, backoff_min: float, backoff_max: float):
+        self.machine = FollowerSync(backoff_min, backoff_max)
+        self.stream = 0  # token of the current stream (0: none)
+        self.inflight: collections.deque[Batch] = collections.deque()
+        self.forwarding = False  # new batches go through the follower and wait for it
+        self.sync_from = 0  # SYNCHRONOUS once the follower acknowledged up to here
+        self.catchup_pos = 0  # next WAL id to stream while SYNCING_LOG
+        self.slot = 0  # first WAL id a syncing follower will still need (0: none)
+        self.snap: SnapshotOut | None = None
+        self.call: PendingCall | None = None
+        self.closing = False  # the engine must close the link's sockets (next tick)
+        self.history_sent = -1  # history version last sent on this stream
+        self.opened_at = 0.0  # when this stream's data path was opened
+        self.last_ack_at = 0.0  # when the follower last acknowledged anything
+        self.synced_at = 0.0  # when it last held everything this node held
+
+    @property
+    def state(self) -> FollowerState:
+        return self.machine.state
+
+    @property
+    def address(self) -> str:
+        return self.machine.address
+
+    @property
+    def acked(self) -> int:
+        """Highest WAL id the follower is known to hold."""
+        return self.machine.acked
+
+    def streaming(self) -> bool:
+        return self.machine.state in (FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG,
+                                      FollowerState.SYNCHRONOUS)
+
+    def covers(self, position: int) -> bool:
+        """Everything up to ``position`` is acknowledged by the follower
+        or in flight to it, in one contiguous run."""
+        acked = self.machine.acked
+        if not self.inflight:
+            return acked >= position
+        return self.inflight[0].first <= acked + 1 and self.inflight[-1].last >= position

@@ -1,13 +1,12 @@
-"""What flows through the commit pipeline: submissions, their sinks, and
-batches in flight.
+"""What flows through the commit pipeline: submissions and their sinks.
 
 A *submission* is one call (``apply``, ``apply_async``, ``apply_many``, a
 remote client request): some commands and a *sink* that receives their
 response codes or an error.  The batch leader packs the commands of many
 submissions into one WAL batch; a big submission may span several batches
-(its sink then receives its codes in pieces, by offset).  A *batch in
-flight* remembers which pieces of which sinks it carries, and is resolved
-once, when the follower acknowledges it or the link fails.
+(its sink then receives its codes in pieces, by offset).  A batch
+(``zrepl.core.commit.Batch``) remembers which pieces of which sinks it
+carries; the core decides what they hear, :func:`resolve` tells them.
 
 Sinks do no I/O and hold no locks of the engine: resolving one only stores
 a result and wakes whoever waits on it.
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from typing import Any, Callable
 
 
@@ -112,18 +110,6 @@ class CallbackSink(Sink):
             self.callback(None, exc)
 
 
-class AckSink(CallbackSink):
-    """A forwarded batch: all its codes (or the failure) go to ``callback``,
-    which acknowledges the batch to this node's upstream."""
-
-    __slots__ = ()
-
-    def done(self, offset: int, codes: list[int]) -> None:
-        if not self.fired:
-            self.fired = True
-            self.callback(codes, None)
-
-
 class Submission:
     """Commands from one call: ``cmds`` (local: encoded by the leader) or
     ``datas`` (remote: already encoded, decoded by the leader to apply).
@@ -142,48 +128,15 @@ class Submission:
         self.deadline = deadline
 
 
-class Batch:
-    """A WAL batch sent downstream and not yet acknowledged.
-
-    It has two halves that finish in either order: the *local* half (the
-    leader writes and applies the batch after sending it, so that its own
-    work overlaps the follower's) and the *remote* half (the follower's
-    codes, or the error that ended the link).  Whichever finishes second
-    finalizes the batch.  Both setters run under the engine's in-flight lock
-    and return True when the caller must finalize.
-    """
-
-    __slots__ = ("first", "last", "pieces", "codes", "codes_bytes", "local_done", "remote",
-                 "sent")
-
-    def __init__(self, first: int, last: int, pieces: list[tuple[Sink, int, int]] | None = None,
-                 local_done: bool = False):
-        self.first = first
-        self.last = last
-        self.pieces = pieces or []  # (sink, offset, count)
-        self.codes: list[int] | None = None  # the leader's codes
-        self.codes_bytes: bytes | None = None  # None: nothing to compare (log catch-up)
-        self.local_done = local_done
-        self.remote: Any = None  # None (pending), the follower's codes (bytes) or an exception
-        self.sent = time.monotonic()
-
-    def set_local(self, codes: list[int] | None, codes_bytes: bytes | None) -> bool:
-        self.codes, self.codes_bytes, self.local_done = codes, codes_bytes, True
-        return self.remote is not None
-
-    def set_remote(self, outcome: Any) -> bool:
-        if self.remote is not None:
-            return False
-        self.remote = outcome
-        return self.local_done
-
-    def resolve(self) -> None:
-        codes = self.codes or []
-        pos = 0
-        for sink, offset, count in self.pieces:
-            sink.done(offset, codes[pos:pos + count])
-            pos += count
-
-    def fail(self, exc: BaseException) -> None:
-        for sink, _, _ in self.pieces:
-            sink.fail(exc)
+def resolve(pieces: list, codes: list[int] | None, error: BaseException | None) -> None:
+    """Answer a batch's callers: each piece its slice of ``codes``, or
+    ``error``."""
+    if error is not None:
+        for sink, _, _ in pieces:
+            sink.fail(error)
+        return
+    pos = 0
+    codes = codes or []
+    for sink, offset, count in pieces:
+        sink.done(offset, codes[pos:pos + count])
+        pos += count

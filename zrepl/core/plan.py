@@ -1,0 +1,264 @@
+"""The supervisor's decisions: observed statuses in, calls out (no I/O).
+
+Theory of operation
+-------------------
+
+The supervisor is *level-triggered*.  Every ``heartbeat_interval`` it polls
+every node's status (the poll of the leader also renews the leader's
+lease), hands the observations to :func:`plan`, and performs only the calls
+the plan returns.  :func:`plan` does no I/O: observed statuses and the
+supervisor's memory in, calls and the new memory out.  Tests drive it with
+made-up statuses, failures included.
+
+What :func:`plan` decides, in order:
+
+1. **Liveness.**  A node that answered is alive; one that missed
+   ``missed_heartbeats`` polls in a row is dead.  In between it is
+   *suspect*: nothing is changed around it yet.
+2. **Who leads.**  The remembered leader while it lives.  With no memory (a
+   first start, or a lost state file) the supervisor adopts a live node
+   that already leads the highest epoch, or, on a fresh cluster once every
+   node answered or was declared dead, makes the most advanced node
+   (latest epoch, then longest WAL, then configured order) the leader.
+3. **Failover.**  When the leader is dead the supervisor waits until its
+   lease has surely run out (the last renewal + ``lease * lease_margin``):
+   from then on the old leader accepts no write, even if it is only cut
+   off.  It then promotes the node that holds every acknowledged write:
+   a live member of the *synchronous chain* it last observed (the nodes
+   linked to the leader through synchronous links), still obeying the
+   leader's epoch and holding at least the WAL it held then.  Among those,
+   the longest WAL.  If there is none it promotes nobody, says so, and
+   waits.  The new epoch is larger than any issued or seen and is
+   persisted before it is used.
+4. **The chain.**  The leader, then the live followers in their current
+   order; a node that comes back joins at the tail.  FORWARDER in the
+   middle, FOLLOWER at the tail, each linked to the next.  Only calls that
+   change something are issued: a node with the wrong role or an older
+   epoch gets ``set_role``, a node pointing at the wrong follower gets
+   ``set_follower``, and so on.  A deposed leader that returns is just a
+   node with the wrong role: it becomes a follower at the tail, its
+   upstream's handshake finds its divergent tail and rebuilds it.
+
+The synchronous chain is the safety record.  With ``require_sync`` a
+leader cannot acknowledge anything while its chain is broken, so the last
+non-empty synchronous chain still holds every acknowledged write and is
+kept until a new one is seen.  Without ``require_sync`` the leader keeps
+committing alone, so only the chain seen at the very last poll counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .config import Config
+from .effects import ERROR, WARNING
+from .types import FollowerState, NodeRole, NodeStatus
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class Call:
+    """One call the supervisor makes to a node."""
+
+    op: str  # set_role | set_leader | set_follower | renew
+    address: str
+    role: NodeRole | None = None
+    leader_id: int = 0
+    target: str = ""  # set_leader / set_follower argument
+
+    def __str__(self) -> str:
+        if self.op == "set_role":
+            return f"{self.address}: set_role({self.role.name}, {self.leader_id})"  # type: ignore[union-attr]
+        if self.op == "renew":
+            return f"{self.address}: renew lease (epoch {self.leader_id})"
+        return f"{self.address}: {self.op}({self.target!r})"
+
+
+@dataclass
+class Memory:
+    """What the supervisor knows between ticks.  The first five fields are
+    persisted in the state file; the rest are rebuilt after a restart."""
+
+    max_leader_id: int = 0
+    leader: str = ""
+    leader_id: int = 0
+    sync_chain: list[tuple[str, int]] = field(default_factory=list)  # (address, max_wal then)
+    chain: list[str] = field(default_factory=list)  # followers in order, leader excluded
+    misses: dict[str, int] = field(default_factory=dict)
+    lease_safe_at: float = 0.0  # monotonic time the leader's lease has surely run out
+    error_retry: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def key(self) -> tuple:
+        """What must be durable: the state file is rewritten when this
+        changes (positions in the synchronous chain ride along, they are
+        not worth a write per tick)."""
+        return (self.max_leader_id, self.leader, self.leader_id,
+                tuple(a for a, _ in self.sync_chain), tuple(self.chain))
+
+    def persisted(self) -> dict:
+        return {"format": STATE_FORMAT, "max_leader_id": self.max_leader_id,
+                "leader": self.leader, "leader_id": self.leader_id,
+                "sync_chain": [list(x) for x in self.sync_chain], "chain": list(self.chain)}
+
+    @classmethod
+    def from_persisted(cls, d: dict) -> "Memory":
+        if d.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported supervisor state format {d.get('format')!r}")
+        return cls(max_leader_id=int(d["max_leader_id"]), leader=str(d.get("leader", "")),
+                   leader_id=int(d.get("leader_id", 0)),
+                   sync_chain=[(str(a), int(p)) for a, p in d.get("sync_chain", [])],
+                   chain=[str(a) for a in d.get("chain", [])])
+
+
+@dataclass
+class Plan:
+    calls: list[Call]
+    memory: Memory
+    new_epoch: int = 0  # persist this before making the calls (0: none)
+    persist: bool = False  # the persisted part of the memory changed
+    events: list[tuple[int, str]] = field(default_factory=list)  # (logging level, text) to log
+
+
+def _last_epoch(st: NodeStatus) -> int:
+    return st.epoch_history[-1][0] if st.epoch_history else 0
+
+
+def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
+                      ) -> list[tuple[str, int]]:
+    """The nodes linked to ``leader`` through synchronous links, in order,
+    with the WAL each held, as observed now."""
+    out: list[tuple[str, int]] = []
+    seen = {leader}
+    st = observed.get(leader)
+    while st is not None and st.follower and st.follower_sync and st.follower not in seen:
+        nxt = observed.get(st.follower)
+        if nxt is None:
+            break
+        out.append((st.follower, nxt.position))
+        seen.add(st.follower)
+        st = nxt
+    return out
+
+
+def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memory,
+         cfg: Config, now: float) -> Plan:
+    """Decide this tick's calls.  ``observed`` maps every configured address
+    to its status, or None if it did not answer this poll.  Pure: the given
+    memory is not modified and nothing is logged (what is worth logging
+    comes back in ``Plan.events``)."""
+    mem = dataclasses.replace(memory, sync_chain=list(memory.sync_chain),
+                              chain=list(memory.chain), misses=dict(memory.misses),
+                              error_retry=dict(memory.error_retry))
+    persisted_before = mem.key()
+    calls: list[Call] = []
+    events: list[tuple[int, str]] = []
+    new_epoch = 0
+    alive = {a: st for a, st in observed.items() if st is not None}
+    for a in order:
+        mem.misses[a] = 0 if a in alive else mem.misses.get(a, 0) + 1
+    dead = {a for a in order if mem.misses[a] >= cfg.missed_heartbeats}
+    seen_max = max([st.leader_id for st in alive.values()] + [0])
+    mem.max_leader_id = max(mem.max_leader_id, seen_max)
+
+    def done(note: str) -> Plan:
+        mem.note = note
+        return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events)
+
+    def promote(address: str) -> int:
+        """A new epoch led by ``address``: its calls, and the memory of it."""
+        epoch = mem.max_leader_id + 1
+        mem.max_leader_id = epoch
+        mem.leader, mem.leader_id = address, epoch
+        mem.chain = [a for a in mem.chain if a != address]
+        mem.sync_chain = []
+        calls.append(Call("set_role", address, NodeRole.LEADER, epoch))
+        calls.append(Call("renew", address, leader_id=epoch))
+        return epoch
+
+    # --- 2. who leads -------------------------------------------------------------
+    if not mem.leader:
+        claimers = sorted((st.leader_id, a) for a, st in alive.items()
+                          if st.role == NodeRole.LEADER)
+        if claimers and claimers[-1][0] >= seen_max:
+            mem.leader_id, mem.leader = claimers[-1]
+            mem.chain = [a for a in mem.chain if a != mem.leader]
+        elif len(alive) + len(dead - set(alive)) < len(order):
+            return done("starting: waiting for every node to answer or be declared dead")
+        elif not alive:
+            return done("no node answers")
+        else:
+            best = max(alive, key=lambda a: (_last_epoch(alive[a]), alive[a].position,
+                                            -order.index(a)))
+            new_epoch = promote(best)
+            events.append((WARNING,
+                           f"no leader: making {best} the leader of epoch {new_epoch}"))
+
+    leader = mem.leader
+    lst = alive.get(leader)
+    if lst is not None and (lst.role != NodeRole.LEADER or lst.leader_id != mem.leader_id) \
+            and not new_epoch:
+        # The remembered leader does not lead this epoch (it restarted and was
+        # told otherwise, or someone else changed it): find out again.
+        if lst.leader_id > mem.leader_id or lst.role != NodeRole.LEADER:
+            mem.leader = ""
+            return done(f"{leader} no longer leads epoch {mem.leader_id}: re-adopting")
+
+    # --- 3. failover --------------------------------------------------------------
+    if leader in dead:
+        if now < mem.lease_safe_at:
+            return done(f"leader {leader} is dead; waiting {mem.lease_safe_at - now:.2f}s for "
+                        "its lease to run out")
+        candidates = [(alive[a].max_wal, -i, a) for i, (a, pos) in enumerate(mem.sync_chain)
+                      if a in alive and a not in dead and alive[a].leader_id == mem.leader_id
+                      and alive[a].position >= pos]
+        if not candidates:
+            note = (f"leader {leader} is dead and no node known to hold every acknowledged "
+                    f"write is reachable (synchronous chain was "
+                    f"{[a for a, _ in mem.sync_chain] or 'empty'}): promoting nobody, waiting")
+            if note != memory.note:
+                events.append((ERROR, note))
+            return done(note)
+        new_leader = max(candidates)[2]
+        new_epoch = promote(new_leader)
+        events.append((WARNING, f"leader {leader} is dead: promoting {new_leader} "
+                                        f"with epoch {new_epoch}"))
+        leader = new_leader
+    elif leader not in alive:
+        return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
+    else:
+        # the leader answered: record who holds every acknowledged write
+        chain_now = synchronous_chain(leader, observed)
+        require_sync = bool(alive[leader].extra.get("require_sync"))
+        if chain_now or not require_sync:
+            mem.sync_chain = chain_now
+
+    # --- 4. the chain -------------------------------------------------------------
+    chain = [a for a in mem.chain if a != leader and a not in dead and a in order]
+    for a in order:  # newcomers and returning nodes join at the tail
+        if a != leader and a not in chain and a in alive:
+            chain.append(a)
+    mem.chain = chain
+    full = [leader] + chain
+    for i, a in enumerate(full):
+        st = alive.get(a)
+        if st is None:
+            continue  # suspect: leave it (and the links to it) alone this tick
+        want_follower = full[i + 1] if i + 1 < len(full) else ""
+        if i > 0:
+            want_role = NodeRole.FORWARDER if want_follower else NodeRole.FOLLOWER
+            if st.role != want_role or st.leader_id < mem.leader_id:
+                calls.append(Call("set_role", a, want_role, mem.leader_id))
+            if st.leader != full[i - 1]:
+                calls.append(Call("set_leader", a, target=full[i - 1]))
+        if st.follower != want_follower:
+            calls.append(Call("set_follower", a, target=want_follower))
+        elif want_follower and st.follower_state == FollowerState.ERROR and \
+                now - mem.error_retry.get(a, 0.0) >= cfg.follower_error_retry:
+            mem.error_retry[a] = now
+            calls.append(Call("set_follower", a, target=want_follower))  # retry the link
+    synced = [a for a, _ in mem.sync_chain]
+    return done(f"leader {leader} (epoch {mem.leader_id}); chain {' -> '.join(full)}; "
+                f"synchronous: {', '.join(synced) if synced else 'none'}")

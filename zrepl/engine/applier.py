@@ -1,0 +1,91 @@
+"""The App and the WAL of one node, and the lock that owns them.
+
+Whoever holds the App lock may write the WAL and call the App; the App is
+never called by two threads at once (but not always by the same thread:
+callers that commit a batch apply it themselves).  A snapshot forks while
+holding it, so the child sees the state between two applies.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..core.errors import ProtocolError
+from ..core.interfaces import App, Storage
+from ..core.protocol import codes_to_bytes
+from ..core.session import unwrap
+from ..storage.base import entries_from
+
+
+class AppLock:
+    """A lock that knows its owner, so that code reached both with and
+    without it held can tell (``held()``)."""
+
+    __slots__ = ("_lock", "owner")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            self.owner = threading.get_ident()
+            return True
+        return False
+
+    def release(self) -> None:
+        self.owner = 0
+        self._lock.release()
+
+    def held(self) -> bool:
+        return self.owner == threading.get_ident()
+
+    def __enter__(self) -> "AppLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Applier:
+    """Writes and applies batches (App lock held by the caller)."""
+
+    def __init__(self, app: App, storage: Storage):
+        self.app = app
+        self.storage = storage
+        self.lock = AppLock()
+
+    def apply_state(self, datas: list[bytes]) -> None:
+        """App commands of a checkpoint or a state sync (the App's
+        encodings, not WAL envelopes; their codes mean nothing)."""
+        app = self.app
+        app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+
+    def apply_app_datas(self, first: int, app_datas: list[bytes]) -> list[int]:
+        """Decode and apply unwrapped WAL entries ``first..``."""
+        app = self.app
+        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)])
+        if len(codes) != len(app_datas):
+            raise ValueError(f"App.apply returned {len(codes)} codes for {len(app_datas)} "
+                             "commands")
+        return codes
+
+    def log_and_apply(self, first: int, datas: list[bytes]
+                      ) -> tuple[list[int], bytes, list[tuple[int, bytes, int]]]:
+        """A batch from the upstream: checked, logged, applied.  Returns the
+        codes, as bytes, and the client sessions the batch carries."""
+        try:
+            app_datas, sessions = unwrap(datas)  # checked before anything is written
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(str(exc)) from None
+        self.storage.write_wal_data(first, datas)
+        codes = self.apply_app_datas(first, app_datas)
+        self.storage.set_max_applied_wal(first + len(datas) - 1)
+        return codes, codes_to_bytes(codes), sessions
+
+    def clear(self) -> None:
+        self.app.clear_state()
+        self.storage.clear_wal()
+        self.storage.set_max_applied_wal(0)

@@ -1,0 +1,130 @@
+"""Checkpoints: a forked child writes the App's state to
+``DIR/checkpoints/ckpt-S.zck`` every ``checkpoint_entries`` entries or
+``checkpoint_interval`` seconds (or when asked), the newest
+``checkpoints_kept`` are kept, and the WAL is truncated up to the oldest
+kept one - but never past what the follower still needs (the core's
+:meth:`~zrepl.core.node.NodeCore.truncation_limit`).
+
+Dependencies (``node``): the core (position, the truncation rule, whether
+the state is complete), the Applier (App lock, App), storage, the clock,
+the config, the log and ``report_failed``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from ..storage.snapshot import list_checkpoints
+from .snapshots import fork_checkpoint
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+
+class Checkpointer:
+    def __init__(self, node: "Replica"):
+        self.node = node
+        path = getattr(node.storage, "path", None)
+        self.directory: Path | None = Path(path) / "checkpoints" if path else None
+        self.child: tuple[int, int] | None = None  # (pid, wal_id)
+        self.position = 0  # WAL id of the newest checkpoint
+        self.time = node.clock.now()
+        self.requested = False
+
+    def after_apply(self, position: int) -> None:
+        cfg = self.node.config
+        if cfg.checkpoint_entries and position - self.position >= cfg.checkpoint_entries \
+                and not self.requested:
+            self.requested = True
+            self.node.poke()
+
+    def request(self) -> int:
+        """Start a checkpoint now; the WAL id it will capture (0: this
+        storage keeps no checkpoints)."""
+        if self.directory is None:
+            return 0
+        self.requested = True
+        self.node.poke()
+        return self.node.core.position
+
+    def tick(self, now: float) -> float:
+        """Reap a finished child, start a due checkpoint; the seconds until
+        it wants to look again."""
+        node = self.node
+        cfg = node.config
+        if self.directory is None:
+            return 1.0
+        if self.child is not None:
+            pid, wal_id = self.child
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                return 0.02
+            self.child = None
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                self.position = wal_id
+                self.time = now
+                self.prune(wal_id)
+                node.log.info("checkpoint at WAL id %d written", wal_id)
+            else:
+                node.report_failed(f"checkpoint at WAL id {wal_id} failed (status {status})")
+        due = self.requested
+        if cfg.checkpoint_interval and now - self.time >= cfg.checkpoint_interval and \
+                node.core.position > self.position:
+            due = True
+        if due and self.child is None and not node.core.state_incomplete:
+            self.requested = False
+            with node.applier.lock:
+                core = node.core
+                wal_id = core.position
+                history = [list(x) for x in core.history]
+                sessions = core.sessions
+                section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
+                                   "sessions": sessions.to_section()}
+                pid = fork_checkpoint(self.directory, node.applier.app, wal_id, core.leader_id,
+                                      section, cfg.snapshot_batch_entries,
+                                      cfg.snapshot_child_nice)
+            self.child = (pid, wal_id)
+            return 0.02
+        if cfg.checkpoint_interval:
+            return max(0.05, cfg.checkpoint_interval - (now - self.time))
+        return 1.0
+
+    def received(self, wal_id: int) -> None:
+        """A state sync arrived as a checkpoint at ``wal_id``."""
+        self.position = wal_id
+        self.prune(wal_id)
+
+    def prune(self, newest: int) -> None:
+        """Keep the newest ``checkpoints_kept`` files and truncate the WAL up
+        to the oldest kept one, within the core's limit."""
+        node = self.node
+        assert self.directory is not None
+        kept = list_checkpoints(self.directory)
+        for _, path in kept[:-node.config.checkpoints_kept]:
+            path.unlink(missing_ok=True)
+        for p in self.directory.glob(".ckpt-*.tmp.*"):
+            pid = p.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                p.unlink(missing_ok=True)  # left by a crashed writer
+        kept = list_checkpoints(self.directory)
+        if not kept:
+            return
+        with node.core_lock:
+            limit = node.core.truncation_limit(kept[0][0])
+        if limit > 1:
+            node.storage.truncate_wal_before_id(limit)
+
+    def kill(self) -> None:
+        if self.child is not None:
+            pid, _ = self.child
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            self.child = None

@@ -1,0 +1,178 @@
+"""The client endpoint: commands from remote clients (``zrepl.Client``) and
+reads (``App.query``).
+
+A submission carries the client's session (id, sequence): the core answers
+a retry from the session table instead of applying it twice.  A
+``leader_only`` read is answered only while the leader's App holds exactly
+the acknowledged writes (the core's read barrier); until then it waits
+here, and the commits behind it wait too.  Replies are queued and sent by
+the engine's thread.
+
+Dependencies (``node``): the core and its lock, the commit pipeline, the
+Applier (App lock, App.query), the client endpoint, the clock, the config.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..core import protocol
+from ..core.errors import NotLeader, ProtocolError, ReplicationError, Timeout
+from .sinks import CallbackSink, Submission
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+
+class ClientEndpoint:
+    def __init__(self, node: "Replica"):
+        self.node = node
+        self.replies: collections.deque[tuple[Any, bytes]] = collections.deque()
+        self.reads: collections.deque[tuple[Any, Any, bytes, float]] = collections.deque()
+
+    def serve(self) -> None:
+        node = self.node
+        core = node.core
+        now = node.clock.now()
+        for handle, payload in node.endpoints_bound.client.drain(node.config.messages_per_turn):
+            try:
+                op, fields = protocol.parse_client_request(payload)
+            except ProtocolError as exc:
+                self.replies.append((handle, protocol.submit_reply(None, None, exc)))
+                continue
+            if op == "query":
+                self._query(handle, *fields, now)
+                continue
+            request_id, data, cid, seq = fields
+            session = None if cid is None else (cid, seq)
+            try:
+                core.check_writable(now)
+                if session is not None:
+                    with node.core_lock:
+                        code = core.check_submission(session)
+                    if code is not None:
+                        self.replies.append((handle, protocol.submit_reply(request_id, code)))
+                        continue
+            except ReplicationError as exc:
+                self.replies.append((handle, protocol.submit_reply(request_id, None, exc)))
+                continue
+            node.counters["client_requests"] += 1
+            sink = CallbackSink(self._callback(handle, request_id, session))
+            node.pipeline.submit(Submission(sink, datas=[data],
+                                            deadline=now + node.config.sync_wait_timeout,
+                                            session=session))
+        node.counters["dropped_messages"] += node.endpoints_bound.client.dropped
+        node.endpoints_bound.client.dropped = 0
+        node.pipeline.flush()
+
+    def _callback(self, handle: Any, request_id: Any, session: tuple[bytes, int] | None
+                  ) -> Callable[[int | None, BaseException | None], None]:
+        node = self.node
+
+        def reply(code: int | None, exc: BaseException | None) -> None:
+            if session is not None:
+                node.core.sessions_pending.discard(session)  # recorded at apply: see check_submission
+            self.replies.append((handle, protocol.submit_reply(request_id, code, exc)))
+            if threading.get_ident() != node.engine_ident:
+                node.poke()
+        return reply
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _query(self, handle: Any, request_id: Any, request: bytes, leader_only: bool,
+               now: float) -> None:
+        node = self.node
+        try:
+            with node.applier.lock:
+                if leader_only:
+                    with node.core_lock:
+                        ready = node.core.leader_read(now)
+                    if not ready:
+                        self.reads.append((handle, request_id, request,
+                                           now + node.config.leader_read_timeout))
+                        node.core.reads_waiting = len(self.reads)
+                        return
+                answer = self._ask_app(request)
+        except ReplicationError as exc:
+            answer = protocol.submit_reply(request_id, None, exc)
+            self.replies.append((handle, answer))
+            return
+        self.replies.append((handle, self._reply(request_id, answer)))
+
+    def _ask_app(self, request: bytes) -> Any:
+        """App.query's answer, or the exception it raised (App lock held)."""
+        try:
+            answer = self.node.applier.app.query(request)
+            if type(answer) is not bytes:
+                raise ReplicationError(f"App.query returned {type(answer).__name__}, not bytes")
+            return answer
+        except Exception as exc:  # App.query is user code: a bad request must not kill us
+            return exc
+
+    def _reply(self, request_id: Any, answer: Any) -> bytes:
+        if isinstance(answer, bytes):
+            self.node.counters["queries"] += 1
+            return protocol.submit_reply(request_id, answer)
+        if isinstance(answer, ReplicationError):
+            return protocol.submit_reply(request_id, None, answer)
+        detail = str(answer) if isinstance(answer, (ValueError, TypeError)) else \
+            f"{type(answer).__name__}: {answer}"
+        return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"))
+
+    def answer_reads(self, now: float) -> float:
+        """Answer the waiting leader reads if the barrier is passed, fail
+        them if this node may no longer answer, expire the late ones.
+        Returns the seconds until the next deadline."""
+        node = self.node
+        if not self.reads:
+            return 1.0
+        failure: ReplicationError | None = None
+        with node.applier.lock:
+            try:
+                with node.core_lock:
+                    ready = node.core.leader_read(now)
+            except NotLeader as exc:
+                ready, failure = False, exc
+            if ready:
+                while self.reads:
+                    handle, request_id, request, _ = self.reads.popleft()
+                    self.replies.append((handle, self._reply(request_id, self._ask_app(request))))
+        keep: collections.deque = collections.deque()
+        for read in self.reads:
+            handle, request_id, _, deadline = read
+            if failure is None and now >= deadline:
+                failure_here: ReplicationError | None = Timeout(
+                    "the writes applied before this leader read were not acknowledged within "
+                    f"{node.config.leader_read_timeout:g}s")
+            else:
+                failure_here = failure
+            if failure_here is not None:
+                self.replies.append((handle, protocol.submit_reply(request_id, None,
+                                                                   failure_here)))
+            else:
+                keep.append(read)
+        self.reads = keep
+        node.core.reads_waiting = len(keep)
+        if not keep:
+            if node.pipeline.pending:
+                node.pipeline.flush()  # commits held for the reads go on
+            return 1.0
+        return max(0.001, min(d for _, _, _, d in keep) - now)
+
+    def fail_reads(self, exc: BaseException) -> None:
+        while self.reads:
+            handle, request_id, _, _ = self.reads.popleft()
+            self.replies.append((handle, protocol.submit_reply(request_id, None, exc)))
+        self.node.core.reads_waiting = 0
+
+    def send_replies(self) -> None:
+        node = self.node
+        client = node.endpoints_bound.client
+        while self.replies:
+            handle, payload = self.replies.popleft()
+            if client.reply(handle, payload):
+                node.counters["client_replies"] += 1
+            else:
+                node.counters["client_replies_dropped"] += 1  # the client went away

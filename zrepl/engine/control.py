@@ -1,0 +1,169 @@
+"""The control endpoint: the ``Node`` calls of the supervisor and operators,
+the handshake calls of the seed's ``Follower`` interface, and diagnostics.
+
+Every call runs on the engine's thread; a malformed request, an unknown
+operation or bad arguments get an error reply and the node keeps serving.
+
+Dependencies (``node``): the Replica's ``Node`` methods and diagnostics,
+the core and its lock, the Applier, the checkpointer, the control endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+from ..core import protocol
+from ..core.errors import ProtocolError, ReplicationError
+from ..core.types import WALEntry
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+
+def check_datas(datas: Any) -> list[bytes]:
+    if not isinstance(datas, list) or any(type(d) is not bytes for d in datas):
+        raise ProtocolError("entries must be a list of bytes")
+    return datas
+
+
+class ControlServer:
+    OPS = ("status", "set_role", "set_leader", "set_follower", "stop", "ping", "connect",
+           "max_applied_wal", "clear_state", "apply_state", "apply_wal", "dump_state",
+           "state_digest", "checkpoint")
+
+    def __init__(self, node: "Replica"):
+        self.node = node
+
+    def serve(self) -> None:
+        node = self.node
+        control = node.endpoints_bound.control
+        for handle, payload in control.drain(node.config.messages_per_turn):
+            stop_after = False
+            try:
+                op, args = protocol.parse_control_request(payload)
+                if op not in self.OPS:
+                    raise ProtocolError(f"unknown control operation {op!r}")
+                try:
+                    result = getattr(self, "op_" + op)(**args)
+                except TypeError as exc:
+                    raise ProtocolError(f"bad arguments for {op}: {exc}") from None
+                reply = protocol.control_ok(result)
+                stop_after = op == "stop"
+            except ReplicationError as exc:
+                reply = protocol.control_err(exc)
+            except Exception as exc:  # a bug or a bad value: report, keep serving
+                node.log.warning("control call failed: %r", exc)
+                reply = protocol.control_err(ReplicationError(f"{type(exc).__name__}: {exc}"))
+            control.reply(handle, reply)
+            if stop_after:
+                node.request_stop()
+        node.counters["dropped_messages"] += control.dropped
+        control.dropped = 0
+
+    # --- the supervisor's Node ---------------------------------------------------------
+
+    def op_status(self, renew_lease_for: Any = 0, lease: Any = 0.0) -> dict:
+        """Status; the supervisor's poll of the leader also renews its lease
+        (``renew_lease_for`` must be this node's epoch and role LEADER)."""
+        node = self.node
+        refused = ""
+        if renew_lease_for:
+            try:
+                node.renew_lease(renew_lease_for, lease)
+            except ReplicationError as exc:  # report it in the status, do not fail the poll
+                refused = str(exc)
+        d = node.status().to_dict()
+        if refused:
+            d["extra"]["lease_refused"] = refused
+        return d
+
+    def op_set_role(self, role: Any, leader_id: Any) -> None:
+        self.node.set_role(role, leader_id)
+
+    def op_set_leader(self, address: Any) -> None:
+        self.node.set_leader(address)
+
+    def op_set_follower(self, address: Any) -> None:
+        self.node.set_follower(address)
+
+    def op_stop(self) -> None:
+        return None
+
+    def op_ping(self) -> str:
+        return "pong"
+
+    # --- the seed's Follower (this node as the follower) -------------------------------
+
+    def op_connect(self, leader_id: Any, address: Any, stream: Any = 0,
+                   epoch_history: Any = None, depth: Any = 1) -> dict:
+        node = self.node
+        with node.applier.lock:
+            with node.core_lock:
+                info, effects = node.core.on_connect(leader_id, address, stream, epoch_history,
+                                                     depth, node.clock.now())
+            node.run(effects)
+            info["max_wal"] = node.storage.max_wal()
+            info["min_wal"] = node.storage.min_wal()
+        return info
+
+    def op_max_applied_wal(self) -> int:
+        return self.node.core.position
+
+    def op_clear_state(self, leader_id: Any) -> None:
+        node = self.node
+        with node.applier.lock:
+            with node.core_lock:
+                effects = node.core.on_clear_state(leader_id, node.clock.now())
+            node.run(effects)
+
+    def op_apply_state(self, leader_id: Any, datas: Any) -> None:
+        node = self.node
+        with node.applier.lock:
+            node.core.control_apply_state(leader_id)
+            node.applier.apply_state(check_datas(datas))
+
+    def op_apply_wal(self, leader_id: Any, first_id: Any, datas: Any) -> list[int]:
+        node = self.node
+        datas = check_datas(datas)
+        with node.applier.lock:
+            with node.core_lock:
+                node.core.control_apply_wal(leader_id, first_id, len(datas))
+            codes, _, sessions = node.applier.log_and_apply(first_id, datas)
+            with node.core_lock:
+                node.core.control_applied(first_id, first_id + len(datas) - 1, codes, sessions)
+        node.checkpointer.after_apply(first_id + len(datas) - 1)
+        return codes
+
+    # --- diagnostics ------------------------------------------------------------------------
+
+    def op_dump_state(self, limit: Any = 1_000_000) -> list[bytes]:
+        """The App's state as encoded commands (in the engine, under the App
+        lock: for tests and small states)."""
+        node = self.node
+        with node.applier.lock:
+            app = node.applier.app
+            out = []
+            for cmd in app.iter_state():
+                if len(out) >= limit:
+                    break
+                out.append(app.encode_cmd(cmd, WALEntry(0)).data)
+            return out
+
+    def op_state_digest(self) -> dict:
+        """An order-independent digest of the App's state."""
+        node = self.node
+        with node.applier.lock:
+            app = node.applier.app
+            datas = sorted(app.encode_cmd(c, WALEntry(0)).data for c in app.iter_state())
+            position = node.core.position
+        h = hashlib.sha256()
+        for d in datas:
+            h.update(len(d).to_bytes(8, "little"))
+            h.update(d)
+        return {"wal_id": position, "entries": len(datas), "sha256": h.hexdigest()}
+
+    def op_checkpoint(self) -> int:
+        """Start a checkpoint now; the WAL id it will capture (0 when this
+        storage keeps no checkpoints)."""
+        return self.node.checkpointer.request()

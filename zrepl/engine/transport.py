@@ -1,0 +1,361 @@
+"""Transports: how nodes, the supervisor and clients reach each other.
+
+The engine never touches a socket library directly; it uses these small
+interfaces (hashicorp/raft's ``transport.go``):
+
+* :class:`Router` - a bound request endpoint (a node's control and client
+  endpoints): requests come with a handle to reply to;
+* :class:`Receiver` - a bound one-way endpoint (a node's data and ack
+  endpoints);
+* :class:`Pusher` - one-way messages to a peer's endpoint (WAL batches
+  downstream, acknowledgements upstream);
+* :class:`Requester` - request/reply to a peer's endpoint that never wedges:
+  one request at a time, ``close`` after a lost reply.
+
+:class:`ZmqTransport` implements them with ZeroMQ (ROUTER, PULL, PUSH,
+REQ).  ``zrepl.engine.inmem.InmemTransport`` is the in-memory twin that
+runs a whole cluster in one process, deterministically, in virtual time.
+A transport is *threaded* when the engine may block in :meth:`Transport.
+poller` waits (ZeroMQ); the in-memory one is driven step by step by its
+simulation instead.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+import zmq
+
+from ..core.config import Config
+from ..core.errors import ReplicationError
+
+# Plain ints: pyzmq's constants are enums whose operators run Python code.
+NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+
+
+class Router(abc.ABC):
+    dropped = 0  # malformed requests dropped (no envelope)
+
+    @abc.abstractmethod
+    def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
+        """(handle, request) pairs waiting, at most ``limit``, without
+        blocking."""
+
+    def pending(self) -> bool:
+        """More requests are waiting (stepped transports)."""
+        return False
+
+    @abc.abstractmethod
+    def reply(self, handle: Any, payload: bytes) -> bool:
+        """Answer a request; False if the requester is gone or its queue
+        is full."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Receiver(abc.ABC):
+    @abc.abstractmethod
+    def drain(self, limit: int) -> Iterator[bytes]:
+        """Messages waiting, at most ``limit``, without blocking."""
+
+    @abc.abstractmethod
+    def recv(self) -> bytes | None:
+        """One message, or None if none is waiting."""
+
+    def pending(self) -> bool:
+        """More messages are waiting (stepped transports)."""
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for a message (threaded
+        transports only)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Pusher(abc.ABC):
+    @abc.abstractmethod
+    def send(self, payload: bytes) -> bool:
+        """Queue a message; False (nothing queued) when the peer is not
+        connected or the queue is full."""
+
+    def send_wait(self, payload: bytes, timeout: float) -> bool:
+        """Like :meth:`send`, but wait up to ``timeout`` for room."""
+        return self.send(payload)
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Requester(abc.ABC):
+    @abc.abstractmethod
+    def send(self, payload: bytes) -> bool:
+        """Send a request (one at a time); False if it could not be sent."""
+
+    @abc.abstractmethod
+    def recv(self) -> bytes | None:
+        """The reply, or None while none has arrived."""
+
+    def wait(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class NodeEndpoints:
+    """The four endpoints a node binds (see ``protocol.endpoints``)."""
+
+    def __init__(self, control: Router, data: Receiver, ack: Receiver, client: Router):
+        self.control, self.data, self.ack, self.client = control, data, ack, client
+
+    def close(self) -> None:
+        for e in (self.control, self.data, self.ack, self.client):
+            e.close()
+
+
+class Poller(abc.ABC):
+    """Waits on several endpoints (and file descriptors) at once."""
+
+    @abc.abstractmethod
+    def poll(self, items: list, timeout: float) -> set:
+        """The items of ``items`` (endpoints or ints) ready to read, after
+        at most ``timeout`` seconds."""
+
+
+class Transport(abc.ABC):
+    threaded = True
+
+    @abc.abstractmethod
+    def bind(self, endpoints: Any, config: Config) -> NodeEndpoints:
+        """Bind a node's endpoints (a ``protocol.Endpoints``); raises
+        ReplicationError naming the one that could not be bound."""
+
+    @abc.abstractmethod
+    def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
+        """Bind one request endpoint (the supervisor's ``--listen``)."""
+
+    @abc.abstractmethod
+    def pusher(self, endpoint: str, config: Config, hwm: int, immediate: bool = False
+               ) -> Pusher: ...
+
+    @abc.abstractmethod
+    def requester(self, endpoint: str, config: Config) -> Requester: ...
+
+    def poller(self) -> Poller:
+        raise NotImplementedError(f"{type(self).__name__} is driven step by step")
+
+    def close(self) -> None:
+        """Release what the transport holds (its endpoints are closed by
+        their owners first)."""
+
+
+# --- ZeroMQ ------------------------------------------------------------------------
+
+
+def _drain(sock: zmq.Socket, multipart: bool, limit: int) -> Iterator:
+    """Messages waiting on ``sock`` (at most ``limit``), without paying for
+    a zmq.Again exception at the end of every burst."""
+    recv = sock.recv_multipart if multipart else sock.recv
+    getsockopt = sock.getsockopt
+    for _ in range(limit):
+        try:
+            yield recv(NOBLOCK)
+        except zmq.Again:
+            return
+        if not getsockopt(EVENTS) & POLLIN:
+            return
+
+
+class _ZmqRouter(Router):
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+
+    def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
+        for frames in _drain(self.socket, True, limit):
+            if len(frames) < 2:
+                self.dropped += 1
+                continue
+            yield frames[:-1], frames[-1]
+
+    def reply(self, handle: Any, payload: bytes) -> bool:
+        try:
+            self.socket.send_multipart(handle + [payload], NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqReceiver(Receiver):
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def drain(self, limit: int) -> Iterator[bytes]:
+        return _drain(self.socket, False, limit)
+
+    def recv(self) -> bytes | None:
+        try:
+            return self.socket.recv(NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self._poller.poll(max(1, int(timeout * 1000 + 0.999))))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqPusher(Pusher):
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+
+    def send(self, payload: bytes) -> bool:
+        try:
+            self.socket.send(payload, NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def send_wait(self, payload: bytes, timeout: float) -> bool:
+        sock = self.socket
+        try:
+            sock.send(payload, NOBLOCK)
+            return True
+        except zmq.Again:
+            if not sock.poll(int(timeout * 1000), POLLOUT):
+                return False
+            return self.send(payload)
+        except zmq.ZMQError:
+            return False
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqRequester(Requester):
+    def __init__(self, sock: zmq.Socket):
+        self.socket = sock
+
+    def send(self, payload: bytes) -> bool:
+        try:
+            self.socket.send(payload, NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def recv(self) -> bytes | None:
+        try:
+            return self.socket.recv(NOBLOCK)
+        except zmq.ZMQError:
+            return None
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self.socket.poll(max(0, int(timeout * 1000)), zmq.POLLIN))
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqPoller(Poller):
+    def __init__(self) -> None:
+        self._poller = zmq.Poller()
+        self._items: list = []
+        self._by_key: dict = {}
+
+    def poll(self, items: list, timeout: float) -> set:
+        if items != self._items:  # registrations change only when the set does
+            self._poller = zmq.Poller()
+            self._by_key = {}
+            for item in items:
+                key = item if isinstance(item, int) else item.socket
+                self._poller.register(key, zmq.POLLIN)
+                self._by_key[key] = item
+            self._items = list(items)
+        return {self._by_key[k] for k, _ in self._poller.poll(max(0, int(timeout * 1000)))}
+
+
+class ZmqTransport(Transport):
+    """ZeroMQ sockets in one context (``tcp://`` and ``ipc://``)."""
+
+    threaded = True
+
+    def __init__(self, context: zmq.Context | None = None):
+        self._own = context is None
+        self.context = context or zmq.Context()
+
+    def _sock(self, kind: int, endpoint: str, bind: bool, config: Config,
+              options: dict[int, int] | None = None) -> zmq.Socket:
+        """A socket with zrepl's limits; ``options`` are set before it binds
+        or connects (high-water marks only apply to pipes made after)."""
+        s = self.context.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        for opt, value in (options or {}).items():
+            s.setsockopt(opt, value)
+        try:
+            if bind:
+                s.bind(endpoint)
+            else:
+                s.connect(endpoint)
+        except zmq.ZMQError as exc:
+            s.close(linger=0)
+            raise ReplicationError(f"cannot {'bind' if bind else 'connect'} {endpoint}: "
+                                   f"{exc}") from None
+        return s
+
+    def bind(self, endpoints: Any, config: Config) -> NodeEndpoints:
+        socks: list[zmq.Socket] = []
+        try:
+            # A ROUTER drops replies past its high-water mark; clients bound
+            # what they have outstanding, so a deep queue costs little, and
+            # ROUTER_MANDATORY makes a full queue visible instead of silent.
+            client_opts = {zmq.SNDHWM: config.client_reply_queue, zmq.ROUTER_MANDATORY: 1}
+            for kind, endpoint, opts in (
+                    (zmq.ROUTER, endpoints.control, None),
+                    (zmq.PULL, endpoints.data, {zmq.RCVHWM: config.data_queue_messages}),
+                    (zmq.PULL, endpoints.ack, None),
+                    (zmq.ROUTER, endpoints.client, client_opts)):
+                socks.append(self._sock(kind, endpoint, True, config, opts))
+        except BaseException:
+            for s in socks:
+                s.close(linger=0)
+            raise
+        control, data, ack, client = socks
+        return NodeEndpoints(_ZmqRouter(control), _ZmqReceiver(data), _ZmqReceiver(ack),
+                             _ZmqRouter(client))
+
+    def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
+        return _ZmqRouter(self._sock(zmq.ROUTER, endpoint, True, config,
+                                     {zmq.MAXMSGSIZE: max_message_bytes}))
+
+    def pusher(self, endpoint: str, config: Config, hwm: int, immediate: bool = False
+               ) -> Pusher:
+        opts = {zmq.SNDHWM: hwm}
+        if immediate:
+            # a send fails at once while the peer is not connected, instead
+            # of queueing for a peer that may be gone
+            opts[zmq.IMMEDIATE] = 1
+        return _ZmqPusher(self._sock(zmq.PUSH, endpoint, False, config, opts))
+
+    def requester(self, endpoint: str, config: Config) -> Requester:
+        return _ZmqRequester(self._sock(zmq.REQ, endpoint, False, config))
+
+    def poller(self) -> Poller:
+        return _ZmqPoller()
+
+    def close(self) -> None:
+        if self._own:
+            self.context.destroy(linger=0)

@@ -642,7 +642,7 @@ class NodeCore:
         link = self.link
         if not link.inflight:
             return False
-        return now - max(link.inflight[0].sent, link.last_ack_at) > self.ack_limit()
+        return now >= max(link.inflight[0].sent, link.last_ack_at) + self.ack_limit()
 
     def ack_deadline(self) -> float | None:
         """When the oldest batch in flight becomes overdue (None: nothing

@@ -35,10 +35,13 @@ class ControlServer:
     def __init__(self, node: "Replica"):
         self.node = node
 
-    def serve(self) -> None:
+    def serve(self) -> int:
+        """Answer the waiting calls; how many there were."""
         node = self.node
         control = node.endpoints_bound.control
+        served = 0
         for handle, payload in control.drain(node.config.messages_per_turn):
+            served += 1
             stop_after = False
             try:
                 op, args = protocol.parse_control_request(payload)
@@ -60,6 +63,7 @@ class ControlServer:
                 node.request_stop()
         node.counters["dropped_messages"] += control.dropped
         control.dropped = 0
+        return served
 
     # --- the supervisor's Node ---------------------------------------------------------
 

@@ -95,19 +95,20 @@ class DownstreamLink:
         self.rpc = None
         self._reply(e.token, None, Timeout(f"cannot send {e.op} to {e.address}"))
 
-    def on_reply(self) -> None:
-        """The follower answered the control call in flight."""
+    def on_reply(self) -> bool:
+        """The follower answered the control call in flight (True)."""
         if self.rpc is None:
-            return
+            return False
         raw = self.rpc.recv()
         if raw is None:
-            return
+            return False
         token, self.call_token = self.call_token, 0
         try:
             result, error = protocol.parse_control_reply(raw), None
         except ReplicationError as exc:
             result, error = None, exc
         self._reply(token, result, error)
+        return True
 
     def _reply(self, token: int, result: Any, error: BaseException | None) -> None:
         node = self.node

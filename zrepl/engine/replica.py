@@ -493,7 +493,7 @@ class Replica(Node):
         now = self.clock.now() if now is None else now
         ep = self.endpoints_bound
         timeout = self._housekeeping(now)
-        self.control.serve()
+        again = self.control.serve() > 0  # a call may have changed what is due
         if self._stopping:
             self._shutdown()
             return float("inf")
@@ -502,7 +502,7 @@ class Replica(Node):
             self.upstream.serve()
         self.pipeline.drain_acks()
         if self.downstream.rpc is not None and self.downstream.call_token:
-            self.downstream.on_reply()
+            again |= self.downstream.on_reply()
         with self.core_lock:
             effects = self.core.check_acks(now)
         if effects:
@@ -511,7 +511,7 @@ class Replica(Node):
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - now))
         self.clients.send_replies()
-        busy = ep.control.pending() or ep.client.pending() or ep.ack.pending() or \
+        busy = again or ep.control.pending() or ep.client.pending() or ep.ack.pending() or \
             (ep.data.pending() and not self.upstream.blocked())
         return 0.0 if busy or self._wants_step else timeout
 

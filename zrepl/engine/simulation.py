@@ -1,0 +1,472 @@
+"""A whole cluster in one process, deterministically, in virtual time.
+
+The real engine (:class:`~.replica.Replica`), the real supervisor runner
+and a client with sessions run on the in-memory transport, each as a
+*host* that the :class:`Simulation` steps when a message reaches it or a
+timer it asked for is due.  Nothing reads the wall clock and every random
+choice comes from the seed, so a run replays exactly.  Tests use it for
+the engine's scenarios (handshake, state syncs, chains, failover, fencing)
+with no sleeps and no wall-clock timeouts; ``zrepl sim`` will inject
+faults into it.
+
+    sim = Simulation(seed=1)
+    a, b = sim.node("A"), sim.node("B")
+    ...
+    sim.run_until(lambda: a.status().follower_sync, timeout=5)   # virtual seconds
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..core import protocol
+from ..core.config import Config
+from ..core.errors import NotLeader, ReplicationError, Timeout
+from ..core.interfaces import App
+from ..core.types import NodeRole, NodeStatus
+from ..storage.base import MemoryStorage
+from .clock import FakeClock
+from .inmem import InmemNetwork, InmemTransport
+from .replica import Replica
+from .supervisor import Supervisor
+
+INF = float("inf")
+
+
+class SimulationStuck(AssertionError):
+    """A condition did not hold within its virtual-time budget."""
+
+
+class Simulation:
+    def __init__(self, seed: int = 0, latency: float = 100e-6, jitter: float = 20e-6,
+                 start: float = 1000.0):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.clock = FakeClock(start)
+        self.network = InmemNetwork(self.clock, random.Random(self.rng.getrandbits(64)),
+                                    latency, jitter)
+        self._hosts: dict[str, Callable[[float], float]] = {}
+        self._wake: dict[str, float] = {}
+        self._wants: dict[str, Callable[[], bool]] = {}
+        self.nodes: dict[str, SimNode] = {}
+        self.rounds = 0
+
+    # --- hosts --------------------------------------------------------------------
+
+    def transport(self, host: str) -> InmemTransport:
+        return InmemTransport(self.network, host)
+
+    def add_host(self, host: str, step: Callable[[float], float],
+                 wants: Callable[[], bool] = lambda: False) -> None:
+        self._hosts[host] = step
+        self._wants[host] = wants
+        self._wake[host] = self.clock.now()
+
+    def remove_host(self, host: str) -> None:
+        self._hosts.pop(host, None)
+        self._wake.pop(host, None)
+        self._wants.pop(host, None)
+
+    def node(self, name: str, app: Callable[[], App] | None = None, **settings: Any
+             ) -> "SimNode":
+        n = SimNode(self, name, app, Config(**{**SIM_DEFAULTS, **settings}))
+        self.nodes[name] = n
+        return n.start()
+
+    def supervisor(self, nodes: list["SimNode"], **settings: Any) -> "SimSupervisor":
+        return SimSupervisor(self, nodes, Config(**{**SIM_DEFAULTS, **settings}))
+
+    def client(self, nodes: list["SimNode"], name: str = "client", **kw: Any) -> "SimClient":
+        return SimClient(self, name, [n.address for n in nodes], **kw)
+
+    # --- the supervisor's job, by hand -------------------------------------------------
+
+    def chain(self, nodes: list["SimNode"], leader_id: int = 1, wait: bool = True) -> None:
+        """Roles and links for nodes[0] -> nodes[1] -> ...: FORWARDER in the
+        middle, FOLLOWER at the tail; then (``wait``) run until every link
+        is synchronous."""
+        for i, n in enumerate(nodes[1:], 1):
+            n.replica.set_role(NodeRole.FORWARDER if i < len(nodes) - 1 else NodeRole.FOLLOWER,
+                               leader_id)
+            n.replica.set_leader(nodes[i - 1].address)
+        nodes[0].replica.set_role(NodeRole.LEADER, leader_id)
+        for up, down in zip(nodes, nodes[1:]):
+            up.replica.set_follower(down.address)
+        if wait:
+            self.run_until(lambda: all(n.status().follower_sync for n in nodes[:-1]), 30,
+                           "every link of the chain synchronous")
+
+    def leader_of(self, nodes: list["SimNode"]) -> "SimNode | None":
+        """The running node that leads the highest epoch."""
+        best = None
+        for n in nodes:
+            if n.running and n.replica.core.role == NodeRole.LEADER and \
+                    (best is None or n.replica.core.leader_id > best.replica.core.leader_id):
+                best = n
+        return best
+
+    def healthy_chain(self, nodes: list["SimNode"]) -> list["SimNode"] | None:
+        """[leader, forwarders..., follower] when ``nodes`` form one chain of
+        synchronous links."""
+        leader = self.leader_of(nodes)
+        if leader is None:
+            return None
+        by_address = {n.address: n for n in nodes if n.running}
+        chain = [leader]
+        while True:
+            st = chain[-1].status()
+            if not st.follower:
+                break
+            if not st.follower_sync or st.follower not in by_address:
+                return None
+            chain.append(by_address[st.follower])
+        return chain if len(chain) == len(nodes) else None
+
+    # --- time -----------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Deliver what is due and step every host that has something to
+        do; when nobody has, move the clock to the next event.  False when
+        nothing will ever happen again."""
+        self.rounds += 1
+        now = self.clock.now()
+        net = self.network
+        net.deliver(now)
+        woken = net.woken
+        ran = False
+        for host in sorted(self._hosts):
+            if not (host in woken or self._wake[host] <= now or self._wants[host]()):
+                continue
+            busy = net.busy_until.get(host, 0.0)
+            if busy > now:
+                self._wake[host] = min(self._wake[host], busy) if host not in woken else busy
+                continue
+            woken.discard(host)
+            delay = self._hosts[host](now)
+            self._wake[host] = now + delay if delay != INF else INF
+            ran = True
+        if ran:
+            return True
+        later = [t for t in self._wake.values() if t > now]
+        t = min([net.next_delivery()] + later)
+        if t == INF:
+            return False
+        self.clock.set(max(t, now))
+        return True
+
+    def run_until(self, cond: Callable[[], Any], timeout: float = 10.0, what: str = "",
+                  max_rounds: int = 2_000_000) -> Any:
+        """Run until ``cond()`` is true; SimulationStuck after ``timeout``
+        virtual seconds (or ``max_rounds`` rounds)."""
+        deadline = self.clock.now() + timeout
+        start_rounds = self.rounds
+        still, still_since = self.clock.now(), self.rounds
+        while True:
+            value = cond()
+            if value:
+                return value
+            now = self.clock.now()
+            if now > deadline or self.rounds - start_rounds > max_rounds:
+                raise SimulationStuck(f"seed {self.seed}: not within {timeout:g} virtual "
+                                      f"seconds: {what or cond}")
+            if now != still:
+                still, still_since = now, self.rounds
+            elif self.rounds - still_since > 100_000:
+                raise SimulationStuck(f"seed {self.seed}: time stands still at {now} (a host "
+                                      f"asks to run again at once, forever): {what or cond}")
+            if not self.run_once():
+                raise SimulationStuck(f"seed {self.seed}: nothing left to happen: "
+                                      f"{what or cond}")
+
+    def run_for(self, seconds: float) -> None:
+        end = self.clock.now() + seconds
+        while self.clock.now() < end:
+            if not self.run_once():
+                self.clock.set(end)
+                return
+            if self.network.next_delivery() > end and \
+                    min(self._wake.values(), default=INF) > end:
+                self.clock.set(end)
+                self.run_once()
+                return
+
+    def close(self) -> None:
+        for n in list(self.nodes.values()):
+            n.crash()
+
+
+SIM_DEFAULTS: dict[str, Any] = {"checkpoint_entries": 0, "checkpoint_interval": 0,
+                                "fsync": "off"}
+
+
+def _default_app() -> App:
+    from workers.kv import KV  # the reference App
+    return KV()
+
+
+class SimNode:
+    """A node of the simulation: a Replica on the in-memory transport over a
+    MemoryStorage that survives its crashes."""
+
+    def __init__(self, sim: Simulation, name: str, app: Callable[[], App] | None,
+                 config: Config):
+        self.sim = sim
+        self.name = name
+        self.address = f"ipc://sim/{name}"
+        self.make_app = app or _default_app
+        self.config = config
+        self.storage = MemoryStorage(clock=lambda: int(sim.clock.now() * 1e9))
+        self.replica: Replica | None = None
+        self.transport: InmemTransport | None = None
+        self.starts = 0
+
+    @property
+    def app(self) -> Any:
+        assert self.replica is not None
+        return self.replica.app
+
+    def start(self) -> "SimNode":
+        assert self.replica is None, f"{self.name} is running"
+        self.starts += 1
+        self.transport = self.sim.transport(self.address)
+        self.replica = Replica(self.make_app(), self.storage, self.address, self.config,
+                               transport=self.transport, clock=self.sim.clock,
+                               rng=random.Random(self.sim.rng.getrandbits(64)),
+                               snapshots="copy").start()
+        r = self.replica
+        self.sim.add_host(self.address, r.step, lambda: r._wants_step)
+        return self
+
+    def crash(self) -> None:
+        """Gone at once: no goodbye, its endpoints vanish, what it stored stays."""
+        if self.replica is None:
+            return
+        self.sim.remove_host(self.address)
+        self.transport.close()  # type: ignore[union-attr]
+        self.replica.downstream.close()  # ends a state sync's copy
+        self.replica = None
+
+    def restart(self) -> "SimNode":
+        self.crash()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.replica is not None
+
+    def status(self) -> NodeStatus:
+        assert self.replica is not None, f"{self.name} is down"
+        return self.replica.status()
+
+    def state(self) -> dict:
+        return dict(self.app.data)
+
+    def digest(self) -> dict:
+        assert self.replica is not None, f"{self.name} is down"
+        return self.replica.control.op_state_digest()
+
+    @property
+    def position(self) -> int:
+        assert self.replica is not None, f"{self.name} is down"
+        return self.replica.core.position
+
+
+class SimSupervisor:
+    def __init__(self, sim: Simulation, nodes: list[SimNode], config: Config):
+        self.sim = sim
+        self.nodes = nodes
+        self.config = config
+        self.host = "sim-supervisor"
+        self.sup: Supervisor | None = None
+        self.start()
+
+    def start(self) -> "SimSupervisor":
+        self.sup = Supervisor([n.address for n in self.nodes], config=self.config,
+                              transport=self.sim.transport(self.host), clock=self.sim.clock)
+        self.sim.add_host(self.host, self.sup.step)
+        return self
+
+    def crash(self) -> None:
+        if self.sup is not None:
+            self.sim.remove_host(self.host)
+            self.sup.transport.close()
+            self.sup = None
+
+    def status(self) -> dict:
+        assert self.sup is not None
+        return self.sup.status()
+
+
+@dataclass
+class Op:
+    """One command a client submitted, and what became of it."""
+    data: bytes
+    seq: int
+    invoked: float
+    completed: float = 0.0
+    code: int | None = None
+    error: ReplicationError | None = None
+    node: str = ""  # who answered
+
+    @property
+    def done(self) -> bool:
+        return self.completed > 0.0
+
+
+class SimClient:
+    """``zrepl.Client``'s behaviour as a host of the simulation: one command
+    at a time, the known leader first, redirects followed, retried with the
+    same (client id, sequence) until ``retry_for`` runs out, so a command is
+    never applied twice."""
+
+    def __init__(self, sim: Simulation, name: str, addresses: list[str],
+                 timeout: float = 0.5, retry_for: float = 10.0, max_pause: float = 0.05):
+        self.sim = sim
+        self.host = f"sim-client/{name}"
+        self.addresses = addresses
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.max_pause = max_pause
+        self.client_id = sim.rng.getrandbits(128).to_bytes(16, "big")
+        self.transport = sim.transport(self.host)
+        self._requesters: dict[str, Any] = {}
+        self.queue: collections.deque[Op] = collections.deque()
+        self.ops: list[Op] = []
+        self.leader = ""
+        self._seq = 0
+        self._ids = 0
+        self._current: Op | None = None
+        self._round: list[str] = []  # candidates left in this round of attempts
+        self._tried: set[str] = set()
+        self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
+        self._waiting: tuple[str, int, float] | None = None  # (address, request id, deadline)
+        self._next_try = 0.0
+        self._pause = 0.01
+        self._give_up = 0.0
+        self.generator: Callable[[int], bytes] | None = None  # keeps writing when set
+        self._written = 0
+        sim.add_host(self.host, self.step, lambda: False)
+
+    def submit(self, data: bytes) -> Op:
+        self._seq += 1
+        op = Op(data, self._seq, self.sim.clock.now())
+        self.queue.append(op)
+        self.ops.append(op)
+        return op
+
+    def keep_writing(self, make: Callable[[int], bytes]) -> None:
+        """Submit ``make(i)`` for i = 0, 1, ... one after the other."""
+        self.generator = make
+
+    def stop_writing(self) -> None:
+        self.generator = None
+
+    @property
+    def acked(self) -> list[Op]:
+        return [op for op in self.ops if op.done and op.error is None]
+
+    def _requester(self, address: str) -> Any:
+        r = self._requesters.get(address)
+        if r is None:
+            r = self._requesters[address] = self.transport.requester(
+                protocol.endpoints(address).client, Config())
+        return r
+
+    def _drop(self, address: str) -> None:
+        r = self._requesters.pop(address, None)
+        if r is not None:
+            r.close()
+
+    def _candidates(self, now: float) -> list[str]:
+        """The known leader first; a node that did not answer lately is
+        skipped for a while (as ``zrepl.Client`` does)."""
+        fresh = [a for a in self.addresses
+                 if now - self._timed_out.get(a, -1e9) > self.timeout * 2]
+        return ([self.leader] if self.leader in fresh else []) + \
+            [a for a in fresh if a != self.leader]
+
+    def step(self, now: float) -> float:
+        if self._current is None:
+            if not self.queue and self.generator is not None:
+                self.submit(self.generator(self._written))
+                self._written += 1
+            if not self.queue:
+                return INF
+            self._current = self.queue.popleft()
+            self._current.invoked = now
+            self._give_up = now + self.retry_for
+            self._round = self._candidates(now)
+            self._pause = 0.01
+            self._next_try = now
+        op = self._current
+        if self._waiting is not None:
+            address, rid, deadline = self._waiting
+            raw = self._requesters[address].recv()
+            if raw is None:
+                if now < deadline:
+                    return deadline - now
+                self._waiting = None
+                self._drop(address)
+                self._timed_out[address] = now
+                if self.leader == address:
+                    self.leader = ""
+                return self._next_in_round(op, now)
+            self._waiting = None
+            got, code, err = protocol.parse_submit_reply(raw)
+            if err is None and got == rid:
+                op.code, op.completed, op.node = code, now, address
+                self.leader = address
+                self._current = None
+                return 0.0
+            if isinstance(err, NotLeader):
+                hint = err.leader_address
+                if hint in self.addresses and hint in self._candidates(now) and \
+                        hint not in self._round and hint not in self._tried:
+                    self._round.insert(0, hint)  # follow the redirect
+                return self._next_in_round(op, now)
+            if isinstance(err, Timeout):
+                self.leader = address  # the leader, not ready to answer: retry there
+                return self._end_round(op, now)
+            op.error, op.completed, op.node = err, now, address  # retrying cannot change it
+            self._current = None
+            return 0.0
+        if now < self._next_try:
+            return self._next_try - now
+        return self._next_in_round(op, now)
+
+    def _next_in_round(self, op: Op, now: float) -> float:
+        while self._round:
+            address = self._round.pop(0)
+            if address in self._tried:
+                continue
+            self._tried.add(address)
+            self._ids += 1
+            self._requester(address).send(protocol.submit_request(
+                self._ids, op.data, self.client_id, op.seq))
+            self._waiting = (address, self._ids, now + self.timeout)
+            return self.timeout
+        return self._end_round(op, now)
+
+    def _end_round(self, op: Op, now: float) -> float:
+        if now >= self._give_up:
+            op.error, op.completed = Timeout(f"not confirmed within {self.retry_for:g}s "
+                                             "(outcome unknown)"), now
+            self._current = None
+            return 0.0
+        self._tried = set()
+        self._round = self._candidates(now)
+        self._next_try = now + self._pause
+        self._pause = min(self._pause * 2, self.max_pause)
+        return self._next_try - now
+
+
+def kv_set(key: str, value: Any) -> bytes:
+    from workers.kv import encode
+    return encode(("set", key, value))
+
+
+__all__ = ["Simulation", "SimNode", "SimSupervisor", "SimClient", "Op", "SimulationStuck",
+           "NodeRole", "kv_set"]

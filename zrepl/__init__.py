@@ -6,8 +6,9 @@ listed in ``__all__`` is stable.
 
 from .core.config import Config
 from .core.errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
-                     ReplicationError, SessionExpired, StaleLeader, StorageError, StorageLocked,
-                     Timeout, WALGap, WALTruncated)
+                          ReplicationError, SessionExpired, StaleLeader, StaleUpstream,
+                          StorageError, StorageLocked, Timeout, WALGap, WALTruncated,
+                          WrongUpstream)
 from .storage.file import FileStorage
 from .core.interfaces import App, Follower, Manager, Node, Storage
 from .engine.remote import Client, NodeClient, RemoteFollower
@@ -22,6 +23,6 @@ __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
     "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole", "NodeStatus",
     "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "ReplicationError",
-    "SessionExpired", "StaleLeader", "Storage", "StorageError", "StorageLocked", "Supervisor",
-    "Timeout", "WALEntry", "WALGap", "WALTruncated", "__version__",
+    "SessionExpired", "StaleLeader", "StaleUpstream", "Storage", "StorageError", "StorageLocked", "Supervisor",
+    "Timeout", "WALEntry", "WALGap", "WALTruncated", "WrongUpstream", "__version__",
 ]

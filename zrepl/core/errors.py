@@ -72,6 +72,19 @@ class SessionExpired(ReplicationError):
     whether it was applied cannot be told any more."""
 
 
+class WrongUpstream(ReplicationError):
+    """A node was asked to follow an upstream of its epoch other than the
+    one it was told to follow (``set_leader``): refused, and retried by
+    that upstream, so a follower is never taken over by a stale node."""
+
+
+class StaleUpstream(ReplicationError):
+    """A would-be upstream that does not lead holds less of its own epoch
+    than the follower: it is behind, and syncing from it would discard
+    entries that may be acknowledged.  Refused (and retried: it may catch
+    up)."""
+
+
 class FollowerMismatch(ReplicationError):
     """The follower's response codes differ from the leader's for the same
     batch: the App is not deterministic, the replicas diverged."""

@@ -23,9 +23,15 @@ from .types import NodeRole, NodeStatus, WALEntry
 class App(abc.ABC):
     """A deterministic state machine, written by the user.
 
-    Threading: every method is called from one thread only, the engine's
-    *apply thread*, which owns the App.  ``iter_state`` additionally runs in
-    a forked child process (copy-on-write snapshot), so it must not rely on
+    Threading: the engine never calls two of these methods at once - every
+    call is made holding the engine's App lock - but not always from the
+    same thread: a caller of ``Manager.apply`` that finds the lock free
+    encodes, applies and answers the batch it leads itself (group commit),
+    and the engine's own thread applies what arrives from the upstream.
+    So the App needs no lock of its own, and must not keep thread-local
+    state between calls.  ``iter_state`` runs in a forked child process
+    (copy-on-write snapshot) where fork exists, or in the engine's thread
+    over an in-process copy (the in-memory simulation): it must not rely on
     threads, locks held by other threads, or open sockets.
 
     Determinism: given the same commands in the same order, ``apply`` must
@@ -68,10 +74,12 @@ class App(abc.ABC):
 
     def query(self, request: bytes) -> bytes:
         """Optional (an extension of the seed): answer a read from remote
-        clients (``Client.query``) without changing the state.  Called by the
-        thread that owns the App, between applies.  On a follower the answer
-        may be stale; on the leader it includes every acknowledged write.
-        Raise ``ValueError`` for a request it does not understand."""
+        clients (``Client.query``) without changing the state.  Called with
+        the App lock held, between applies.  What the answer may see depends
+        on the kind of read (``docs/reads.md``): a ``leader_only`` read is
+        answered only while the App holds exactly the acknowledged writes;
+        any other read sees the node's state as it is.  Raise
+        ``ValueError`` for a request it does not understand."""
         raise ValueError(f"{type(self).__name__} serves no queries")
 
 
@@ -240,7 +248,14 @@ class Storage(abc.ABC):
 
 
 class Follower(abc.ABC):
-    """A leader's (or forwarder's) handle on its follower: a remote call.
+    """The seed's handle on a follower, as remote control calls
+    (``zrepl.RemoteFollower``): what an operator's tool or a test uses to
+    drive a node as its upstream would, one call at a time.  The engine
+    itself speaks the same operations to its follower - ``connect`` and
+    ``clear_state`` as control calls, ``apply_wal`` and ``apply_state`` as
+    pipelined messages on the data path (many in flight, acknowledged on
+    the ack path) - decided by ``zrepl.core.node.NodeCore`` and carried out
+    by ``zrepl.engine.downstream``.
 
     Every call carrying a ``leader_id`` smaller than the one the follower
     stores raises ``StaleLeader`` and changes nothing.  Transport failures

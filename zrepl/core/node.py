@@ -101,9 +101,9 @@ from .config import Config
 from .effects import (INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
                       CloseLink, ConnectUpstream, Effect, EndStateIn, Failure, FailPending, Log,
                       OpenLink, Persist, ReadsReady, Resolve, SendAck, StartSnapshot, Wake)
-from .epochs import FollowerInfo, UpstreamView, plan_sync
+from .epochs import FollowerInfo, UpstreamView, epoch_at, plan_sync
 from .errors import (FollowerMismatch, NotLeader, ProtocolError, ReplicationError, StaleLeader,
-                     Timeout, WALGap, WALTruncated)
+                     StaleUpstream, Timeout, WALGap, WALTruncated, WrongUpstream)
 from .link import FATAL, Link, PendingCall, SnapshotOut
 from .protocol import STATE, WAL
 from .session import SessionTable
@@ -282,10 +282,17 @@ class NodeCore:
     # ==================================================================
 
     def on_connect(self, leader_id: Any, address: Any, stream: Any, history: Any, depth: Any,
-                   now: float) -> tuple[dict, Effects]:
+                   now: float, upstream_position: Any = None) -> tuple[dict, Effects]:
         """The follower side of the handshake: adopt the upstream's epoch
         and stream; returns what this node reports of its log (the engine
-        adds the WAL's bounds) and the effects."""
+        adds the WAL's bounds) and the effects.
+
+        Refused without changing anything: a smaller epoch (StaleLeader);
+        within its epoch, any upstream but the one this node follows
+        (WrongUpstream: a restarted node resuming an old link must not take
+        a follower over); an upstream that does not lead and holds less of
+        its own epoch than this node (StaleUpstream: its state sync would
+        discard entries that may be acknowledged)."""
         leader_id = check_leader_id(leader_id)
         if not isinstance(address, str) or isinstance(stream, bool) or \
                 not isinstance(stream, int) or stream < 0:
@@ -296,6 +303,10 @@ class NodeCore:
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from None
         current = self.leader_id
+        if leader_id == current and self.leader_address and address != self.leader_address:
+            raise WrongUpstream(f"{self.address} follows {self.leader_address} in epoch "
+                                f"{current}, not {address}")
+        self._check_not_behind(address, upstream_position, depth)
         out: Effects
         if self.role == NodeRole.LEADER:
             if leader_id <= current:
@@ -325,6 +336,22 @@ class NodeCore:
             # our own follower must hear of the new epoch (and its depth)
             out += self._restart_link("upstream changed", now)
         return info, out
+
+    def _check_not_behind(self, address: str, upstream_position: Any, depth: Any) -> None:
+        """A leader's log is the truth of its epoch; any other upstream must
+        hold at least what this node holds of that epoch."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 1:
+            return  # from the leader itself (or an older peer that does not say)
+        if isinstance(upstream_position, bool) or not isinstance(upstream_position, int):
+            return
+        if upstream_position >= self.position or not self.history:
+            return
+        newest = epoch_at(self.history, self.position)
+        if newest >= self.leader_id:
+            raise StaleUpstream(
+                f"{address} holds WAL up to {upstream_position}, this node up to "
+                f"{self.position} of epoch {newest}: it is behind and must not be the "
+                "upstream")
 
     def _drop_upstream(self) -> Effects:
         self.up_stream = 0
@@ -802,8 +829,8 @@ class NodeCore:
         stream = self._rng.getrandbits(63) or 1
         return self._call("connect", {
             "leader_id": self.leader_id, "address": self.address, "stream": stream,
-            "epoch_history": [list(x) for x in self.history], "depth": self.depth + 1},
-            stream, now)
+            "epoch_history": [list(x) for x in self.history], "depth": self.depth + 1,
+            "position": self.position}, stream, now)
 
     def on_follower_reply(self, token: int, result: Any, error: BaseException | None,
                           now: float, min_wal: int) -> Effects:
@@ -834,7 +861,9 @@ class NodeCore:
             return self.link_failed(exc, now)
         link.closing = True  # a REQ socket that lost its reply is reopened
         out: Effects = [Wake()]
-        if not isinstance(exc, Timeout):
+        if isinstance(exc, (WrongUpstream, StaleUpstream)):
+            out.append(Log(INFO, f"{link.address} refused this node as its upstream: {exc}"))
+        elif not isinstance(exc, Timeout):
             out.append(Log(WARNING, f"handshake with {link.address} failed: {exc}"))
         if isinstance(exc, FATAL):
             out.append(Failure(f"follower {link.address} refused: {exc}"))

@@ -157,7 +157,8 @@ def codes_from_bytes(raw: bytes) -> list[int]:
 _ERROR_TYPES = {cls.__name__: cls for cls in (
     errors.ReplicationError, errors.NotLeader, errors.StaleLeader, errors.Timeout,
     errors.ProtocolError, errors.StorageError, errors.WALTruncated, errors.StorageLocked,
-    errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap, errors.SessionExpired)}
+    errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap, errors.SessionExpired,
+    errors.WrongUpstream, errors.StaleUpstream)}
 
 
 def error_to_wire(exc: BaseException) -> list:

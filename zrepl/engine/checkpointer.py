@@ -15,22 +15,32 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from ..storage.snapshot import list_checkpoints
+from ..storage.snapshot import FileCheckpoints, write_checkpoint
 from .snapshots import fork_checkpoint
 
 if TYPE_CHECKING:
     from .replica import Replica
 
 
+def checkpoint_store(storage: Any) -> Any:
+    """Where ``storage``'s node keeps checkpoints: files beside a
+    FileStorage, the memory of a ``MemoryStorage(checkpoints=True)``, or
+    nowhere (None)."""
+    store = getattr(storage, "checkpoints", None)
+    if store is not None:
+        return store
+    path = getattr(storage, "path", None)
+    return FileCheckpoints(Path(path) / "checkpoints") if path else None
+
+
 class Checkpointer:
     def __init__(self, node: "Replica"):
         self.node = node
-        path = getattr(node.storage, "path", None)
-        self.directory: Path | None = Path(path) / "checkpoints" if path else None
+        self.store = checkpoint_store(node.storage)
         self.child: tuple[int, int] | None = None  # (pid, wal_id)
         self.position = 0  # WAL id of the newest checkpoint
         self.time = node.clock.now()
@@ -46,7 +56,7 @@ class Checkpointer:
     def request(self) -> int:
         """Start a checkpoint now; the WAL id it will capture (0: this
         storage keeps no checkpoints)."""
-        if self.directory is None:
+        if self.store is None:
             return 0
         self.requested = True
         self.node.poke()
@@ -57,7 +67,7 @@ class Checkpointer:
         it wants to look again."""
         node = self.node
         cfg = node.config
-        if self.directory is None:
+        if self.store is None:
             return 1.0
         if self.child is not None:
             pid, wal_id = self.child
@@ -66,10 +76,7 @@ class Checkpointer:
                 return 0.02
             self.child = None
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                self.position = wal_id
-                self.time = now
-                self.prune(wal_id)
-                node.log.info("checkpoint at WAL id %d written", wal_id)
+                self._written(wal_id, now)
             else:
                 node.report_failed(f"checkpoint at WAL id {wal_id} failed (status {status})")
         due = self.requested
@@ -85,14 +92,26 @@ class Checkpointer:
                 sessions = core.sessions
                 section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
                                    "sessions": sessions.to_section()}
-                pid = fork_checkpoint(self.directory, node.applier.app, wal_id, core.leader_id,
-                                      section, cfg.snapshot_batch_entries,
-                                      cfg.snapshot_child_nice)
-            self.child = (pid, wal_id)
-            return 0.02
+                if isinstance(self.store, FileCheckpoints) and node.snapshot_mode == "fork":
+                    pid = fork_checkpoint(self.store.directory, node.applier.app, wal_id,
+                                          core.leader_id, section, cfg.snapshot_batch_entries,
+                                          cfg.snapshot_child_nice)
+                    self.child = (pid, wal_id)
+                    return 0.02
+                target = self.store if not isinstance(self.store, FileCheckpoints) \
+                    else self.store.directory
+                write_checkpoint(target, node.applier.app, wal_id, core.leader_id, section,
+                                 cfg.snapshot_batch_entries)
+            self._written(wal_id, now)
         if cfg.checkpoint_interval:
             return max(0.05, cfg.checkpoint_interval - (now - self.time))
         return 1.0
+
+    def _written(self, wal_id: int, now: float) -> None:
+        self.position = wal_id
+        self.time = now
+        self.prune(wal_id)
+        self.node.log.info("checkpoint at WAL id %d written", wal_id)
 
     def received(self, wal_id: int) -> None:
         """A state sync arrived as a checkpoint at ``wal_id``."""
@@ -103,15 +122,15 @@ class Checkpointer:
         """Keep the newest ``checkpoints_kept`` files and truncate the WAL up
         to the oldest kept one, within the core's limit."""
         node = self.node
-        assert self.directory is not None
-        kept = list_checkpoints(self.directory)
-        for _, path in kept[:-node.config.checkpoints_kept]:
-            path.unlink(missing_ok=True)
-        for p in self.directory.glob(".ckpt-*.tmp.*"):
-            pid = p.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not psutil.pid_exists(int(pid)):
-                p.unlink(missing_ok=True)  # left by a crashed writer
-        kept = list_checkpoints(self.directory)
+        store = self.store
+        assert store is not None
+        kept = store.list()
+        for _, cp in kept[:-node.config.checkpoints_kept]:
+            store.remove(cp)
+        for path, pid in store.leftovers():
+            if not psutil.pid_exists(pid):
+                path.unlink(missing_ok=True)  # left by a crashed writer
+        kept = store.list()
         if not kept:
             return
         with node.core_lock:

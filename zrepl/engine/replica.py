@@ -59,7 +59,7 @@ from ..core.protocol import endpoints
 from ..core.session import SessionTable, unwrap
 from ..core.types import FollowerState, NodeRole, NodeStatus
 from ..storage.base import check_role
-from ..storage.snapshot import iter_app_batches, list_checkpoints, read_checkpoint
+from ..storage.snapshot import iter_app_batches, read_checkpoint
 from .applier import Applier
 from .checkpointer import Checkpointer
 from .clients import ClientEndpoint
@@ -280,8 +280,8 @@ class Replica(Node):
         sessions = SessionTable(cfg.session_window, cfg.max_sessions)
         position = 0
         app.clear_state()
-        directory = self.checkpointer.directory
-        for wal_id, path in reversed(list_checkpoints(directory) if directory else []):
+        store = self.checkpointer.store
+        for wal_id, path in reversed(store.list() if store is not None else []):
             try:
                 snap = read_checkpoint(path)
             except (CorruptStorage, OSError) as exc:

@@ -117,12 +117,12 @@ class Simulation:
         by_address = {n.address: n for n in nodes if n.running}
         chain = [leader]
         while True:
-            st = chain[-1].status()
-            if not st.follower:
+            core = chain[-1].replica.core  # (cheaper than a status: run_until asks often)
+            if not core.link.address:
                 break
-            if not st.follower_sync or st.follower not in by_address:
+            if not core.follower_synchronous() or core.link.address not in by_address:
                 return None
-            chain.append(by_address[st.follower])
+            chain.append(by_address[core.link.address])
         return chain if len(chain) == len(nodes) else None
 
     # --- time -----------------------------------------------------------------------
@@ -218,7 +218,7 @@ class SimNode:
         self.address = f"ipc://sim/{name}"
         self.make_app = app or _default_app
         self.config = config
-        self.storage = MemoryStorage(clock=lambda: int(sim.clock.now() * 1e9))
+        self.storage = MemoryStorage(clock=lambda: int(sim.clock.now() * 1e9), checkpoints=True)
         self.replica: Replica | None = None
         self.transport: InmemTransport | None = None
         self.starts = 0
@@ -302,7 +302,7 @@ class SimSupervisor:
 
 @dataclass
 class Op:
-    """One command a client submitted, and what became of it."""
+    """One command (or read) a client submitted, and what became of it."""
     data: bytes
     seq: int
     invoked: float
@@ -310,6 +310,9 @@ class Op:
     code: int | None = None
     error: ReplicationError | None = None
     node: str = ""  # who answered
+    query: bool = False  # a read (App.query): ``answer`` holds the reply
+    leader_only: bool = False
+    answer: bytes | None = None
 
     @property
     def done(self) -> bool:
@@ -335,6 +338,7 @@ class SimClient:
         self._requesters: dict[str, Any] = {}
         self.queue: collections.deque[Op] = collections.deque()
         self.ops: list[Op] = []
+        self.acked: list[Op] = []  # commands confirmed, in the order their answers came
         self.leader = ""
         self._seq = 0
         self._ids = 0
@@ -357,6 +361,13 @@ class SimClient:
         self.ops.append(op)
         return op
 
+    def query(self, request: bytes, leader_only: bool = False) -> Op:
+        """A read, queued behind the commands before it."""
+        op = Op(request, 0, self.sim.clock.now(), query=True, leader_only=leader_only)
+        self.queue.append(op)
+        self.ops.append(op)
+        return op
+
     def keep_writing(self, make: Callable[[int], bytes]) -> None:
         """Submit ``make(i)`` for i = 0, 1, ... one after the other."""
         self.generator = make
@@ -364,9 +375,6 @@ class SimClient:
     def stop_writing(self) -> None:
         self.generator = None
 
-    @property
-    def acked(self) -> list[Op]:
-        return [op for op in self.ops if op.done and op.error is None]
 
     def _requester(self, address: str) -> Any:
         r = self._requesters.get(address)
@@ -398,6 +406,7 @@ class SimClient:
             self._current = self.queue.popleft()
             self._current.invoked = now
             self._give_up = now + self.retry_for
+            self._tried = set()
             self._round = self._candidates(now)
             self._pause = 0.01
             self._next_try = now
@@ -417,7 +426,12 @@ class SimClient:
             self._waiting = None
             got, code, err = protocol.parse_submit_reply(raw)
             if err is None and got == rid:
-                op.code, op.completed, op.node = code, now, address
+                if op.query:
+                    op.answer = code
+                else:
+                    op.code = code
+                    self.acked.append(op)
+                op.completed, op.node = now, address
                 self.leader = address
                 self._current = None
                 return 0.0
@@ -429,7 +443,7 @@ class SimClient:
                 return self._next_in_round(op, now)
             if isinstance(err, Timeout):
                 self.leader = address  # the leader, not ready to answer: retry there
-                return self._end_round(op, now)
+                return self._end_round(op, now, err)
             op.error, op.completed, op.node = err, now, address  # retrying cannot change it
             self._current = None
             return 0.0
@@ -444,16 +458,20 @@ class SimClient:
                 continue
             self._tried.add(address)
             self._ids += 1
-            self._requester(address).send(protocol.submit_request(
-                self._ids, op.data, self.client_id, op.seq))
+            self._requester(address).send(
+                protocol.query_request(self._ids, op.data, op.leader_only) if op.query else
+                protocol.submit_request(self._ids, op.data, self.client_id, op.seq))
             self._waiting = (address, self._ids, now + self.timeout)
             return self.timeout
         return self._end_round(op, now)
 
-    def _end_round(self, op: Op, now: float) -> float:
+    def _end_round(self, op: Op, now: float, last: ReplicationError | None = None) -> float:
         if now >= self._give_up:
-            op.error, op.completed = Timeout(f"not confirmed within {self.retry_for:g}s "
-                                             "(outcome unknown)"), now
+            if op.query and last is not None:
+                op.error = last  # a read: what the node said (as Client.query)
+            else:
+                op.error = Timeout(f"not confirmed within {self.retry_for:g}s (outcome unknown)")
+            op.completed = now
             self._current = None
             return 0.0
         self._tried = set()

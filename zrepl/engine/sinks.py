@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 
 class Sink:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core import protocol
 from ..core.effects import BeginStateIn, EndStateIn
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.node import SnapshotIn
 from ..core.protocol import ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, endpoints
-from ..storage.snapshot import CheckpointFileWriter
 from .progress import Progress
 from .transport import Pusher
 
@@ -37,7 +36,7 @@ class UpstreamLink:
         self.acks: Pusher | None = None
         self.acks_to = ""  # the upstream's address
         self._lock = threading.Lock()  # the ack path (any thread may acknowledge)
-        self.writer: CheckpointFileWriter | None = None  # the incoming state sync's checkpoint
+        self.writer: Any = None  # the incoming state sync's checkpoint writer
         self.snap: SnapshotIn | None = None  # the core's record of it
         self.app_section = False  # the checkpoint's App section has begun
         self.progress: Progress | None = None
@@ -185,9 +184,9 @@ class UpstreamLink:
         self.app_section = False
         self.progress = Progress(node.log, f"receiving a state sync at WAL id {e.wal_id}",
                                  clock=node.clock.now, every=node.config.progress_interval)
-        ckpt_dir = node.checkpointer.directory
-        if ckpt_dir is not None:
-            self.writer = CheckpointFileWriter(ckpt_dir, e.wal_id)
+        store = node.checkpointer.store
+        if store is not None:
+            self.writer = store.writer(e.wal_id)
             self.writer.write_raw_frame(["header", {"format": 1, "wal_id": e.wal_id,
                                                     "leader_id": e.leader_id,
                                                     "created_ns": time.time_ns()}])

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from ..core.errors import ReplicationError, StorageError, WALTruncated
 from ..core.interfaces import Storage
 from ..core.types import NodeRole, WALEntry
+from .snapshot import MemoryCheckpoints
 
 EMPTY_META: dict[str, Any] = {
     "address": "",
@@ -246,9 +247,12 @@ class MemoryStorage(BaseStorage):
     """Storage in memory: same contract as FileStorage, nothing survives the
     process.  Truncation is exact (no segment granularity)."""
 
-    def __init__(self, clock: Any = time.time_ns) -> None:
+    def __init__(self, clock: Any = time.time_ns, checkpoints: bool = False) -> None:
         super().__init__()
         self._clock = clock
+        # checkpoints in memory too: for a storage that outlives its node
+        # (the simulation restarts nodes over the same storage)
+        self.checkpoints = MemoryCheckpoints() if checkpoints else None
         self._first = 0  # wal id of _datas[0]
         self._datas: list[bytes] = []
         self._times: list[int] = []  # per-entry write time, ns

@@ -28,6 +28,7 @@ copy) is the engine's business: ``zrepl.engine.snapshots``.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -199,15 +200,113 @@ class CheckpointFileWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,
-                     zrepl_section: dict | Callable[[], dict], batch_entries: int) -> Path:
-    w = CheckpointFileWriter(directory, wal_id)
+def write_checkpoint(directory: "Path | MemoryCheckpoints", app: Any, wal_id: int,
+                     leader_id: int, zrepl_section: dict | Callable[[], dict],
+                     batch_entries: int) -> Any:
+    """Write a whole checkpoint of ``app`` in this process (a forked child
+    for files, the engine itself for memory) and commit it."""
+    w = directory.writer(wal_id) if isinstance(directory, MemoryCheckpoints) else \
+        CheckpointFileWriter(directory, wal_id)
     try:
         write_snapshot(w.frames, app, wal_id, leader_id, zrepl_section, batch_entries)
         return w.commit()
     except BaseException:
         w.abort()
         raise
+
+
+# --- where checkpoints live: files, or memory (the simulation's twin) ----------------
+
+
+class FileCheckpoints:
+    """``DIR/checkpoints/ckpt-S.zck`` files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def list(self) -> list[tuple[int, Any]]:
+        """(wal_id, checkpoint) of the complete-looking checkpoints, oldest first."""
+        return list_checkpoints(self.directory)
+
+    def writer(self, wal_id: int) -> "CheckpointFileWriter":
+        return CheckpointFileWriter(self.directory, wal_id)
+
+    def remove(self, checkpoint: Any) -> None:
+        checkpoint.unlink(missing_ok=True)
+
+    def leftovers(self) -> list[tuple[Path, int]]:
+        """Temporary files of writers and the pid that wrote each."""
+        out = []
+        for p in self.directory.glob(".ckpt-*.tmp.*"):
+            pid = p.name.rsplit(".", 1)[-1]
+            if pid.isdigit():
+                out.append((p, int(pid)))
+        return out
+
+
+class MemoryCheckpoint:
+    """A checkpoint held in memory, read like a file."""
+
+    def __init__(self, wal_id: int, data: bytes):
+        self.name = checkpoint_name(wal_id)
+        self.data = data
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+class _MemoryFrames:
+    """FrameWriter's interface, into a list."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = [FILE_HEADER.pack(FILE_MAGIC, FORMAT, 0)]
+
+    def write(self, payload_obj: Any) -> None:
+        self.parts.append(frame(payload_obj))
+
+    def write_bytes(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class MemoryCheckpointWriter:
+    def __init__(self, store: "MemoryCheckpoints", wal_id: int):
+        self.store = store
+        self.wal_id = wal_id
+        self.frames = _MemoryFrames()
+
+    def write_raw_frame(self, payload_obj: Any) -> None:
+        self.frames.write(payload_obj)
+
+    def commit(self) -> MemoryCheckpoint:
+        cp = MemoryCheckpoint(self.wal_id, b"".join(self.frames.parts))
+        self.store.files[self.wal_id] = cp
+        return cp
+
+    def abort(self) -> None:
+        self.frames.parts.clear()
+
+
+class MemoryCheckpoints:
+    """Checkpoints in memory, for a MemoryStorage that outlives its node
+    (the simulation crashes and restarts nodes over the same storage)."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, MemoryCheckpoint] = {}
+
+    def list(self) -> list[tuple[int, Any]]:
+        return sorted(self.files.items())
+
+    def writer(self, wal_id: int) -> MemoryCheckpointWriter:
+        return MemoryCheckpointWriter(self, wal_id)
+
+    def remove(self, checkpoint: Any) -> None:
+        self.files = {k: v for k, v in self.files.items() if v is not checkpoint}
+
+    def leftovers(self) -> list:
+        return []
 
 
 @dataclass
@@ -222,8 +321,9 @@ class Snapshot:
     entries: int
 
 
-def _iter_file_frames(path: Path) -> Iterator[list]:
-    with open(path, "rb") as f:
+def _iter_file_frames(path: Any) -> Iterator[list]:
+    """Frames of a checkpoint: a file's path, or a MemoryCheckpoint."""
+    with (open(path, "rb") if isinstance(path, Path) else path.open()) as f:
         head = f.read(FILE_HEADER.size)
         if len(head) < FILE_HEADER.size:
             raise CorruptStorage(f"{path.name}: shorter than its header")

@@ -310,3 +310,22 @@ def test_a_paused_leader_acknowledges_nothing_the_new_leader_lacks(sim):
     sim.run_until(lambda: old.position == new.position, 10)
     assert not missing(new, client.acked) and not missing(old, client.acked)
     assert old.digest() == new.digest()
+
+
+def test_a_lease_counts_from_when_the_renewal_arrived_not_when_it_was_handled(sim):
+    """A leader busy when the supervisor's renewal arrives must not stretch
+    its lease by the time it was busy: the supervisor counts from sending."""
+    from zrepl.core import protocol
+
+    a = sim.node("A", lease_required=True)
+    a.replica.set_role(NodeRole.LEADER, 1)
+    sim.run_for(0.01)
+    op = sim.transport("operator").requester(protocol.endpoints(a.address).control, a.config)
+    sent = sim.clock.now()
+    sim.network.charge(a.address, 0.3)  # busy for 0.3 s from now
+    op.send(protocol.control_request("status", {"renew_lease_for": 1, "lease": 0.5}))
+    reply = sim.run_until(op.recv, 1, "the status reply")
+    assert sim.clock.now() - sent >= 0.3
+    until = a.replica.core.lease_until
+    assert until <= sent + 0.5 + 0.001, (until - sent)
+    assert protocol.parse_control_reply(reply)["extra"]["lease_left"] <= 0.21

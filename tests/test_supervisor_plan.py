@@ -216,7 +216,7 @@ def test_synchronous_chain_stops_at_the_first_asynchronous_link():
     assert synchronous_chain(A, {A: obs[A], B: None, C: obs[C]}) == []
 
 
-@settings(max_examples=int(__import__("os").environ.get("ZREPL_EXAMPLES", "60")), deadline=None)
+@settings(max_examples=int(__import__("os").environ.get("ZREPL_EXAMPLES", "40")), deadline=None)
 @given(st.integers(0, 2**32), st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()),
                                        min_size=1, max_size=10))
 def test_random_failures_on_real_nodes_never_break_the_safety_rules(seed, rounds):

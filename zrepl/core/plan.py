@@ -21,9 +21,12 @@ What :func:`plan` decides, in order:
    node answered or was declared dead, makes the most advanced node
    (latest epoch, then longest WAL, then configured order) the leader.
 3. **Failover.**  When the leader is dead the supervisor waits until its
-   lease has surely run out (the last renewal + ``lease * lease_margin``):
-   from then on the old leader accepts no write, even if it is only cut
-   off.  It then promotes the node that holds every acknowledged write:
+   lease has surely run out (:func:`renewal_sent` / :func:`renewal_confirmed`:
+   the later of the last renewal sent and the last one confirmed, plus
+   ``lease * lease_margin``): from then on the old leader accepts no write
+   and answers no leader read, even if it is only cut off.  A leader that
+   missed a poll gets no renewal in the next one (:func:`renews`), so a
+   dead leader's lease is not pushed forward by polls it never sees.  It then promotes the node that holds every acknowledged write:
    a live member of the *synchronous chain* it last observed (the nodes
    linked to the leader through synchronous links), still obeying the
    leader's epoch and holding at least the WAL it held then.  Among those,
@@ -262,3 +265,27 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     synced = [a for a, _ in mem.sync_chain]
     return done(f"leader {leader} (epoch {mem.leader_id}); chain {' -> '.join(full)}; "
                 f"synchronous: {', '.join(synced) if synced else 'none'}")
+
+
+# --- the lease --------------------------------------------------------------------
+
+
+def renews(memory: Memory, address: str) -> bool:
+    """Does this tick's poll of ``address`` renew its lease?  Only the
+    leader's, and only while it answered the poll before."""
+    return bool(address == memory.leader and memory.leader_id and
+                memory.misses.get(address, 0) == 0)
+
+
+def renewal_sent(memory: Memory, now: float, cfg: Config) -> None:
+    """A renewal left at ``now``.  The node starts its lease no later than
+    it receives the renewal, so whether or not the reply comes back, the
+    lease runs out before ``now + lease * lease_margin`` - the margin
+    covers the renewal's transit and the clocks' rate difference."""
+    memory.lease_safe_at = max(memory.lease_safe_at, now + cfg.lease * cfg.lease_margin)
+
+
+def renewal_confirmed(memory: Memory, now: float, cfg: Config) -> None:
+    """The leader confirmed a renewal at ``now`` (a later bound than the
+    sending time when the reply was slow)."""
+    memory.lease_safe_at = max(memory.lease_safe_at, now + cfg.lease * cfg.lease_margin)

@@ -34,13 +34,21 @@ class ControlServer:
 
     def __init__(self, node: "Replica"):
         self.node = node
+        # The last time the endpoint was seen empty: every request served
+        # after it arrived later.  A lease starts then, not when the engine
+        # got round to the request (it may have been busy): the supervisor
+        # counts from when it sent the renewal.
+        self.empty_at = node.clock.now()
+        self._arrived_after = self.empty_at
 
     def serve(self) -> int:
         """Answer the waiting calls; how many there were."""
         node = self.node
         control = node.endpoints_bound.control
         served = 0
-        for handle, payload in control.drain(node.config.messages_per_turn):
+        self._arrived_after = self.empty_at
+        limit = node.config.messages_per_turn
+        for handle, payload in control.drain(limit):
             served += 1
             stop_after = False
             try:
@@ -63,6 +71,8 @@ class ControlServer:
                 node.request_stop()
         node.counters["dropped_messages"] += control.dropped
         control.dropped = 0
+        if served < limit:
+            self.empty_at = node.clock.now()
         return served
 
     # --- the supervisor's Node ---------------------------------------------------------
@@ -74,7 +84,7 @@ class ControlServer:
         refused = ""
         if renew_lease_for:
             try:
-                node.renew_lease(renew_lease_for, lease)
+                node.renew_lease(renew_lease_for, lease, start=self._arrived_after)
             except ReplicationError as exc:  # report it in the status, do not fail the poll
                 refused = str(exc)
         d = node.status().to_dict()

@@ -424,9 +424,11 @@ class Replica(Node):
             effects = self.core.set_follower(address, self.clock.now())
         self.run(effects)
 
-    def renew_lease(self, leader_id: int, lease: float) -> None:
+    def renew_lease(self, leader_id: int, lease: float, start: float | None = None) -> None:
+        """Let this leader accept writes for ``lease`` seconds from ``start``
+        (default: now)."""
         with self.core_lock:
-            self.core.renew_lease(leader_id, lease, self.clock.now())
+            self.core.renew_lease(leader_id, lease, self.clock.now() if start is None else start)
 
     def _check_peer(self, address: Any, op: str) -> str:
         """A neighbour's address ("" for none), or ProtocolError."""
@@ -561,7 +563,10 @@ class Replica(Node):
                 if fd >= 0:
                     items.append(fd)
                 try:
+                    polled_at = clock.now()
                     ready = poller.poll(items, timeout)
+                    if ep.control not in ready:
+                        self.control.empty_at = polled_at
                     if own_ack:
                         if ep.ack in ready:
                             pipeline.drain_acks()

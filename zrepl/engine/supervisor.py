@@ -31,7 +31,7 @@ from typing import Any
 from ..core import protocol
 from ..core.config import Config
 from ..core.errors import ProtocolError, ReplicationError, Timeout
-from ..core.plan import Call, Memory, Plan, plan
+from ..core.plan import Call, Memory, Plan, plan, renewal_confirmed, renewal_sent, renews
 from ..core.types import NodeRole, NodeStatus
 from ..storage.fsutil import atomic_write
 from .clock import MONOTONIC, Clock
@@ -223,8 +223,9 @@ class Supervisor:
         self._phase = POLLING
         for a in self.nodes:
             args: dict[str, Any] = {}
-            if a == m.leader and m.leader_id:
+            if renews(m, a):
                 args = {"renew_lease_for": m.leader_id, "lease": cfg.lease}
+                renewal_sent(m, now, cfg)
             self._send(a, "status", args, None, self._poll_deadline)
 
     def _collect(self, now: float) -> None:
@@ -272,10 +273,7 @@ class Supervisor:
             log.warning("%s answered with a malformed status: %s", address, exc)
 
     def _lease_granted(self, now: float) -> None:
-        """The leader confirmed a renewal: its lease runs at most until
-        now + lease (with the clock-rate margin)."""
-        self.memory.lease_safe_at = max(
-            self.memory.lease_safe_at, now + self.config.lease * self.config.lease_margin)
+        renewal_confirmed(self.memory, now, self.config)
 
     def _finish_poll(self, now: float) -> None:
         for address in list(self._waiting):  # late: counts as not answering
@@ -313,6 +311,7 @@ class Supervisor:
                 args = {"role": int(call.role), "leader_id": call.leader_id}  # type: ignore[arg-type]
                 self._send(address, "set_role", args, call, deadline)
             elif call.op == "renew":
+                renewal_sent(self.memory, now, self.config)
                 self._send(address, "status", {"renew_lease_for": call.leader_id,
                                                "lease": self.config.lease}, call, deadline)
             else:

@@ -48,7 +48,7 @@ class Writer(threading.Thread):
             try:
                 if self.client.apply(msgpack.packb(("set", key, i))) == 0:
                     self.acked.append(key)
-                    self.acks.append((time.monotonic(), self.client._leader or ""))
+                    self.acks.append((time.monotonic(), self.client.leader or ""))
             except ReplicationError:
                 pass
 

@@ -87,8 +87,7 @@ def main() -> int:
             t0 = time.perf_counter()
             load(leader.manager, 0, n)
             print(f"loaded {n:,} keys into the leader in {time.perf_counter() - t0:.1f} s")
-            leader._op_checkpoint()
-            leader._poke()
+            leader.checkpointer.request()
             wait_until(lambda: leader.status().min_wal > 1, 120, "checkpoint and WAL truncation")
 
             writer = PacedWriter(leader.manager, args.pace)
@@ -105,14 +104,14 @@ def main() -> int:
             writer.start()
             t0 = time.perf_counter()
             leader.set_follower(follower_addr)
-            wait_until(lambda: leader._sync.state == FollowerState.SYNCING_STATE, 30, "state sync")
-            wait_until(lambda: leader._sync.state in (FollowerState.SYNCING_LOG,
+            wait_until(lambda: leader.core.link.state == FollowerState.SYNCING_STATE, 30, "state sync")
+            wait_until(lambda: leader.core.link.state in (FollowerState.SYNCING_LOG,
                                                       FollowerState.SYNCHRONOUS), 600,
                        "state sync to finish")
             t_state = time.perf_counter() - t0
             during = writer.stop()
-            snap_entries = leader._acked  # the snapshot's WAL id
-            wait_until(lambda: leader._sync.state == FollowerState.SYNCHRONOUS, 60, "synchronous")
+            snap_entries = leader.core.link.acked  # the snapshot's WAL id
+            wait_until(lambda: leader.core.link.state == FollowerState.SYNCHRONOUS, 60, "synchronous")
             st = leader.status()
             state_rate = n / t_state
             out["state_sync"] = {"entries": n, "seconds": t_state, "entries_per_s": state_rate,
@@ -135,8 +134,8 @@ def main() -> int:
             target = leader.status().max_wal
             follower = w.start_node("follower", follower_addr, fsettings)
             t0 = time.perf_counter()
-            wait_until(lambda: leader._sync.state == FollowerState.SYNCHRONOUS and
-                       leader._acked >= target, 600, "catch-up")
+            wait_until(lambda: leader.core.link.state == FollowerState.SYNCHRONOUS and
+                       leader.core.link.acked >= target, 600, "catch-up")
             t_log = time.perf_counter() - t0
             behind = target - base
             log_rate = behind / t_log
@@ -146,7 +145,7 @@ def main() -> int:
                   f"moment the restarted follower answers) = {log_rate:,.0f} entries/s"
                   f"; state syncs sent in all: {syncs}")
             with NodeClient(follower_addr, timeout=60) as fc:
-                same = fc.state_digest() == leader._op_state_digest()
+                same = fc.state_digest() == leader.control.op_state_digest()
             print(f"follower state identical to the leader's: {same}")
             if not same:
                 raise RuntimeError("follower and leader states differ")

@@ -179,7 +179,7 @@ def test_a_forwarded_batch_is_acknowledged_upstream_only_after_the_follower():
     batch, header, _ = c.on_wal(5, 1, 2, None, now=2.0)
     assert header is not None and header[1] == down  # forwarded, before it is written
     cb = codes_to_bytes([0, 0])
-    assert c.on_wal_applied(batch, [0, 0], cb, [], now=2.0) == []  # nothing upstream yet
+    assert c.on_wal_applied(5, 1, 2, batch, [0, 0], cb, [], now=2.0) == []  # nothing upstream yet
     effects = c.on_ack(down, WAL, 2, cb, None, now=2.1)
     acks = [e for e in effects if isinstance(e, fx.SendAck)]
     assert len(acks) == 1
@@ -190,7 +190,8 @@ def test_without_a_forwarding_link_the_ack_goes_up_at_once():
     c = core(role=NodeRole.FOLLOWER, leader_id=1, history=[(1, 1)])
     c.on_connect(1, A, 5, [], 1, now=0.0)
     batch, header, _ = c.on_wal(5, 1, 1, None, now=1.0)
-    effects = c.on_wal_applied(batch, [3], codes_to_bytes([3]), [], now=1.0)
+    assert batch is None and header is None
+    effects = c.on_wal_applied(5, 1, 1, batch, [3], codes_to_bytes([3]), [], now=1.0)
     assert kinds(effects) == ["SendAck"]
 
 

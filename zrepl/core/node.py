@@ -374,11 +374,12 @@ class NodeCore:
             raise WALGap(f"WAL batch starts at {first}, this node expects {self.position + 1}")
 
     def on_wal(self, stream: int, first: int, n: int, history: list | None, now: float
-               ) -> tuple[Batch, tuple | None, Effects]:
+               ) -> tuple[Batch | None, tuple | None, Effects]:
         """A WAL batch from the upstream (the App lock held).  Returns the
-        batch, the header to forward it with (``(leader_id, stream,
-        history)``, or None when the link does not forward) and the effects
-        to carry out before writing it.  Raises to refuse it."""
+        batch in flight to this node's follower and the header to forward it
+        with (``(leader_id, stream, history)``), or (None, None) when the
+        link does not forward; and the effects to carry out before writing
+        it.  Raises to refuse it."""
         self._check_continues(first, n)
         out = self._set_history(history) if history is not None else []
         if not self.history:
@@ -388,21 +389,24 @@ class NodeCore:
             # way down, so only "none at all" is certain to be wrong.)
             raise ProtocolError("WAL batch, but no epoch history has reached this node: the "
                                 "upstream did not send it with the stream")
+        if not self.link.forwarding:
+            return None, None, out
         last = first + n - 1
         batch = Batch(first, last, sent=now, upstream=(stream, last))
-        header = self._forward(batch)
-        return batch, header, out
+        return batch, self._forward(batch), out
 
-    def on_wal_applied(self, batch: Batch, codes: list[int], codes_bytes: bytes,
+    def on_wal_applied(self, stream: int, first: int, last: int, batch: Batch | None,
+                       codes: list[int], codes_bytes: bytes,
                        sessions: list[tuple[int, bytes, int]], now: float) -> Effects:
         """A batch from the upstream is logged and applied."""
-        self._advance(batch.first, batch.last, codes, sessions)
-        out: Effects = []
-        if not self._acks_wait_for_follower(batch):
-            stream, last = batch.upstream  # type: ignore[misc]
-            batch.upstream = None
-            out.append(SendAck(protocol.ack_message(stream, WAL, last, codes_bytes)))
-        if batch.forwarded and batch.set_local(codes, codes_bytes):
+        self._advance(first, last, codes, sessions)
+        if batch is None or not self._acks_wait_for_follower(batch):
+            if batch is not None:
+                batch.upstream = None
+            out: Effects = [SendAck(protocol.ack_message(stream, WAL, last, codes_bytes))]
+        else:
+            out = []
+        if batch is not None and batch.set_local(codes, codes_bytes):
             out += self._finalize(batch, now)
         return out
 
@@ -422,19 +426,20 @@ class NodeCore:
         return [Log(WARNING, f"refused a batch from {self.leader_address}: {exc}"),
                 SendAck(protocol.ack_message(stream, kind, 0, b"", err))]
 
-    def on_wal_failed(self, batch: Batch, exc: BaseException, logged: bool, now: float
-                      ) -> Effects:
+    def on_wal_failed(self, first: int, last: int, batch: Batch | None, exc: BaseException,
+                      logged: bool, now: float) -> Effects:
         """Writing or applying a batch from the upstream failed (the caller
         refuses it upstream).  If it was forwarded, the follower may hold
         what this node does not: the link restarts."""
         if logged:
-            self.position = batch.last
-        batch.upstream = None
-        batch.failed = True
-        batch.set_local(None, None)
-        if batch.forwarded:
+            self.position = last
+        if batch is not None:
+            batch.upstream = None
+            batch.failed = True
+            batch.set_local(None, None)
+        if batch is not None and batch.forwarded:
             return self.link_failed(ReplicationError(
-                f"could not log WAL {batch.first}..{batch.last} after forwarding it: {exc}"), now)
+                f"could not log WAL {first}..{last} after forwarding it: {exc}"), now)
         return []
 
     def control_apply_wal(self, leader_id: Any, first: Any, n: int) -> None:
@@ -562,7 +567,8 @@ class NodeCore:
             return None
         batch.forwarded = True
         link.inflight.append(batch)
-        return self.leader_id, link.stream, self._history_for_stream()
+        return self.leader_id, link.stream, (None if link.history_sent == self.history_version
+                                             else self._history_for_stream())
 
     def _history_for_stream(self) -> list | None:
         """The epoch history if this stream has not had its current version
@@ -702,12 +708,14 @@ class NodeCore:
                     f"follower acknowledged WAL {position}, expected {expected}"), now)
             batch = link.inflight.popleft()
             link.last_ack_at = now
-            link.machine.acked_to(position)
+            machine = link.machine
+            if position > machine.acked:
+                machine.acked = position
             if position >= self.position:
                 link.synced_at = now
             out = self._finalize(batch, now) if batch.set_remote(codes) else []
-            if link.forwarding and link.state == FollowerState.SYNCING_LOG and \
-                    link.acked >= link.sync_from:
+            if machine.state != FollowerState.SYNCHRONOUS and link.forwarding and \
+                    position >= link.sync_from and machine.state == FollowerState.SYNCING_LOG:
                 out += self._claim_synchronous()
             return out
         if kind in (STATE, protocol.STATE_END):

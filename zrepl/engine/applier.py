@@ -9,7 +9,6 @@ holding it, so the child sees the state between two applies.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from ..core.errors import ProtocolError
 from ..core.interfaces import App, Storage
@@ -18,44 +17,13 @@ from ..core.session import unwrap
 from ..storage.base import entries_from
 
 
-class AppLock:
-    """A lock that knows its owner, so that code reached both with and
-    without it held can tell (``held()``)."""
-
-    __slots__ = ("_lock", "owner")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.owner = 0
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self._lock.acquire(blocking, timeout):
-            self.owner = threading.get_ident()
-            return True
-        return False
-
-    def release(self) -> None:
-        self.owner = 0
-        self._lock.release()
-
-    def held(self) -> bool:
-        return self.owner == threading.get_ident()
-
-    def __enter__(self) -> "AppLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
 class Applier:
     """Writes and applies batches (App lock held by the caller)."""
 
     def __init__(self, app: App, storage: Storage):
         self.app = app
         self.storage = storage
-        self.lock = AppLock()
+        self.lock = threading.Lock()
 
     def apply_state(self, datas: list[bytes]) -> None:
         """App commands of a checkpoint or a state sync (the App's

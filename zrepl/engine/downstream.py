@@ -55,13 +55,11 @@ class DownstreamLink:
                                           hwm=node.config.send_queue_batches, immediate=True)
 
     def close(self) -> None:
-        """CloseLink: every path to the follower, and the state sync."""
-        lock = self.node.applier.lock
-        if lock.held():
+        """CloseLink: every path to the follower, and the state sync.  (Not
+        with the App lock held: it takes it, the commit path shares the data
+        path.)"""
+        with self.node.applier.lock:
             self._close_data()
-        else:
-            with lock:
-                self._close_data()
         if self.rpc is not None:
             self.rpc.close()
             self.rpc = None
@@ -173,10 +171,9 @@ class DownstreamLink:
         return 1.0
 
     def _send(self, msg: bytes) -> bool:
-        lock = self.node.applier.lock
-        if lock.held():
-            return self.data is not None and self.data.send(msg)
-        with lock:
+        """A catch-up or state-sync message (the pumps do not hold the App
+        lock; the data path is shared with the commit path)."""
+        with self.node.applier.lock:
             return self.data is not None and self.data.send(msg)
 
     def send_wait(self, msg: bytes) -> bool:

@@ -96,19 +96,19 @@ class CommitPipeline:
         a thread that does not get it leaves its submission to the holder,
         which looks at the queue again after releasing the lock."""
         lock = self.node.applier.lock
-        core = self.node.core
         while self.pending:
             if not lock.acquire(blocking=False):
                 return
             try:
-                self._commit_locked()
+                gate = self._commit_locked()
             finally:
                 lock.release()
-            if core.commit_gate() != OPEN:
+            if gate != OPEN:
                 return  # they wait for a synchronous follower, the window or a read
 
-    def _commit_locked(self) -> None:
-        """Pack queued submissions into batches and commit them.  App lock held."""
+    def _commit_locked(self) -> int:
+        """Pack queued submissions into batches and commit them; the commit
+        gate that stopped it.  App lock held."""
         node = self.node
         cfg = node.config
         core = node.core
@@ -118,14 +118,16 @@ class CommitPipeline:
             core.check_writable(now)
         except NotLeader as exc:
             self.fail_pending(exc)
-            return
+            return OPEN
         max_n, max_size = cfg.max_batch_entries, cfg.max_batch_data
-        while pending:
+        while True:
             gate = core.commit_gate()
             if gate != OPEN:
                 if gate == WAIT_SYNC:
-                    self.expire_pending(node.clock.now())
-                return  # WINDOW_FULL: whoever reads the next ack commits the rest
+                    self.expire_pending(now)
+                return gate  # WINDOW_FULL: whoever reads the next ack commits the rest
+            if not pending:
+                return gate
             wal_datas: list[bytes] = []
             cmds: list = []
             sessions: list[tuple[int, bytes, int]] = []
@@ -156,7 +158,7 @@ class CommitPipeline:
                 if sub.taken >= sub.size:
                     pending.popleft()
             if wal_datas:
-                self._commit_batch(next_id, wal_datas, cmds, sessions, pieces)
+                self._commit_batch(next_id, wal_datas, cmds, sessions, pieces, now)
 
     def _prepare(self, sub: Submission, start: int, count: int, first_id: int
                  ) -> tuple[list[bytes], list]:
@@ -178,7 +180,7 @@ class CommitPipeline:
 
     def _commit_batch(self, first: int, datas: list[bytes], cmds: list,
                       sessions: list[tuple[int, bytes, int]],
-                      pieces: list[tuple[Sink, int, int]]) -> None:
+                      pieces: list[tuple[Sink, int, int]], now: float) -> None:
         """Send (when the link forwards), write and apply one batch.  App
         lock held.
 
@@ -189,13 +191,13 @@ class CommitPipeline:
         """
         node = self.node
         core, lock = node.core, node.core_lock
-        now = node.clock.now()
         last = first + len(datas) - 1
         with lock:
             batch, header = core.open_batch(first, last, pieces, now)
         if header is not None:
             msg = protocol.wal_message(header[0], header[1], first, datas, header[2])
-            if not node.downstream.send_wait(msg):
+            data = node.downstream.data
+            if data is None or not data.send_wait(msg, node.config.ack_timeout):
                 with lock:
                     effects = core.link_failed(Timeout(
                         f"cannot send to follower {core.link.address}: its queue stayed full "
@@ -345,10 +347,9 @@ class CommitPipeline:
             until = deadline if overdue_at is None else min(deadline, overdue_at)
             if now >= until:
                 return
-            if acks.wait(until - now):
-                raw = acks.recv()
-                if raw is not None:
-                    self.handle_ack(raw)
+            raw = acks.recv_wait(until - now)
+            if raw is not None:
+                self.handle_ack(raw)
 
     def drain_acks(self) -> None:
         for raw in self.node.endpoints_bound.ack.drain(self.node.config.messages_per_turn):

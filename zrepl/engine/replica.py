@@ -68,7 +68,7 @@ from .control import ControlServer
 from .downstream import DownstreamLink
 from .pipeline import CommitPipeline
 from .progress import Progress
-from .sinks import resolve
+from .sinks import resolve_effect
 from .transport import NodeEndpoints, Transport, ZmqTransport
 from .upstream import UpstreamLink
 
@@ -161,9 +161,9 @@ class Replica(Node):
         self._handlers: dict[type, Callable[[Any], None]] = {
             fx.Persist: self._persist, fx.Log: self._log_effect,
             fx.Failure: lambda e: self.report_failed(e.text),
-            fx.Resolve: lambda e: resolve(e.pieces, e.codes, e.error),
+            fx.Resolve: resolve_effect,
             fx.FailPending: lambda e: self.pipeline.fail_pending(e.error),
-            fx.SendAck: lambda e: self.upstream.send_ack(e.payload),
+            fx.SendAck: self.upstream.ack_effect,
             fx.ConnectUpstream: lambda e: self.upstream.connect(e.address),
             fx.OpenLink: lambda e: self.downstream.open(e.address),
             fx.CloseLink: lambda e: self.downstream.close(),
@@ -176,6 +176,8 @@ class Replica(Node):
             fx.ReadsReady: lambda e: self.poke(),
             fx.Wake: lambda e: self.poke(),
         }
+        for kind in _ENGINE_ONLY:
+            self._handlers[kind] = self._engine_only(self._handlers[kind])
         self._calls: collections.deque = collections.deque()  # in-process Node calls
         self._thread: threading.Thread | None = None
         self.engine_ident = 0
@@ -242,9 +244,9 @@ class Replica(Node):
         if self.stopped.is_set():
             return
         exc = NotLeader(f"node {self.address} stopped", "")
+        self.downstream.close()
         with self.applier.lock:
             self.pipeline.fail_pending(exc)
-            self.downstream.close()
             self.checkpointer.kill()
             with self.core_lock:
                 effects = self.core.stop()
@@ -328,12 +330,20 @@ class Replica(Node):
     # ====================================================================
 
     def run(self, effects: list) -> None:
-        """Carry out the core's effects, in order."""
+        """Carry out the core's effects, in order (on the commit path too:
+        kept to one lookup per effect)."""
         handlers = self._handlers
         for e in effects:
-            if isinstance(e, _ENGINE_ONLY) and threading.get_ident() != self.engine_ident:
-                raise RuntimeError(f"{type(e).__name__} outside the engine's thread")
             handlers[type(e)](e)
+
+    def _engine_only(self, handler: Callable[[Any], None]) -> Callable[[Any], None]:
+        """Effects on what the engine's thread owns (sockets of the links,
+        metadata, the App's wholesale changes): a bug anywhere else."""
+        def checked(e: Any) -> None:
+            if threading.get_ident() != self.engine_ident:
+                raise RuntimeError(f"{type(e).__name__} outside the engine's thread")
+            handler(e)
+        return checked
 
     def _persist(self, e: fx.Persist) -> None:
         """Durable before anything acts on it.  A node that cannot persist
@@ -531,10 +541,14 @@ class Replica(Node):
         cfg = self.config
         hk_due = 0.0
         streaming_states = (FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG)
+        link = core.link
+        machine = link.machine
+        downstream = self.downstream
+        window = cfg.window
         try:
             while not self._stopping:
                 now = clock.now()
-                streaming = core.link.state in streaming_states
+                streaming = machine.state in streaming_states
                 if now >= hk_due or streaming:
                     timeout = self._housekeeping(now)
                     hk_due = now + timeout
@@ -542,7 +556,7 @@ class Replica(Node):
                     timeout = hk_due - now
                 # Only a leader's callers read acks; elsewhere the engine always
                 # may, so its ack endpoint stays registered.
-                inflight = core.link.inflight
+                inflight = link.inflight
                 own_ack = bool(core.role != NodeRole.LEADER or inflight or streaming) \
                     and pipeline.take_ack_role()
                 if own_ack and inflight:
@@ -550,16 +564,16 @@ class Replica(Node):
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - now))
                 items: list = [ep.control, self._wake_r]
-                if not self.upstream.blocked():
-                    items.append(ep.data)  # else the upstream waits
+                if not (link.forwarding and len(inflight) >= window):
+                    items.append(ep.data)  # else the upstream waits (UpstreamLink.blocked)
                 if len(pipeline.pending) < cfg.max_pending:
                     items.append(ep.client)  # else the transport holds clients back
                 if own_ack:
                     items.append(ep.ack)
-                rpc = self.downstream.rpc if self.downstream.call_token else None
+                rpc = downstream.rpc if downstream.call_token else None
                 if rpc is not None:
                     items.append(rpc)
-                fd = self.downstream.fileno()
+                fd = downstream.fileno() if downstream.source is not None else -1
                 if fd >= 0:
                     items.append(fd)
                 try:

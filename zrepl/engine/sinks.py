@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 
 class Sink:
@@ -138,5 +138,18 @@ def resolve(pieces: list, codes: list[int] | None, error: BaseException | None) 
     pos = 0
     codes = codes or []
     for sink, offset, count in pieces:
+        sink.done(offset, codes[pos:pos + count])
+        pos += count
+
+
+def resolve_effect(e: Any) -> None:
+    """The ``Resolve`` effect (one call less on the commit path)."""
+    if e.error is not None:
+        for sink, _, _ in e.pieces:
+            sink.fail(e.error)
+        return
+    pos = 0
+    codes = e.codes or []
+    for sink, offset, count in e.pieces:
         sink.done(offset, codes[pos:pos + count])
         pos += count

@@ -76,6 +76,11 @@ class Receiver(abc.ABC):
         transports only)."""
         raise NotImplementedError
 
+    def recv_wait(self, timeout: float) -> bytes | None:
+        """A message, waiting up to ``timeout`` seconds for one (threaded
+        transports only)."""
+        return self.recv() if self.wait(timeout) else None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -213,6 +218,14 @@ class _ZmqReceiver(Receiver):
 
     def wait(self, timeout: float) -> bool:
         return bool(self._poller.poll(max(1, int(timeout * 1000 + 0.999))))
+
+    def recv_wait(self, timeout: float) -> bytes | None:
+        if self._poller.poll(max(1, int(timeout * 1000 + 0.999))):
+            try:
+                return self.socket.recv(NOBLOCK)
+            except zmq.Again:
+                return None
+        return None
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..core import protocol
-from ..core.effects import BeginStateIn, EndStateIn
+from ..core.effects import BeginStateIn, EndStateIn, SendAck
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.node import SnapshotIn
 from ..core.protocol import ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, endpoints
@@ -60,6 +60,12 @@ class UpstreamLink:
     def send_ack(self, payload: bytes) -> None:
         with self._lock:
             if self.acks is None or not self.acks.send(payload):
+                self.node.counters["dropped_messages"] += 1
+
+    def ack_effect(self, e: SendAck) -> None:
+        """The SendAck effect."""
+        with self._lock:
+            if self.acks is None or not self.acks.send(e.payload):
                 self.node.counters["dropped_messages"] += 1
 
     def close(self) -> None:
@@ -125,6 +131,7 @@ class UpstreamLink:
         node = self.node
         core, lock = node.core, node.core_lock
         now = node.clock.now()
+        last = first + len(datas) - 1
         with lock:
             batch, header, effects = core.on_wal(stream, first, len(datas), history, now)
         if effects:
@@ -140,13 +147,14 @@ class UpstreamLink:
             codes, cb, sessions = node.applier.log_and_apply(first, datas)
         except Exception as exc:
             with lock:
-                effects = core.on_wal_failed(batch, exc, node.storage.max_wal() >= batch.last, now)
+                effects = core.on_wal_failed(first, last, batch, exc,
+                                             node.storage.max_wal() >= last, now)
             node.run(effects)
             raise exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
         with lock:
-            effects = core.on_wal_applied(batch, codes, cb, sessions, now)
+            effects = core.on_wal_applied(stream, first, last, batch, codes, cb, sessions, now)
         node.run(effects)
-        node.checkpointer.after_apply(batch.last)
+        node.checkpointer.after_apply(last)
 
     def _state_begin(self, stream: int, wal_id: int, section: dict) -> None:
         node = self.node

@@ -12,9 +12,8 @@ Keys are str or bytes; values anything msgpack encodes.
 
 Reads: ``KV.get`` in the node's process, or remotely ``KVClient.get``
 (``App.query``): from any node (a follower's answer may be stale) or, with
-``leader=True``, from the leader holding a valid lease, which has applied
-every acknowledged write (and, briefly, writes whose acknowledgement is
-still in flight).
+``leader=True``, from the leader holding a valid lease, answered once it
+holds exactly the acknowledged writes (``docs/reads.md``).
 
     kv = KVClient(["tcp://127.0.0.1:7400", "tcp://127.0.0.1:7410"])
     kv.set("k", "v"); kv.incr("n", 2); kv.get("k"); kv.get("n", leader=True)

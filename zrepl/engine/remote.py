@@ -259,8 +259,9 @@ class Client:
     def query(self, request: bytes, leader_only: bool = False) -> bytes:
         """A read (``App.query``).  By default from any node that answers
         (the known leader first; a follower's answer may be stale);
-        ``leader_only`` reads from the leader holding a valid lease, and
-        see every acknowledged write.  Retried like :meth:`apply`."""
+        ``leader_only`` reads from the leader holding a valid lease once it
+        holds exactly the acknowledged writes (``docs/reads.md``).
+        Retried like :meth:`apply`."""
         request = bytes(request)
         return self._retry(lambda: self._query_round(request, leader_only), lambda last: last)
 

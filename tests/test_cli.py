@@ -124,6 +124,13 @@ def test_node_config_file_errors_name_the_problem(data_dir):
     assert proc.returncode == 1 and "fsync must be one of" in proc.stderr
     proc = run(*base[:-1], str(data_dir / "missing.toml"))
     assert proc.returncode == 1 and "cannot read config" in proc.stderr
+    cfg.write_text("[supervisor]\nwindow = 4\n")  # a setting under another group's table
+    proc = run(*base)
+    assert proc.returncode == 1 and "[supervisor] has no setting 'window'" in proc.stderr
+    cfg.write_text("[replication]\nack_timeout = 3.0\n")  # fine alone, not with the rest
+    proc = run(*base)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "ack_timeout (3.0) must not exceed state_sync_stall_timeout" in proc.stderr
 
 
 def test_node_runs_and_stops_on_sigterm(data_dir):

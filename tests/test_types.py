@@ -100,6 +100,35 @@ def test_config_defaults_are_valid_and_bad_values_named():
     assert cfg.replace(fsync="off").fsync == "off"
 
 
+@pytest.mark.parametrize("settings, both", [
+    (dict(connect_backoff_min=2.0), ("connect_backoff_min", "connect_backoff_max")),
+    (dict(lease=0.15), ("lease", "heartbeat_interval")),
+    (dict(lease_margin=0.9), ("lease_margin", "lease")),
+    (dict(ack_timeout=20.0), ("ack_timeout", "commit_timeout")),
+    (dict(ack_timeout=3.0, commit_timeout=30.0), ("ack_timeout", "state_sync_stall_timeout")),
+    (dict(window=64), ("window", "send_queue_batches")),
+    (dict(max_message_bytes=1 << 20), ("max_batch_data", "max_message_bytes")),
+    (dict(rpc_timeout=6.0), ("rpc_timeout", "sync_wait_timeout")),
+])
+def test_settings_are_checked_against_each_other_in_one_line(settings, both):
+    with pytest.raises(ValueError) as info:
+        Config(**settings)
+    message = str(info.value)
+    assert "\n" not in message and all(name in message for name in both), message
+
+
+def test_every_setting_belongs_to_exactly_one_group():
+    from zrepl.core.config import GROUPS
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(Config.__dataclass_fields__)
+    assert Config.flatten({"replication": {"window": 4}, "lease": 1.0}) == \
+        {"window": 4, "lease": 1.0}
+    with pytest.raises(ValueError, match=r"\[supervisor\] has no setting 'window'.*\[replication\]"):
+        Config.flatten({"supervisor": {"window": 4}})
+    with pytest.raises(ValueError, match="set twice"):
+        Config.flatten({"window": 2, "replication": {"window": 4}})
+
+
 def test_every_config_setting_is_documented():
     source = inspect.getsource(Config)
     for name in Config.__dataclass_fields__:

@@ -77,7 +77,9 @@ class SessionTable:
     """Per client: the highest sequence seen and the (code, WAL id) of the
     last ``window`` sequences."""
 
-    def __init__(self, window: int = 4096, max_clients: int = 100_000):
+    def __init__(self, window: int, max_clients: int):
+        """``window`` and ``max_clients``: Config.session_window and
+        Config.max_sessions."""
         self.window = window
         self.max_clients = max_clients
         # client id -> (highest sequence, sequence -> (code, WAL id) in the

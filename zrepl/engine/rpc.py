@@ -12,6 +12,7 @@ from typing import Any
 
 import zmq
 
+from ..core.config import Config
 from ..core.errors import Timeout
 from ..core.protocol import control_request, parse_control_reply
 
@@ -23,11 +24,11 @@ def new_context() -> zmq.Context:
 
 class RpcClient:
     def __init__(self, endpoint: str, timeout: float = 1.0, *,
-                 context: zmq.Context | None = None, max_message_bytes: int = 64 << 20):
+                 context: zmq.Context | None = None, max_message_bytes: int | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = context or new_context()
-        self._max = max_message_bytes
+        self._max = max_message_bytes or Config().max_message_bytes
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:

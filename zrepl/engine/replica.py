@@ -52,7 +52,7 @@ import psutil
 
 from ..core import effects as fx
 from ..core.config import Config
-from ..core.errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError
+from ..core.errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError, Timeout
 from ..core.interfaces import App, Manager, Node, Storage
 from ..core.node import NodeCore
 from ..core.protocol import endpoints
@@ -389,7 +389,11 @@ class Replica(Node):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.append((fn, args, fut))
         self.poke()
-        return fut.result(timeout=max(30.0, self.config.rpc_timeout))
+        try:
+            return fut.result(timeout=max(30.0, self.config.rpc_timeout))
+        except concurrent.futures.TimeoutError:
+            raise Timeout(f"{self.address}: the engine did not take the call within 30s") \
+                from None
 
     def status(self) -> NodeStatus:
         st = self.storage

@@ -179,10 +179,30 @@ def _drain(sock: zmq.Socket, multipart: bool, limit: int) -> Iterator:
             return
 
 
-class _ZmqRouter(Router):
+class _ZmqSocket:
+    """What every zrepl socket does alike: non-blocking, closed at once."""
+
     def __init__(self, sock: zmq.Socket):
         self.socket = sock
 
+    def send(self, payload: bytes) -> bool:
+        try:
+            self.socket.send(payload, NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def recv(self) -> bytes | None:
+        try:
+            return self.socket.recv(NOBLOCK)
+        except zmq.ZMQError:
+            return None
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class _ZmqRouter(_ZmqSocket, Router):
     def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
         for frames in _drain(self.socket, True, limit):
             if len(frames) < 2:
@@ -197,29 +217,21 @@ class _ZmqRouter(Router):
         except zmq.ZMQError:
             return False
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
-
-class _ZmqReceiver(Receiver):
+class _ZmqReceiver(_ZmqSocket, Receiver):
     def __init__(self, sock: zmq.Socket):
-        self.socket = sock
+        super().__init__(sock)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
     def drain(self, limit: int) -> Iterator[bytes]:
         return _drain(self.socket, False, limit)
 
-    def recv(self) -> bytes | None:
-        try:
-            return self.socket.recv(NOBLOCK)
-        except zmq.Again:
-            return None
-
     def wait(self, timeout: float) -> bool:
         return bool(self._poller.poll(max(1, int(timeout * 1000 + 0.999))))
 
     def recv_wait(self, timeout: float) -> bytes | None:
+        # (one Python call on the commit path: the caller reading its ack)
         if self._poller.poll(max(1, int(timeout * 1000 + 0.999))):
             try:
                 return self.socket.recv(NOBLOCK)
@@ -227,21 +239,8 @@ class _ZmqReceiver(Receiver):
                 return None
         return None
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
-
-class _ZmqPusher(Pusher):
-    def __init__(self, sock: zmq.Socket):
-        self.socket = sock
-
-    def send(self, payload: bytes) -> bool:
-        try:
-            self.socket.send(payload, NOBLOCK)
-            return True
-        except zmq.ZMQError:
-            return False
-
+class _ZmqPusher(_ZmqSocket, Pusher):
     def send_wait(self, payload: bytes, timeout: float) -> bool:
         sock = self.socket
         try:
@@ -254,32 +253,10 @@ class _ZmqPusher(Pusher):
         except zmq.ZMQError:
             return False
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
-
-class _ZmqRequester(Requester):
-    def __init__(self, sock: zmq.Socket):
-        self.socket = sock
-
-    def send(self, payload: bytes) -> bool:
-        try:
-            self.socket.send(payload, NOBLOCK)
-            return True
-        except zmq.ZMQError:
-            return False
-
-    def recv(self) -> bytes | None:
-        try:
-            return self.socket.recv(NOBLOCK)
-        except zmq.ZMQError:
-            return None
-
+class _ZmqRequester(_ZmqSocket, Requester):
     def wait(self, timeout: float) -> bool:
         return bool(self.socket.poll(max(0, int(timeout * 1000)), zmq.POLLIN))
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
 
 
 class _ZmqPoller(Poller):

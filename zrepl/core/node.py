@@ -559,7 +559,7 @@ class NodeCore:
         when the link forwards.  Returns the batch and the header to send
         it with (None: not sent)."""
         batch = Batch(first, last, pieces, sent=now)
-        return batch, self._forward(batch)
+        return batch, (self._forward(batch) if self.link.forwarding else None)
 
     def _forward(self, batch: Batch) -> tuple | None:
         link = self.link
@@ -602,7 +602,9 @@ class NodeCore:
     def batch_applied(self, batch: Batch, codes: list[int], codes_bytes: bytes,
                       sessions: list[tuple[int, bytes, int]], now: float) -> Effects:
         """The local half of a leader's batch is done."""
-        self._advance(batch.first, batch.last, codes, sessions)
+        self.position = batch.last  # a contiguous advance (_advance, inlined: the hot path)
+        if sessions:
+            self.sessions.record_batch(batch.first, codes, sessions)
         if not batch.forwarded:
             batch.set_local(codes, codes_bytes)
             if self.cfg.require_sync:

@@ -28,7 +28,7 @@ from ..core.errors import NotLeader, ProtocolError, ReplicationError, StorageErr
 from ..core.node import OPEN, WAIT_SYNC, WINDOW_FULL
 from ..core.protocol import ACK, codes_to_bytes
 from ..core.session import wrap_client, wrap_plain
-from ..core.types import WALEntry
+from ..core.types import NodeRole, WALEntry
 from ..storage.base import entries_from
 from .sinks import FutureSink, Sink, Submission, WaitSink
 
@@ -52,7 +52,9 @@ class CommitPipeline:
                                    "use apply_async, a blocking apply would wait forever")
         cfg = node.config
         now = node.clock.now()
-        node.core.check_writable(now)  # reads a few fields: no lock needed
+        core = node.core
+        if core.role != NodeRole.LEADER or core.lease_enforced or not core.running:
+            core.check_writable(now)  # fail fast (the commit checks again, under the App lock)
         sink = WaitSink(len(cmds))
         sub = Submission(sink, cmds, None, now + (
             cfg.sync_wait_timeout if cfg.require_sync else cfg.commit_timeout))
@@ -121,13 +123,13 @@ class CommitPipeline:
             return OPEN
         max_n, max_size = cfg.max_batch_entries, cfg.max_batch_data
         while True:
+            if not pending:
+                return OPEN
             gate = core.commit_gate()
             if gate != OPEN:
                 if gate == WAIT_SYNC:
                     self.expire_pending(now)
                 return gate  # WINDOW_FULL: whoever reads the next ack commits the rest
-            if not pending:
-                return gate
             wal_datas: list[bytes] = []
             cmds: list = []
             sessions: list[tuple[int, bytes, int]] = []
@@ -227,7 +229,9 @@ class CommitPipeline:
             effects = core.batch_applied(batch, codes, cb, sessions, now)
         if effects:
             node.run(effects)
-        node.checkpointer.after_apply(last)
+        every = node.config.checkpoint_entries
+        if every and last - node.checkpointer.position >= every:
+            node.checkpointer.after_apply(last)
 
     # --- waiting ---------------------------------------------------------------
 

@@ -100,7 +100,11 @@ def test_an_upstream_that_is_behind_in_its_own_epoch_is_refused():
     c = core(role=NodeRole.FOLLOWER, leader_id=1, history=[(1, 1)], position=761)
     with pytest.raises(StaleUpstream, match="behind"):
         c.on_connect(1, B, 7, [], 2, now=0.0, upstream_position=591)  # a forwarder
-    c.on_connect(1, A, 8, [], 1, now=0.0, upstream_position=591)  # the leader is the truth
+    with pytest.raises(StaleUpstream):  # one that restarted and thinks it is first
+        c.on_connect(1, B, 7, [], 1, now=0.0, upstream_position=591,
+                     upstream_role=NodeRole.FORWARDER)
+    c.on_connect(1, A, 8, [], 1, now=0.0, upstream_position=591,
+                 upstream_role=NodeRole.LEADER)  # the leader is the truth
     assert c.up_stream == 8
 
 

@@ -282,7 +282,8 @@ class NodeCore:
     # ==================================================================
 
     def on_connect(self, leader_id: Any, address: Any, stream: Any, history: Any, depth: Any,
-                   now: float, upstream_position: Any = None) -> tuple[dict, Effects]:
+                   now: float, upstream_position: Any = None, upstream_role: Any = None
+                   ) -> tuple[dict, Effects]:
         """The follower side of the handshake: adopt the upstream's epoch
         and stream; returns what this node reports of its log (the engine
         adds the WAL's bounds) and the effects.
@@ -306,7 +307,7 @@ class NodeCore:
         if leader_id == current and self.leader_address and address != self.leader_address:
             raise WrongUpstream(f"{self.address} follows {self.leader_address} in epoch "
                                 f"{current}, not {address}")
-        self._check_not_behind(address, upstream_position, depth)
+        self._check_not_behind(address, upstream_position, depth, upstream_role)
         out: Effects
         if self.role == NodeRole.LEADER:
             if leader_id <= current:
@@ -337,11 +338,15 @@ class NodeCore:
             out += self._restart_link("upstream changed", now)
         return info, out
 
-    def _check_not_behind(self, address: str, upstream_position: Any, depth: Any) -> None:
+    def _check_not_behind(self, address: str, upstream_position: Any, depth: Any,
+                          upstream_role: Any) -> None:
         """A leader's log is the truth of its epoch; any other upstream must
         hold at least what this node holds of that epoch."""
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 1:
-            return  # from the leader itself (or an older peer that does not say)
+        if upstream_role is not None:
+            if upstream_role == NodeRole.LEADER:
+                return
+        elif isinstance(depth, bool) or not isinstance(depth, int) or depth <= 1:
+            return  # from the leader itself (an older peer says so only by its depth)
         if isinstance(upstream_position, bool) or not isinstance(upstream_position, int):
             return
         if upstream_position >= self.position or not self.history:
@@ -839,8 +844,11 @@ class NodeCore:
         stream = self._rng.getrandbits(63) or 1
         return self._call("connect", {
             "leader_id": self.leader_id, "address": self.address, "stream": stream,
-            "epoch_history": [list(x) for x in self.history], "depth": self.depth + 1,
-            "position": self.position}, stream, now)
+            "epoch_history": [list(x) for x in self.history],
+            # a node that is not the leader is at least the second hop, even
+            # when it does not know its own depth yet (just restarted)
+            "depth": self.depth + 1 if self.role == NodeRole.LEADER else max(self.depth, 1) + 1,
+            "position": self.position, "role": int(self.role)}, stream, now)
 
     def on_follower_reply(self, token: int, result: Any, error: BaseException | None,
                           now: float, min_wal: int) -> Effects:

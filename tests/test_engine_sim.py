@@ -69,15 +69,23 @@ def test_every_acknowledged_write_is_on_the_tail_when_it_is_answered(sim):
             assert _key(op) in nodes[-1].state(), f"{_key(op)} answered before the tail had it"
 
 
-def test_empty_follower_joins_a_leader_while_writes_continue_by_state_sync(sim):
-    a = sim.node("A", max_retained_wal=1000)
+def big_leader_under_writes(sim, keep_from: int, **settings):
+    """A leader with 20,000 entries whose WAL starts at ``keep_from`` (a
+    follower that needs less needs a state sync), and a client writing
+    through it."""
+    a = sim.node("A", **settings)
     a.replica.set_role(NodeRole.LEADER, 1)
     futs = write(a, 20_000)
     sim.run_until(lambda: done(futs), 10)
-    a.storage.truncate_wal_before_id(19_000)  # the follower needs a state sync
+    a.storage.truncate_wal_before_id(keep_from)
     client = sim.client([a])
     client.keep_writing(lambda i: kv_set(f"w{i}", i))
     sim.run_until(lambda: len(client.acked) > 50, 5)
+    return a, client
+
+
+def test_empty_follower_joins_a_leader_while_writes_continue_by_state_sync(sim):
+    a, client = big_leader_under_writes(sim, 19_000, max_retained_wal=1000)
     b = sim.node("B")
     b.replica.set_role(NodeRole.FOLLOWER, 1)
     a.replica.set_follower(b.address)
@@ -108,15 +116,8 @@ def test_restarted_follower_catches_up_from_the_log_within_retention(sim):
 
 
 def test_four_node_chain_built_from_empty_nodes_while_writes_continue(sim):
-    a = sim.node("A", max_retained_wal=500)
+    a, client = big_leader_under_writes(sim, 19_900, max_retained_wal=500)  # a sync per hop
     b, c, d = (sim.node(n) for n in "BCD")
-    a.replica.set_role(NodeRole.LEADER, 1)
-    futs = write(a, 20_000)
-    sim.run_until(lambda: done(futs), 10)
-    a.storage.truncate_wal_before_id(19_900)  # each hop needs a state sync
-    client = sim.client([a])
-    client.keep_writing(lambda i: kv_set(f"w{i}", i))
-    sim.run_until(lambda: len(client.acked) > 50, 5)
     sim.chain([a, b, c, d], wait=False)
     nodes = [a, b, c, d]
     while not all(n.status().follower_sync for n in nodes[:-1]):

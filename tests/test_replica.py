@@ -256,7 +256,8 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     leader = nodes.make("L")
     leader.set_role(NodeRole.LEADER, 1)
     leader.manager.apply_many([("set", f"a{i}", i) for i in range(10)])
-    leader.core._history_for_stream = lambda: None  # a broken upstream
+    real_forward = leader.core._forward
+    leader.core._forward = lambda batch: real_forward(batch)[:2] + (None,)  # a broken upstream
     follower = nodes.make("F")
     follower.set_role(NodeRole.FOLLOWER, 1)
     leader.set_follower(follower.address)
@@ -266,7 +267,7 @@ def test_follower_refuses_wal_before_any_epoch_history(nodes):
     st = follower.status()
     assert st.extra["refused_batches"] >= 1
     assert st.max_wal == 0 and st.epoch_history == [] and follower.app.data == {}
-    del leader.core._history_for_stream  # mended: setting the follower again restarts the link
+    del leader.core._forward  # mended: setting the follower again restarts the link
     leader.set_follower(follower.address)
     wait_for(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 10,
              "synchronous follower once the history arrives")

@@ -71,8 +71,6 @@ class OutOfOrder(Exception):
     the state is left unchanged."""
 
 
-
-
 class FollowerSync:
     """The state of one upstream->follower link.  Methods are events; the
     engine performs the I/O they call for and reports the outcome back."""
@@ -176,10 +174,8 @@ class SnapshotOut:
     last_progress: float
     sent_seq: int = 0  # STATE messages sent (sequence numbers from 1)
     acked_seq: int = 0  # STATE messages acknowledged
-    source_done: bool = False  # the source produced everything
     count: int | None = None  # App entries in the snapshot, from the source
     end_sent: bool = False
-    done: bool = False  # the follower acknowledged the end
 
 
 class Link:
@@ -192,7 +188,7 @@ class Link:
         self.forwarding = False  # new batches go through the follower and wait for it
         self.sync_from = 0  # SYNCHRONOUS once the follower acknowledged up to here
         self.catchup_pos = 0  # next WAL id to stream while SYNCING_LOG
-        self.slot = 0  # first WAL id a syncing follower will still need (0: none)
+        self.slot = 0  # SYNCING_STATE: first WAL id the follower will need after it
         self.snap: SnapshotOut | None = None
         self.call: PendingCall | None = None
         self.closing = False  # the engine must close the link's sockets (next tick)
@@ -213,10 +209,6 @@ class Link:
     def acked(self) -> int:
         """Highest WAL id the follower is known to hold."""
         return self.machine.acked
-
-    def streaming(self) -> bool:
-        return self.machine.state in (FollowerState.SYNCING_STATE, FollowerState.SYNCING_LOG,
-                                      FollowerState.SYNCHRONOUS)
 
     def covers(self, position: int) -> bool:
         """Everything up to ``position`` is acknowledged by the follower

@@ -67,7 +67,7 @@ straight to the head.
 **Failed versus busy.**  A link fails when the follower refuses (an error
 ack: fatal refusals put the link in ERROR), answers out of order, cannot be
 reached, or has acknowledged *nothing* for the ack limit while batches
-wait (:meth:`_ack_overdue`).  A follower that keeps acknowledging - however
+wait (:meth:`ack_deadline`).  A follower that keeps acknowledging - however
 far behind, during a long catch-up - is busy, not dead.  Deeper in a chain
 the limit is shorter, so the link next to a hung tail fails first.
 
@@ -170,6 +170,8 @@ class NodeCore:
         self.sessions = sessions
         self.sessions_pending: set[tuple[bytes, int]] = set()
         self.reads_waiting = 0
+        # the node's counters, shown in its status (the engine counts its own
+        # events here too: client requests, replies, malformed messages)
         self.counters: collections.Counter[str] = collections.Counter()
         if follower and role in (NodeRole.LEADER, NodeRole.FORWARDER, NodeRole.FOLLOWER):
             self.link.machine.configure(follower, now)
@@ -438,14 +440,15 @@ class NodeCore:
         what this node does not: the link restarts."""
         if logged:
             self.position = last
-        if batch is not None:
-            batch.upstream = None
-            batch.failed = True
-            batch.set_local(None, None)
-        if batch is not None and batch.forwarded:
-            return self.link_failed(ReplicationError(
-                f"could not log WAL {first}..{last} after forwarding it: {exc}"), now)
-        return []
+        if batch is None:
+            return []
+        batch.upstream = None
+        batch.failed = True
+        batch.set_local(None, None)
+        if not batch.forwarded:
+            return []
+        return self.link_failed(ReplicationError(
+            f"could not log WAL {first}..{last} after forwarding it: {exc}"), now)
 
     def control_apply_wal(self, leader_id: Any, first: Any, n: int) -> None:
         """The seed's ``Follower.apply_wal`` as a control call."""
@@ -547,12 +550,18 @@ class NodeCore:
     # the commit path (leader)
     # ==================================================================
 
+    def window_full(self) -> bool:
+        """Batches go through the follower and ``window`` of them wait for
+        it: no more is sent (commits queue, a forwarder stops reading its
+        upstream) until an ack frees a place."""
+        link = self.link
+        return link.forwarding and len(link.inflight) >= self.cfg.window
+
     def commit_gate(self) -> int:
         """May queued submissions be committed now?"""
-        link = self.link
-        if self.cfg.require_sync and not link.forwarding:
+        if self.cfg.require_sync and not self.link.forwarding:
             return WAIT_SYNC
-        if link.forwarding and len(link.inflight) >= self.cfg.window:
+        if self.window_full():
             return WINDOW_FULL
         if self.reads_waiting:
             return HOLD_FOR_READS
@@ -566,23 +575,18 @@ class NodeCore:
         batch = Batch(first, last, pieces, sent=now)
         return batch, (self._forward(batch) if self.link.forwarding else None)
 
-    def _forward(self, batch: Batch) -> tuple | None:
+    def _forward(self, batch: Batch) -> tuple:
+        """Put ``batch`` in flight to the follower; the header to send it
+        with: (leader_id, stream, the epoch history if this stream has not
+        had its current version - the first batch of a stream always
+        carries it)."""
         link = self.link
-        if not link.forwarding:
-            return None
         batch.forwarded = True
         link.inflight.append(batch)
-        return self.leader_id, link.stream, (None if link.history_sent == self.history_version
-                                             else self._history_for_stream())
-
-    def _history_for_stream(self) -> list | None:
-        """The epoch history if this stream has not had its current version
-        (the first batch of a stream always carries it)."""
-        link = self.link
         if link.history_sent == self.history_version:
-            return None
+            return self.leader_id, link.stream, None
         link.history_sent = self.history_version
-        return [list(x) for x in self.history]
+        return self.leader_id, link.stream, [list(x) for x in self.history]
 
     def batch_failed(self, batch: Batch, exc: BaseException, logged: bool, now: float
                      ) -> Effects:
@@ -607,9 +611,7 @@ class NodeCore:
     def batch_applied(self, batch: Batch, codes: list[int], codes_bytes: bytes,
                       sessions: list[tuple[int, bytes, int]], now: float) -> Effects:
         """The local half of a leader's batch is done."""
-        self.position = batch.last  # a contiguous advance (_advance, inlined: the hot path)
-        if sessions:
-            self.sessions.record_batch(batch.first, codes, sessions)
+        self._advance(batch.first, batch.last, codes, sessions)
         if not batch.forwarded:
             batch.set_local(codes, codes_bytes)
             if self.cfg.require_sync:
@@ -676,17 +678,11 @@ class NodeCore:
         return cfg.ack_timeout * max(cfg.ack_timeout_floor,
                                      1.0 - cfg.ack_timeout_hop_step * self.depth)
 
-    def _ack_overdue(self, now: float) -> bool:
-        """FAILED, not busy: batches wait and the follower has acknowledged
-        nothing for ``ack_limit()`` seconds."""
-        link = self.link
-        if not link.inflight:
-            return False
-        return now >= max(link.inflight[0].sent, link.last_ack_at) + self.ack_limit()
-
     def ack_deadline(self) -> float | None:
-        """When the oldest batch in flight becomes overdue (None: nothing
-        waits)."""
+        """FAILED, not busy: when the link fails unless the follower
+        acknowledges something - ``ack_limit()`` after its last
+        acknowledgement or the oldest batch's sending, whichever is later
+        (None: nothing waits)."""
         link = self.link
         if not link.inflight:
             return None
@@ -694,7 +690,8 @@ class NodeCore:
 
     def check_acks(self, now: float) -> Effects:
         """The ack timer: fail the link if its follower went silent."""
-        if self._ack_overdue(now):
+        deadline = self.ack_deadline()
+        if deadline is not None and now >= deadline:
             return self.link_failed(Timeout(
                 f"follower {self.link.address} acknowledged nothing within "
                 f"{self.ack_limit():g}s"), now)
@@ -721,9 +718,8 @@ class NodeCore:
             if position >= self.position:
                 link.synced_at = now
             out = self._finalize(batch, now) if batch.set_remote(codes) else []
-            if machine.state != FollowerState.SYNCHRONOUS and link.forwarding and \
-                    position >= link.sync_from and machine.state == FollowerState.SYNCING_LOG:
-                out += self._claim_synchronous()
+            if machine.state == FollowerState.SYNCING_LOG:
+                out += self._claim_if_caught_up()
             return out
         if kind in (STATE, protocol.STATE_END):
             snap = link.snap
@@ -741,7 +737,7 @@ class NodeCore:
         close it, and handshake again (at once after a gap or a truncated
         WAL, with backoff otherwise, never after a fatal refusal)."""
         link = self.link
-        if not link.streaming():
+        if not link.machine.streaming:
             return []
         address = link.address
         out: Effects = [Log(WARNING, f"link to follower {address} failed: {exc}"),
@@ -765,7 +761,6 @@ class NodeCore:
         link.snap = None
         link.call = None
         link.history_sent = -1
-        link.slot = 0
         link.closing = True  # tick() closes it, on the engine's thread
         if self.reads_waiting and self.commit_index >= self.position:
             out.append(ReadsReady())
@@ -790,14 +785,18 @@ class NodeCore:
                 and link.forwarding and len(link.inflight) <= self.cfg.window
                 and link.covers(self.position))
 
-    def _claim_synchronous(self) -> Effects:
+    def _claim_if_caught_up(self) -> Effects:
+        """SYNCING_LOG -> SYNCHRONOUS once the link forwards and the follower
+        acknowledged everything sent before it began to."""
         link = self.link
+        if not link.forwarding or link.acked < link.sync_from:
+            return []
         link.machine.caught_up()
         return [Log(INFO, f"follower {link.address} is synchronous at WAL id {link.acked}")]
 
     def tick(self, now: float) -> tuple[Effects, float]:
-        """The link's timers: a control call that got no reply, a follower
-        gone silent, a stalled state sync, a handshake that is due.
+        """The link's timers: a control call that got no reply, a stalled
+        state sync, a handshake that is due.
         Returns the effects and the seconds until the next timer."""
         link = self.link
         out: Effects = []
@@ -814,7 +813,8 @@ class NodeCore:
                     f"{self.cfg.rpc_timeout:g}s"), now)
             else:
                 wait = min(wait, call.deadline - now)
-        out += self.check_acks(now)
+        # (acks are judged by check_acks, which the engine calls after it
+        # has read the ones waiting: never here, where one may sit unread)
         deadline = self.ack_deadline()
         if deadline is not None:
             wait = min(wait, max(0.001, deadline - now))
@@ -825,10 +825,11 @@ class NodeCore:
                 out += self.link_failed(Timeout(
                     f"follower {link.address} acknowledged nothing of the state sync for "
                     f"{self.cfg.state_sync_stall_timeout:g}s"), now)
-        if link.state == FollowerState.NOT_CONNECTED and link.call is None:
-            if self.state_incomplete:
-                pass  # a partial App has nothing to offer a follower
-            elif now >= link.machine.next_attempt:
+        # (no handshake while an incoming state sync is incomplete: a
+        # partial App has nothing to offer a follower)
+        if link.state == FollowerState.NOT_CONNECTED and link.call is None and \
+                not self.state_incomplete:
+            if link.machine.connect_due(now):
                 out += self._start_handshake(now)
                 wait = min(wait, self.cfg.rpc_timeout)
             else:
@@ -899,7 +900,7 @@ class NodeCore:
                         Log(INFO, f"follower {link.address} at {fi.position}: {plan.reason}")]
         if plan.state == FollowerState.SYNCING_LOG:
             self.counters["log_catchups"] += 1
-            link.catchup_pos = link.slot = plan.start
+            link.catchup_pos = plan.start
             if self.role == NodeRole.LEADER and fi.position > self.commit_index:
                 # the follower holds this prefix of our log: it is confirmed
                 self.commit_index = min(fi.position, self.position)
@@ -936,7 +937,7 @@ class NodeCore:
         snap = self.link.snap
         if snap is None or snap.end_sent:
             return None
-        snap.source_done, snap.count = True, count
+        snap.count = count
         if not snap.acked_seq == snap.sent_seq == produced_seq:
             return None
         return protocol.state_message(protocol.STATE_END, self.leader_id, snap.stream,
@@ -952,7 +953,7 @@ class NodeCore:
         link = self.link
         link.snap = None
         link.machine.snapshot_done(snap.wal_id)
-        link.catchup_pos = link.slot = snap.wal_id + 1
+        link.catchup_pos = snap.wal_id + 1
         return [Log(INFO, f"state sync to {link.address} done: {snap.count} entries at WAL id "
                           f"{snap.wal_id}"), Wake()]
 
@@ -970,20 +971,15 @@ class NodeCore:
                                           self.position - link.catchup_pos + 1)), []
         link.forwarding = True
         link.sync_from = self.position
-        link.slot = 0
-        out: Effects = [Log(INFO, f"follower {link.address} has everything up to WAL id "
-                                  f"{self.position} in flight: forwarding")]
-        if link.acked >= link.sync_from:
-            out += self._claim_synchronous()
-        return None, out
+        return None, [Log(INFO, f"follower {link.address} has everything up to WAL id "
+                                f"{self.position} in flight: forwarding")
+                      ] + self._claim_if_caught_up()
 
     def catchup_batch(self, start: int, n: int, now: float) -> tuple[Batch, tuple]:
         """A catch-up batch read from the WAL, put in flight: the batch and
         the header to send it with."""
         batch = Batch(start, start + n - 1, sent=now, local_done=True)  # nothing to compare
-        batch.forwarded = True
-        self.link.inflight.append(batch)
-        return batch, (self.leader_id, self.link.stream, self._history_for_stream())
+        return batch, self._forward(batch)
 
     def catchup_sent(self, batch: Batch) -> None:
         self.link.catchup_pos = batch.last + 1
@@ -1085,4 +1081,4 @@ class NodeCore:
                       if self.lease_enforced else None,
                       "commit_index": self.commit_index,
                       "in_flight": len(link.inflight), "depth": self.depth,
-                      **self.counters}}
+                      "dropped_messages": 0, **self.counters}}

@@ -21,8 +21,8 @@ What :func:`plan` decides, in order:
    node answered or was declared dead, makes the most advanced node
    (latest epoch, then longest WAL, then configured order) the leader.
 3. **Failover.**  When the leader is dead the supervisor waits until its
-   lease has surely run out (:func:`renewal_sent` / :func:`renewal_confirmed`:
-   the later of the last renewal sent and the last one confirmed, plus
+   lease has surely run out (:func:`renewal_at`: the later of the last
+   renewal sent and the last one confirmed, plus
    ``lease * lease_margin``): from then on the old leader accepts no write
    and answers no leader read, even if it is only cut off.  A leader that
    missed a poll gets no renewal in the next one (:func:`renews`), so a
@@ -277,15 +277,11 @@ def renews(memory: Memory, address: str) -> bool:
                 memory.misses.get(address, 0) == 0)
 
 
-def renewal_sent(memory: Memory, now: float, cfg: Config) -> None:
-    """A renewal left at ``now``.  The node starts its lease no later than
-    it receives the renewal, so whether or not the reply comes back, the
-    lease runs out before ``now + lease * lease_margin`` - the margin
-    covers the renewal's transit and the clocks' rate difference."""
-    memory.lease_safe_at = max(memory.lease_safe_at, now + cfg.lease * cfg.lease_margin)
-
-
-def renewal_confirmed(memory: Memory, now: float, cfg: Config) -> None:
-    """The leader confirmed a renewal at ``now`` (a later bound than the
-    sending time when the reply was slow)."""
+def renewal_at(memory: Memory, now: float, cfg: Config) -> None:
+    """A renewal left at ``now``, or its confirmation came back at ``now``:
+    the lease runs out before ``now + lease * lease_margin`` either way.
+    The node starts its lease no later than it receives the renewal, so the
+    bound from the sending holds even when the reply is lost (the margin
+    covers the renewal's transit and the clocks' rate difference), and the
+    bound from the reply is the later one when it comes."""
     memory.lease_safe_at = max(memory.lease_safe_at, now + cfg.lease * cfg.lease_margin)

@@ -58,12 +58,12 @@ class ClientEndpoint:
             except ReplicationError as exc:
                 self.replies.append((handle, protocol.submit_reply(request_id, None, exc)))
                 continue
-            node.counters["client_requests"] += 1
+            node.core.counters["client_requests"] += 1
             sink = CallbackSink(self._callback(handle, request_id, session))
             node.pipeline.submit(Submission(sink, datas=[data],
                                             deadline=now + node.config.sync_wait_timeout,
                                             session=session))
-        node.counters["dropped_messages"] += node.endpoints_bound.client.dropped
+        node.core.counters["dropped_messages"] += node.endpoints_bound.client.dropped
         node.endpoints_bound.client.dropped = 0
         node.pipeline.flush()
 
@@ -113,7 +113,7 @@ class ClientEndpoint:
 
     def _reply(self, request_id: Any, answer: Any) -> bytes:
         if isinstance(answer, bytes):
-            self.node.counters["queries"] += 1
+            self.node.core.counters["queries"] += 1
             return protocol.submit_reply(request_id, answer)
         if isinstance(answer, ReplicationError):
             return protocol.submit_reply(request_id, None, answer)
@@ -128,38 +128,29 @@ class ClientEndpoint:
         node = self.node
         if not self.reads:
             return 1.0
-        failure: ReplicationError | None = None
+        failure: NotLeader | None = None
         with node.applier.lock:
             try:
                 with node.core_lock:
                     ready = node.core.leader_read(now)
             except NotLeader as exc:
                 ready, failure = False, exc
-            if ready:
-                while self.reads:
-                    handle, request_id, request, _ = self.reads.popleft()
-                    self.replies.append((handle, self._reply(request_id, self._ask_app(request))))
-        keep: collections.deque = collections.deque()
-        for read in self.reads:
-            handle, request_id, _, deadline = read
-            if failure is None and now >= deadline:
-                failure_here: ReplicationError | None = Timeout(
-                    "the writes applied before this leader read were not acknowledged within "
-                    f"{node.config.leader_read_timeout:g}s")
-            else:
-                failure_here = failure
-            if failure_here is not None:
-                self.replies.append((handle, protocol.submit_reply(request_id, None,
-                                                                   failure_here)))
-            else:
-                keep.append(read)
-        self.reads = keep
-        node.core.reads_waiting = len(keep)
-        if not keep:
-            if node.pipeline.pending:
-                node.pipeline.flush()  # commits held for the reads go on
-            return 1.0
-        return max(0.001, min(d for _, _, _, d in keep) - now)
+            while ready and self.reads:
+                handle, request_id, request, _ = self.reads.popleft()
+                self.replies.append((handle, self._reply(request_id, self._ask_app(request))))
+        if failure is not None:
+            self.fail_reads(failure)
+        late = Timeout("the writes applied before this leader read were not acknowledged "
+                       f"within {node.config.leader_read_timeout:g}s")
+        while self.reads and now >= self.reads[0][3]:  # deadlines in arrival order
+            handle, request_id, _, _ = self.reads.popleft()
+            self.replies.append((handle, protocol.submit_reply(request_id, None, late)))
+        node.core.reads_waiting = len(self.reads)
+        if self.reads:
+            return max(0.001, self.reads[0][3] - now)
+        if node.pipeline.pending:
+            node.pipeline.flush()  # commits held for the reads go on
+        return 1.0
 
     def fail_reads(self, exc: BaseException) -> None:
         while self.reads:
@@ -173,6 +164,6 @@ class ClientEndpoint:
         while self.replies:
             handle, payload = self.replies.popleft()
             if client.reply(handle, payload):
-                node.counters["client_replies"] += 1
+                node.core.counters["client_replies"] += 1
             else:
-                node.counters["client_replies_dropped"] += 1  # the client went away
+                node.core.counters["client_replies_dropped"] += 1  # the client went away

@@ -69,7 +69,7 @@ class ControlServer:
             control.reply(handle, reply)
             if stop_after:
                 node.request_stop()
-        node.counters["dropped_messages"] += control.dropped
+        node.core.counters["dropped_messages"] += control.dropped
         control.dropped = 0
         if served < limit:
             self.empty_at = node.clock.now()

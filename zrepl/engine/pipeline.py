@@ -28,7 +28,7 @@ from ..core.errors import NotLeader, ProtocolError, ReplicationError, StorageErr
 from ..core.node import OPEN, WAIT_SYNC, WINDOW_FULL
 from ..core.protocol import ACK, codes_to_bytes
 from ..core.session import wrap_client, wrap_plain
-from ..core.types import NodeRole, WALEntry
+from ..core.types import WALEntry
 from ..storage.base import entries_from
 from .sinks import FutureSink, Sink, Submission, WaitSink
 
@@ -45,16 +45,19 @@ class CommitPipeline:
 
     # --- submitting -----------------------------------------------------------
 
+    def _not_started(self) -> NotLeader:
+        return NotLeader(f"node {self.node.address} is not running", "")
+
     def apply_blocking(self, cmds: list) -> list[int]:
         node = self.node
+        if node.core is None:
+            raise self._not_started()
         if not node.transport.threaded and node.engine_ident == threading.get_ident():
             raise ReplicationError("this node is driven step by step (in-memory transport): "
                                    "use apply_async, a blocking apply would wait forever")
         cfg = node.config
         now = node.clock.now()
-        core = node.core
-        if core.role != NodeRole.LEADER or core.lease_enforced or not core.running:
-            core.check_writable(now)  # fail fast (the commit checks again, under the App lock)
+        node.core.check_writable(now)  # fail fast (the commit checks again, App lock held)
         sink = WaitSink(len(cmds))
         sub = Submission(sink, cmds, None, now + (
             cfg.sync_wait_timeout if cfg.require_sync else cfg.commit_timeout))
@@ -71,6 +74,8 @@ class CommitPipeline:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         now = node.clock.now()
         try:
+            if node.core is None:
+                raise self._not_started()
             node.core.check_writable(now)
             if len(self.pending) >= node.config.max_pending and node.transport.threaded:
                 # Backpressure: the queue is full, so this caller waits for
@@ -198,8 +203,7 @@ class CommitPipeline:
             batch, header = core.open_batch(first, last, pieces, now)
         if header is not None:
             msg = protocol.wal_message(header[0], header[1], first, datas, header[2])
-            data = node.downstream.data
-            if data is None or not data.send_wait(msg, node.config.ack_timeout):
+            if not node.downstream.send_wait(msg):
                 with lock:
                     effects = core.link_failed(Timeout(
                         f"cannot send to follower {core.link.address}: its queue stayed full "
@@ -229,9 +233,7 @@ class CommitPipeline:
             effects = core.batch_applied(batch, codes, cb, sessions, now)
         if effects:
             node.run(effects)
-        every = node.config.checkpoint_entries
-        if every and last - node.checkpointer.position >= every:
-            node.checkpointer.after_apply(last)
+        node.checkpointer.after_apply(last)
 
     # --- waiting ---------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class CommitPipeline:
             if msg[1] != ACK:
                 raise ProtocolError("expected an ack on the ack endpoint")
         except ProtocolError as exc:
-            node.counters["dropped_messages"] += 1
+            node.core.counters["dropped_messages"] += 1
             node.log.warning("dropped a bad ack: %s", exc)
             return
         with node.core_lock:

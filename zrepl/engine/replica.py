@@ -133,12 +133,14 @@ class Replica(Node):
         self.address = address
         self.config = config or Config()
         self.endpoints = endpoints(address)
+        # our own ZeroMQ transport is made by start() (and closed by stop())
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport: Transport = transport  # type: ignore[assignment]
         self.clock = clock or MONOTONIC
         self.rng = rng or random.Random()
+        threaded = transport is None or transport.threaded
         if snapshots is None:
-            snapshots = "fork" if hasattr(os, "fork") and self.transport.threaded else "copy"
+            snapshots = "fork" if hasattr(os, "fork") and threaded else "copy"
         if snapshots not in ("fork", "copy"):
             raise ValueError(f"snapshots must be 'fork' or 'copy', got {snapshots!r}")
         self.snapshot_mode = snapshots
@@ -154,7 +156,6 @@ class Replica(Node):
         self.control = ControlServer(self)
         self.clients = ClientEndpoint(self)
         self.checkpointer = Checkpointer(self)
-        self.counters: collections.Counter[str] = collections.Counter()
         self.failures: collections.deque[str] = collections.deque(maxlen=20)
         self.failure_count = 0
         self._proc = psutil.Process()
@@ -207,7 +208,14 @@ class Replica(Node):
                              position=position, sessions=sessions, rng=self.rng,
                              now=self.clock.now())
         self.checkpointer.position = position
-        self.endpoints_bound = self.transport.bind(self.endpoints, self.config)
+        if self._own_transport:
+            self.transport = ZmqTransport()
+        try:
+            self.endpoints_bound = self.transport.bind(self.endpoints, self.config)
+        except BaseException:
+            if self._own_transport:
+                self.transport.close()
+            raise
         self.core.running = True
         if self.transport.threaded:
             self._wake_r, self._wake_w = os.pipe()
@@ -408,9 +416,7 @@ class Replica(Node):
         extra = fields.pop("extra")
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",
-                      "pending": len(self.pipeline.pending), **self.counters})
-        extra["dropped_messages"] = self.counters["dropped_messages"] + \
-            self.core.counters["dropped_messages"]
+                      "pending": len(self.pipeline.pending)})
         return NodeStatus(address=self.address, max_wal=st.max_wal(), min_wal=st.min_wal(),
                           pid=os.getpid(), rss_bytes=rss, cpu_percent=cpu, extra=extra, **fields)
 
@@ -514,12 +520,12 @@ class Replica(Node):
             self._shutdown()
             return float("inf")
         self.clients.serve()
-        if not self.upstream.blocked():
+        if not self.core.window_full():
             self.upstream.serve()
         self.pipeline.drain_acks()
         if self.downstream.rpc is not None and self.downstream.call_token:
             again |= self.downstream.on_reply()
-        with self.core_lock:
+        with self.core_lock:  # after the acks waiting were read
             effects = self.core.check_acks(now)
         if effects:
             self.run(effects)
@@ -528,7 +534,7 @@ class Replica(Node):
             timeout = min(timeout, max(0.0, deadline - now))
         self.clients.send_replies()
         busy = again or ep.control.pending() or ep.client.pending() or ep.ack.pending() or \
-            (ep.data.pending() and not self.upstream.blocked())
+            (ep.data.pending() and not self.core.window_full())
         return 0.0 if busy or self._wants_step else timeout
 
     def _run(self) -> None:
@@ -548,7 +554,6 @@ class Replica(Node):
         link = core.link
         machine = link.machine
         downstream = self.downstream
-        window = cfg.window
         try:
             while not self._stopping:
                 now = clock.now()
@@ -568,8 +573,8 @@ class Replica(Node):
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - now))
                 items: list = [ep.control, self._wake_r]
-                if not (link.forwarding and len(inflight) >= window):
-                    items.append(ep.data)  # else the upstream waits (UpstreamLink.blocked)
+                if not core.window_full():
+                    items.append(ep.data)  # else the upstream waits (backpressure)
                 if len(pipeline.pending) < cfg.max_pending:
                     items.append(ep.client)  # else the transport holds clients back
                 if own_ack:

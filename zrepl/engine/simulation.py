@@ -127,10 +127,10 @@ class Simulation:
 
     # --- time -----------------------------------------------------------------------
 
-    def run_once(self) -> bool:
+    def run_once(self, limit: float = INF) -> bool:
         """Deliver what is due and step every host that has something to
         do; when nobody has, move the clock to the next event.  False when
-        nothing will ever happen again."""
+        nothing will happen again before ``limit`` (the clock then stays)."""
         self.rounds += 1
         now = self.clock.now()
         net = self.network
@@ -152,7 +152,7 @@ class Simulation:
             return True
         later = [t for t in self._wake.values() if t > now]
         t = min([net.next_delivery()] + later)
-        if t == INF:
+        if t == INF or t > limit:
             return False
         self.clock.set(max(t, now))
         return True
@@ -182,16 +182,11 @@ class Simulation:
                                       f"{what or cond}")
 
     def run_for(self, seconds: float) -> None:
+        """Run until ``seconds`` of virtual time have passed."""
         end = self.clock.now() + seconds
-        while self.clock.now() < end:
-            if not self.run_once():
-                self.clock.set(end)
-                return
-            if self.network.next_delivery() > end and \
-                    min(self._wake.values(), default=INF) > end:
-                self.clock.set(end)
-                self.run_once()
-                return
+        while self.run_once(limit=end):
+            pass
+        self.clock.set(max(self.clock.now(), end))
 
     def close(self) -> None:
         for n in list(self.nodes.values()):

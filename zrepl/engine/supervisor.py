@@ -31,7 +31,7 @@ from typing import Any
 from ..core import protocol
 from ..core.config import Config
 from ..core.errors import ProtocolError, ReplicationError, Timeout
-from ..core.plan import Call, Memory, Plan, plan, renewal_confirmed, renewal_sent, renews
+from ..core.plan import Call, Memory, Plan, plan, renewal_at, renews
 from ..core.types import NodeRole, NodeStatus
 from ..storage.fsutil import atomic_write
 from .clock import MONOTONIC, Clock
@@ -225,7 +225,7 @@ class Supervisor:
             args: dict[str, Any] = {}
             if renews(m, a):
                 args = {"renew_lease_for": m.leader_id, "lease": cfg.lease}
-                renewal_sent(m, now, cfg)
+                renewal_at(m, now, cfg)
             self._send(a, "status", args, None, self._poll_deadline)
 
     def _collect(self, now: float) -> None:
@@ -259,11 +259,11 @@ class Supervisor:
             self._observed[address] = st
             if address == m.leader and st.role == NodeRole.LEADER and \
                     st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
-                self._lease_granted(now)
+                renewal_at(m, now, self.config)  # confirmed
             return
         if call is not None and call.op == "renew":
             if not (isinstance(result, dict) and result.get("extra", {}).get("lease_refused")):
-                self._lease_granted(now)
+                renewal_at(m, now, self.config)  # confirmed
         log.info("%s", call)
 
     def _failed(self, address: str, op: str, call: Call | None, exc: ReplicationError) -> None:
@@ -272,12 +272,9 @@ class Supervisor:
         elif not isinstance(exc, Timeout):
             log.warning("%s answered with a malformed status: %s", address, exc)
 
-    def _lease_granted(self, now: float) -> None:
-        renewal_confirmed(self.memory, now, self.config)
-
     def _finish_poll(self, now: float) -> None:
         for address in list(self._waiting):  # late: counts as not answering
-            op, call, _ = self._waiting.pop(address)
+            del self._waiting[address]
             self._reset(address)
         self.last_observed = dict(self._observed)
         result = self.tick_with(self._observed, now)
@@ -311,7 +308,7 @@ class Supervisor:
                 args = {"role": int(call.role), "leader_id": call.leader_id}  # type: ignore[arg-type]
                 self._send(address, "set_role", args, call, deadline)
             elif call.op == "renew":
-                renewal_sent(self.memory, now, self.config)
+                renewal_at(self.memory, now, self.config)
                 self._send(address, "status", {"renew_lease_for": call.leader_id,
                                                "lease": self.config.lease}, call, deadline)
             else:

@@ -60,13 +60,10 @@ class UpstreamLink:
     def send_ack(self, payload: bytes) -> None:
         with self._lock:
             if self.acks is None or not self.acks.send(payload):
-                self.node.counters["dropped_messages"] += 1
+                self.node.core.counters["dropped_messages"] += 1
 
     def ack_effect(self, e: SendAck) -> None:
-        """The SendAck effect."""
-        with self._lock:
-            if self.acks is None or not self.acks.send(e.payload):
-                self.node.counters["dropped_messages"] += 1
+        self.send_ack(e.payload)
 
     def close(self) -> None:
         self.connect("")
@@ -75,31 +72,26 @@ class UpstreamLink:
     # --- data ---------------------------------------------------------------------------
 
     def serve(self) -> None:
+        """Batches from the upstream, until the forwarding window is full:
+        the upstream then waits (backpressure through the acks)."""
         node = self.node
-        core = node.core
-        window = node.config.window
+        window_full = node.core.window_full
         for raw in node.endpoints_bound.data.drain(node.config.messages_per_turn):
             self.handle(raw)
-            if core.link.forwarding and len(core.link.inflight) >= window:
-                return  # forwarding is full: read on once acks free the window
-
-    def blocked(self) -> bool:
-        """Stop reading the data endpoint while forwarding is full: the
-        upstream then waits (backpressure through the acks)."""
-        link = self.node.core.link
-        return link.forwarding and len(link.inflight) >= self.node.config.window
+            if window_full():
+                return
 
     def handle(self, raw: bytes) -> None:
         node = self.node
         try:
             msg = protocol.parse_data(raw)
         except ProtocolError as exc:
-            node.counters["dropped_messages"] += 1
+            node.core.counters["dropped_messages"] += 1
             node.log.warning("dropped a bad data frame: %s", exc)
             return
         kind = msg[1]
         if kind == ACK:
-            node.counters["dropped_messages"] += 1
+            node.core.counters["dropped_messages"] += 1
             return
         stream = msg[3]
         with node.core_lock:

@@ -19,12 +19,16 @@ A, B, C = "tcp://a:1000", "tcp://b:1000", "tcp://c:1000"
 
 
 def core(address=A, role=NodeRole.UNKNOWN, leader_id=0, history=(), follower="", position=0,
-         **settings) -> NodeCore:
+         restarted=False, **settings) -> NodeCore:
+    """A running core in the given state: as promoted in this incarnation,
+    or (``restarted``) as loaded from storage at a start."""
     cfg = Config(**settings)
     c = NodeCore(address, cfg, role=role, leader_id=leader_id, history=list(history),
                  follower=follower, position=position,
                  sessions=SessionTable(cfg.session_window, cfg.max_sessions),
                  rng=random.Random(1), now=0.0)
+    if not restarted:
+        c.epoch_spent = False
     c.running = True
     return c
 

@@ -42,7 +42,11 @@ def test_session_table_window_expiry_and_bounds():
         t.lookup(CID, 1)  # too old to tell: never re-applied
     t.record(b"b" * 16, 1, 0, 200)
     t.record(b"c" * 16, 1, 0, 201)  # a third client: the least recently active goes
-    assert t.lookup(CID, 5) is None and len(t) == 2
+    assert len(t) == 2
+    with pytest.raises(SessionExpired, match="not remembered"):
+        t.lookup(CID, 5)  # forgotten: its retry is refused, never re-applied
+    assert t.lookup(b"d" * 16, 1) is None  # a new client's first command
+    assert t.lookup(CID, 6, active=lambda cid: True) is None  # commands of it in flight here
     copy = SessionTable(window=3, max_clients=2)
     copy.load_section(msgpack.unpackb(msgpack.packb(t.to_section()), raw=False))
     assert copy.lookup(b"c" * 16, 1) == (0, 201)
@@ -101,6 +105,7 @@ def test_a_retried_command_is_answered_not_reapplied_across_failover_sync_and_re
         # a restart rebuilds the table from checkpoint + WAL
         cc.stop()
         cc.start()
+        cc.client.set_role(NodeRole.LEADER, 4)  # a restarted leader needs a new epoch
         wait_synchronous(cc)
         assert submit(cc, CID, 3, kv_incr("n")) == 0
         assert counter(cc) == 3

@@ -34,7 +34,7 @@ def steady(wal=100, lid=1):
 
 def steady_memory(lid=1, wal=100):
     return Memory(max_leader_id=lid, leader=A, leader_id=lid, sync_chain=[(B, wal), (C, wal)],
-                  chain=[B, C])
+                  chain=[B, C], sync_boot={A: "", B: "", C: ""})
 
 
 def ops(p):
@@ -255,8 +255,11 @@ def crashes_on_real_nodes(seed: int, rounds: list[tuple[bool, bool, bool]]) -> N
         if leaders:
             assert leaders[0].leader_id > epochs[-1]
             epochs.append(leaders[0].leader_id)
-            if before.leader:
-                assert observed.get(before.leader) is None, "promoted while the leader answers"
+            old = observed.get(before.leader) if before.leader else None
+            if old is not None:  # it answers: only if it writes no more in its epoch
+                assert old.extra.get("epoch_spent"), "promoted while the leader answers"
+                assert leaders[0].address in [before.leader] + [a for a, _ in before.sync_chain]
+            elif before.leader:
                 assert now >= before.lease_safe_at, "promoted before the lease ran out"
                 assert leaders[0].address in [a for a, _ in before.sync_chain]
         return p

@@ -98,7 +98,7 @@ from typing import Any
 from . import protocol
 from .commit import Batch
 from .config import Config
-from .effects import (INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
+from .effects import (ERROR, INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
                       CloseLink, ConnectUpstream, Effect, EndStateIn, Failure, FailPending, Log,
                       OpenLink, Persist, ReadsReady, Resolve, SendAck, StartSnapshot, Wake)
 from .epochs import FollowerInfo, UpstreamView, epoch_at, plan_sync
@@ -141,7 +141,7 @@ def check_leader_id(leader_id: Any) -> int:
 class NodeCore:
     def __init__(self, address: str, config: Config, *, role: NodeRole, leader_id: int,
                  history: list[tuple[int, int]], follower: str, position: int,
-                 sessions: SessionTable, rng: Any, now: float = 0.0):
+                 sessions: SessionTable, rng: Any, now: float = 0.0, boot: str = ""):
         self.address = address
         self.cfg = config
         self.role = role
@@ -155,6 +155,12 @@ class NodeCore:
         self.commit_index = 0 if config.require_sync else position
         self.lease_enforced = config.lease_required
         self.lease_until = 0.0
+        # A leader writes one sequence per epoch.  A restarted leader that
+        # had a follower cannot know what it sent before it stopped, and a
+        # leader that could not log a batch it sent would give the same WAL
+        # ids to other entries: either way it writes nothing more in this
+        # epoch (the supervisor gives it, or another node, a new one).
+        self.epoch_spent = role == NodeRole.LEADER and bool(follower)
         self.leader_address = ""  # the upstream, or the leader last heard of
         self.running = False
         # upstream side
@@ -166,6 +172,10 @@ class NodeCore:
         self.link = Link(config.connect_backoff_min, config.connect_backoff_max)
         self._calls = 0
         self._rng = rng
+        # the machine's boot (``boot_id``): a node restarted on a machine that
+        # rebooted (a power loss) keeps only what was fsynced, and it may
+        # have acknowledged more; the supervisor compares it (see plan)
+        self.boot = boot
         # client sessions (replicated state) and reads
         self.sessions = sessions
         self.sessions_pending: set[tuple[bytes, int]] = set()
@@ -186,6 +196,10 @@ class NodeCore:
             raise NotLeader(f"node {self.address} is not running", "")
         if self.role != NodeRole.LEADER:
             raise NotLeader(f"{self.address} is not the leader", self.leader_address)
+        if self.epoch_spent:
+            raise NotLeader(f"{self.address} writes nothing more in epoch {self.leader_id} (it "
+                            "restarted, or could not log a batch it sent): waiting for a new "
+                            "epoch", "")
         if self.lease_enforced and now > self.lease_until:
             raise NotLeader(f"{self.address} holds no valid leader lease (the supervisor has "
                             "not renewed it): not accepting writes", "")
@@ -200,7 +214,7 @@ class NodeCore:
                               f"{self.role.name} of epoch {self.leader_id}",
                               leader_id if isinstance(leader_id, int) else 0, self.leader_id)
         self.lease_enforced = True
-        self.lease_until = now + lease
+        self.lease_until = max(self.lease_until, now + lease)  # a late renewal never shortens it
 
     def _adopt_epoch(self, leader_id: int, why: str) -> Effects:
         """A larger epoch: refuse a smaller one, persist a larger one."""
@@ -239,6 +253,7 @@ class NodeCore:
                                   leader_id, current)
             self.leader_id = leader_id
             self.role = NodeRole.LEADER
+            self.epoch_spent = False
             self.history = self.history + [(leader_id, self.position + 1)]
             self.history_version += 1
             out.append(Persist(role=role, leader_id=leader_id, history=list(self.history)))
@@ -251,6 +266,7 @@ class NodeCore:
         else:
             self.leader_id = leader_id
             self.role = role
+            self.epoch_spent = False
             out.append(Persist(role=role, leader_id=leader_id))
             if was == NodeRole.LEADER:
                 out.append(FailPending(NotLeader(f"{self.address} stepped down",
@@ -434,11 +450,15 @@ class NodeCore:
                 SendAck(protocol.ack_message(stream, kind, 0, b"", err))]
 
     def on_wal_failed(self, first: int, last: int, batch: Batch | None, exc: BaseException,
-                      logged: bool, now: float) -> Effects:
+                      logged: bool, now: float,
+                      applied: tuple[list[int], list] | None = None) -> Effects:
         """Writing or applying a batch from the upstream failed (the caller
         refuses it upstream).  If it was forwarded, the follower may hold
-        what this node does not: the link restarts."""
-        if logged:
+        what this node does not: the link restarts.  ``logged`` and
+        ``applied`` as for :meth:`batch_failed`."""
+        if applied is not None:
+            self._advance(first, last, *applied)
+        elif logged:
             self.position = last
         if batch is None:
             return []
@@ -588,12 +608,17 @@ class NodeCore:
         link.history_sent = self.history_version
         return self.leader_id, link.stream, [list(x) for x in self.history]
 
-    def batch_failed(self, batch: Batch, exc: BaseException, logged: bool, now: float
-                     ) -> Effects:
+    def batch_failed(self, batch: Batch, exc: BaseException, logged: bool, now: float,
+                     applied: tuple[list[int], list] | None = None) -> Effects:
         """The local half of a leader's batch failed (the WAL write, or the
         App).  Its callers fail; if it was sent, the follower may hold what
-        this node does not: the link restarts."""
-        if logged:
+        this node does not: the link restarts.  ``logged``: App.apply failed
+        on a logged batch.  ``applied`` (codes, sessions): the write failed
+        yet the log holds the batch (an fsync error), so the engine applied
+        it - the App equals the log, as a restart would make it."""
+        if applied is not None:
+            self._advance(batch.first, batch.last, *applied)
+        elif logged:
             self.position = batch.last  # in the WAL: replayed at restart
         out: Effects = [Failure(f"{'App.apply' if logged else 'WAL write'} failed on WAL "
                                 f"{batch.first}..{batch.last}: {exc}")]
@@ -602,6 +627,10 @@ class NodeCore:
             batch.pieces = []
         batch.failed = True
         batch.set_local(None, None)
+        if batch.forwarded and applied is None and not logged and not self.epoch_spent:
+            self.epoch_spent = True  # the follower may hold entries this log never will
+            out.append(Log(ERROR, f"WAL {batch.first}..{batch.last} was sent but not logged: "
+                                  f"no more writes in epoch {self.leader_id}"))
         if batch.forwarded:
             out += self.link_failed(ReplicationError(
                 f"leader could not log WAL {batch.first}..{batch.last} after sending it: {exc}"),
@@ -826,9 +855,12 @@ class NodeCore:
                     f"follower {link.address} acknowledged nothing of the state sync for "
                     f"{self.cfg.state_sync_stall_timeout:g}s"), now)
         # (no handshake while an incoming state sync is incomplete: a
-        # partial App has nothing to offer a follower)
+        # partial App has nothing to offer a follower; none while this
+        # leader's epoch is spent: after a restart its follower may hold
+        # acknowledged writes that it lost, and the handshake would rebuild
+        # the follower from this node)
         if link.state == FollowerState.NOT_CONNECTED and link.call is None and \
-                not self.state_incomplete:
+                not self.state_incomplete and not self.epoch_spent:
             if link.machine.connect_due(now):
                 out += self._start_handshake(now)
                 wait = min(wait, self.cfg.rpc_timeout)
@@ -1033,7 +1065,7 @@ class NodeCore:
         to answer from the session table.  Raises a retryable Timeout when
         it is queued already or applied but not yet confirmed, and
         SessionExpired when it is too old to tell."""
-        hit = self.sessions.lookup(*session)
+        hit = self.sessions.lookup(*session, active=self._has_pending)
         if hit is None:
             if session in self.sessions_pending:
                 raise Timeout("this command is queued already; retry for its answer")
@@ -1044,6 +1076,16 @@ class NodeCore:
             raise Timeout("this command is applied but not yet confirmed; retry for its answer")
         self.counters["duplicates_answered"] += 1
         return code
+
+    def _has_pending(self, client_id: bytes) -> bool:
+        """Commands of this client wait here (seldom asked: only for an
+        unknown client past its first command)."""
+        return any(cid == client_id for cid, _ in list(self.sessions_pending))
+
+    def submission_done(self, session: tuple[bytes, int]) -> None:
+        """A remote client's command was answered (it is recorded in the
+        session table if it was applied).  Any thread."""
+        self.sessions_pending.discard(session)
 
     def stop(self) -> Effects:
         """The node stops: nothing more is committed, and batches still
@@ -1081,4 +1123,8 @@ class NodeCore:
                       if self.lease_enforced else None,
                       "commit_index": self.commit_index,
                       "in_flight": len(link.inflight), "depth": self.depth,
+                      "epoch_spent": self.epoch_spent,
+                      "clock": now,  # echoed by the supervisor's next renewal
+                      "boot": self.boot,
+                      "acks_durable": self.cfg.fsync == "always",
                       "dropped_messages": 0, **self.counters}}

@@ -26,12 +26,18 @@ What :func:`plan` decides, in order:
    ``lease * lease_margin``): from then on the old leader accepts no write
    and answers no leader read, even if it is only cut off.  A leader that
    missed a poll gets no renewal in the next one (:func:`renews`), so a
-   dead leader's lease is not pushed forward by polls it never sees.  It then promotes the node that holds every acknowledged write:
-   a live member of the *synchronous chain* it last observed (the nodes
-   linked to the leader through synchronous links), still obeying the
-   leader's epoch and holding at least the WAL it held then.  Among those,
-   the longest WAL.  If there is none it promotes nobody, says so, and
-   waits.  The new epoch is larger than any issued or seen and is
+   dead leader's lease is not pushed forward by polls it never sees.  It
+   then promotes a node that holds every acknowledged write
+   (:func:`promotable`): the leader's follower in the *synchronous chain*
+   it last observed (the nodes linked to the leader through synchronous
+   links), still obeying the leader's epoch and holding at least the WAL
+   it held then, or a node deeper in that chain that holds at least as
+   much as that follower does now.  Among those, the longest WAL.  If
+   there is none it promotes nobody, says so, and waits.  A leader that
+   answers but *writes nothing more in its epoch* (it restarted, or could
+   not log a batch it had sent: ``epoch_spent``) is replaced at once, by
+   itself or a synchronous node holding more, with a new epoch: no
+   incarnation of it can write in the old one.  The new epoch is larger than any issued or seen and is
    persisted before it is used.
 4. **The chain.**  The leader, then the live followers in their current
    order; a node that comes back joins at the tail.  FORWARDER in the
@@ -89,6 +95,11 @@ class Memory:
     leader_id: int = 0
     sync_chain: list[tuple[str, int]] = field(default_factory=list)  # (address, max_wal then)
     chain: list[str] = field(default_factory=list)  # followers in order, leader excluded
+    # address -> the machine boot of the leader and of each sync_chain member
+    # when recorded, for nodes whose acknowledgements are not all fsynced
+    sync_boot: dict[str, str] = field(default_factory=dict)
+    # followers given to the leader since sync_chain was seen (see promotable)
+    unconfirmed: list[str] = field(default_factory=list)
     misses: dict[str, int] = field(default_factory=dict)
     lease_safe_at: float = 0.0  # monotonic time the leader's lease has surely run out
     error_retry: dict[str, float] = field(default_factory=dict)
@@ -99,12 +110,14 @@ class Memory:
         changes (positions in the synchronous chain ride along, they are
         not worth a write per tick)."""
         return (self.max_leader_id, self.leader, self.leader_id,
-                tuple(a for a, _ in self.sync_chain), tuple(self.chain))
+                tuple(a for a, _ in self.sync_chain), tuple(self.chain),
+                tuple(sorted(self.sync_boot.items())), tuple(self.unconfirmed))
 
     def persisted(self) -> dict:
         return {"format": STATE_FORMAT, "max_leader_id": self.max_leader_id,
                 "leader": self.leader, "leader_id": self.leader_id,
-                "sync_chain": [list(x) for x in self.sync_chain], "chain": list(self.chain)}
+                "sync_chain": [list(x) for x in self.sync_chain], "chain": list(self.chain),
+                "sync_boot": dict(self.sync_boot), "unconfirmed": list(self.unconfirmed)}
 
     @classmethod
     def from_persisted(cls, d: dict) -> "Memory":
@@ -113,7 +126,9 @@ class Memory:
         return cls(max_leader_id=int(d["max_leader_id"]), leader=str(d.get("leader", "")),
                    leader_id=int(d.get("leader_id", 0)),
                    sync_chain=[(str(a), int(p)) for a, p in d.get("sync_chain", [])],
-                   chain=[str(a) for a in d.get("chain", [])])
+                   chain=[str(a) for a in d.get("chain", [])],
+                   sync_boot={str(a): str(b) for a, b in d.get("sync_boot", {}).items()},
+                   unconfirmed=[str(a) for a in d.get("unconfirmed", [])])
 
 
 @dataclass
@@ -146,6 +161,44 @@ def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
     return out
 
 
+def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
+               ) -> list[tuple[int, int, str]]:
+    """The nodes that surely hold every acknowledged write, as (WAL held,
+    -place in the chain, address).
+
+    Only the leader's own follower surely does: with ``require_sync`` the
+    leader commits nothing its follower has not acknowledged.  A node
+    deeper in the chain held everything when it was last seen synchronous,
+    but a forwarder whose own link breaks goes on acknowledging alone (see
+    ``NodeCore._acks_wait_for_follower``), so a deeper node counts only
+    when it holds at least as much as that follower does now.  Each must
+    still obey the leader's epoch and hold the WAL it held when recorded,
+    and its machine must not have rebooted since (its ``boot`` changed),
+    unless it fsyncs every write before acknowledging it
+    (``fsync="always"``): after a power loss a node keeps only what was
+    fsynced, and it may have acknowledged more.  (A process that merely
+    restarted lost nothing: the kernel still held what it wrote.)"""
+    def valid(i: int) -> bool:
+        a, pos = mem.sync_chain[i]
+        return a in alive and a not in dead and alive[a].leader_id == mem.leader_id and \
+            alive[a].position >= pos and \
+            mem.sync_boot.get(a, "") in ("", alive[a].extra.get("boot"))
+    if not mem.sync_chain or not valid(0):
+        return []
+    first = alive[mem.sync_chain[0][0]].position
+    out = [(alive[a].max_wal, -i, a) for i, (a, _) in enumerate(mem.sync_chain)
+           if valid(i) and alive[a].position >= first]
+    # A follower given to the leader since that chain was seen may have
+    # become synchronous unseen, and acknowledged writes the first lacks:
+    # it must answer, and counts as holding the most if it does.
+    for a in mem.unconfirmed:
+        if a not in alive or a in dead or alive[a].leader_id != mem.leader_id:
+            return []
+        if alive[a].position >= first:
+            out.append((alive[a].max_wal, -len(mem.sync_chain), a))
+    return out
+
+
 def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memory,
          cfg: Config, now: float) -> Plan:
     """Decide this tick's calls.  ``observed`` maps every configured address
@@ -153,6 +206,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     memory is not modified and nothing is logged (what is worth logging
     comes back in ``Plan.events``)."""
     mem = dataclasses.replace(memory, sync_chain=list(memory.sync_chain),
+                              sync_boot=dict(memory.sync_boot),
+                              unconfirmed=list(memory.unconfirmed),
                               chain=list(memory.chain), misses=dict(memory.misses),
                               error_retry=dict(memory.error_retry))
     persisted_before = mem.key()
@@ -177,6 +232,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         mem.leader, mem.leader_id = address, epoch
         mem.chain = [a for a in mem.chain if a != address]
         mem.sync_chain = []
+        mem.sync_boot = {}
+        mem.unconfirmed = []
         calls.append(Call("set_role", address, NodeRole.LEADER, epoch))
         calls.append(Call("renew", address, leader_id=epoch))
         return epoch
@@ -185,13 +242,18 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     if not mem.leader:
         claimers = sorted((st.leader_id, a) for a, st in alive.items()
                           if st.role == NodeRole.LEADER)
-        if claimers and claimers[-1][0] >= seen_max:
+        if claimers and claimers[-1][0] >= mem.max_leader_id:
+            # (never one of an epoch below one issued: that epoch's leader
+            # may have written, and a renewed older leader would undo it)
             mem.leader_id, mem.leader = claimers[-1]
             mem.chain = [a for a in mem.chain if a != mem.leader]
         elif len(alive) + len(dead - set(alive)) < len(order):
             return done("starting: waiting for every node to answer or be declared dead")
         elif not alive:
             return done("no node answers")
+        elif now < mem.lease_safe_at:
+            return done(f"no leader: waiting {mem.lease_safe_at - now:.2f}s for any old "
+                        "leader's lease to run out")
         else:
             best = max(alive, key=lambda a: (_last_epoch(alive[a]), alive[a].position,
                                             -order.index(a)))
@@ -214,9 +276,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         if now < mem.lease_safe_at:
             return done(f"leader {leader} is dead; waiting {mem.lease_safe_at - now:.2f}s for "
                         "its lease to run out")
-        candidates = [(alive[a].max_wal, -i, a) for i, (a, pos) in enumerate(mem.sync_chain)
-                      if a in alive and a not in dead and alive[a].leader_id == mem.leader_id
-                      and alive[a].position >= pos]
+        candidates = promotable(mem, alive, dead)
         if not candidates:
             note = (f"leader {leader} is dead and no node known to hold every acknowledged "
                     f"write is reachable (synchronous chain was "
@@ -231,12 +291,49 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         leader = new_leader
     elif leader not in alive:
         return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
+    elif alive[leader].extra.get("epoch_spent") and alive[leader].role == NodeRole.LEADER \
+            and alive[leader].leader_id == mem.leader_id:
+        # It writes nothing more in this epoch (and no earlier incarnation
+        # of it can): a new epoch now, for whoever holds the most of the
+        # old one - the leader itself, or a synchronous node if it lost data.
+        # The leader itself counts if it cannot have lost what it
+        # acknowledged: its machine did not reboot, or it fsyncs before
+        # acknowledging, or it runs without require_sync (then nobody else
+        # surely holds more).  With no synchronous chain recorded, whatever
+        # was acknowledged went through a follower not yet seen synchronous:
+        # the node of the epoch holding the most.
+        lst = alive[leader]
+        intact = lst.extra.get("acks_durable") or not lst.extra.get("require_sync") or \
+            mem.sync_boot.get(leader, "") == lst.extra.get("boot", "")
+        candidates = promotable(mem, alive, dead)
+        if intact:
+            candidates.append((lst.max_wal, 1, leader))
+        elif not mem.sync_chain:
+            candidates = [(st.max_wal, int(a == leader), a) for a, st in alive.items()
+                          if a not in dead and st.leader_id == mem.leader_id]
+        if not candidates:
+            note = (f"leader {leader} restarted and may have lost acknowledged writes; no "
+                    f"node known to hold them all is reachable (synchronous chain was "
+                    f"{[a for a, _ in mem.sync_chain] or 'empty'}): promoting nobody, waiting")
+            if note != memory.note:
+                events.append((ERROR, note))
+            return done(note)
+        new_leader = max(candidates)[2]
+        new_epoch = promote(new_leader)
+        events.append((WARNING, f"leader {leader} writes nothing more in epoch "
+                                f"{memory.leader_id}: {new_leader} leads epoch {new_epoch}"))
+        leader = new_leader
     else:
         # the leader answered: record who holds every acknowledged write
         chain_now = synchronous_chain(leader, observed)
         require_sync = bool(alive[leader].extra.get("require_sync"))
         if chain_now or not require_sync:
             mem.sync_chain = chain_now
+            mem.unconfirmed = [a for a in mem.unconfirmed
+                               if a != alive[leader].follower and a not in dict(chain_now)]
+            mem.sync_boot = {
+                a: str(alive[a].extra.get("boot", "")) for a in [leader] +
+                [a for a, _ in chain_now] if a in alive and not alive[a].extra.get("acks_durable")}
 
     # --- 4. the chain -------------------------------------------------------------
     chain = [a for a in mem.chain if a != leader and a not in dead and a in order]
@@ -250,6 +347,12 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         if st is None:
             continue  # suspect: leave it (and the links to it) alone this tick
         want_follower = full[i + 1] if i + 1 < len(full) else ""
+        if i == 0 and not new_epoch and st.role == NodeRole.LEADER and \
+                st.leader_id < mem.leader_id:
+            # its promotion was lost on the way (the node still leads the
+            # epoch before): say it again
+            calls.append(Call("set_role", a, NodeRole.LEADER, mem.leader_id))
+            calls.append(Call("renew", a, leader_id=mem.leader_id))
         if i > 0:
             want_role = NodeRole.FORWARDER if want_follower else NodeRole.FOLLOWER
             if st.role != want_role or st.leader_id < mem.leader_id:
@@ -258,6 +361,9 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                 calls.append(Call("set_leader", a, target=full[i - 1]))
         if st.follower != want_follower:
             calls.append(Call("set_follower", a, target=want_follower))
+            if i == 0 and want_follower and want_follower not in mem.unconfirmed and \
+                    not (mem.sync_chain and mem.sync_chain[0][0] == want_follower):
+                mem.unconfirmed.append(want_follower)
         elif want_follower and st.follower_state == FollowerState.ERROR and \
                 now - mem.error_retry.get(a, 0.0) >= cfg.follower_error_retry:
             mem.error_retry[a] = now

@@ -17,14 +17,20 @@ answer it lost - across a failover too - without applying it twice.
 The table is bounded: ``window`` recent sequences per client and
 ``max_clients`` clients (the least recently active is forgotten).  A retry
 older than what is kept is refused (:class:`SessionExpired`) rather than
-risking a second application.
+risking a second application.  A client's sequence starts at 1, so a
+command numbered above 1 from a client the table does not know comes from
+a forgotten client and is refused too; ``zrepl.Client`` then starts a new
+session if that was the command's first request (nothing can have been
+applied), and raises ``SessionExpired`` otherwise.  One case cannot be told
+apart: the retry of a client's very first command after it was forgotten
+(``max_clients`` other clients active within one retry) is taken as new.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SessionExpired
 
@@ -122,11 +128,23 @@ class SessionTable:
         for i, cid, seq in sessions:
             record(cid, seq, codes[i], first + i)
 
-    def lookup(self, client_id: bytes, seq: int) -> tuple[int, int] | None:
+    def lookup(self, client_id: bytes, seq: int,
+               active: Callable[[bytes], bool] = lambda cid: False) -> tuple[int, int] | None:
         """(code, WAL id) if this command was applied; None if it was not;
-        SessionExpired if it is too old to tell."""
+        SessionExpired if it is too old to tell.  ``active(client_id)``: the
+        client has commands in flight on this node (a pipelining client's
+        first ones are not applied yet), so an unknown client is a new one
+        (asked only then)."""
         entry = self._clients.get(client_id)
         if entry is None:
+            if seq > 1 and not active(client_id):
+                # A client's sequence starts at 1: an unknown client past it
+                # was forgotten (least recently active of max_clients), and
+                # this may be the retry of a command that was applied.
+                raise SessionExpired(f"client session {client_id.hex()[:8]} is not remembered "
+                                     f"(more than {self.max_clients} clients since its last "
+                                     f"command): command #{seq} may have been applied; a new "
+                                     "command needs a new session")
             return None
         top, seqs = entry
         hit = seqs.get(seq)

@@ -8,13 +8,27 @@ holding it, so the child sees the state between two applies.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from typing import Any, Callable
 
-from ..core.errors import ProtocolError
+from ..core.errors import ProtocolError, StorageError
 from ..core.interfaces import App, Storage
 from ..core.protocol import codes_to_bytes
+from ..core.types import WALEntry
 from ..core.session import unwrap
 from ..storage.base import entries_from
+
+
+class LoggedDespiteError(StorageError):
+    """A WAL write reported failure but the log holds the batch (an fsync
+    that failed after the write): it was applied, and ``codes`` and
+    ``sessions`` are what applying it gave."""
+
+    def __init__(self, message: str, codes: list[int], sessions: list[tuple[int, bytes, int]]):
+        super().__init__(message)
+        self.codes = codes
+        self.sessions = sessions
 
 
 class Applier:
@@ -48,12 +62,45 @@ class Applier:
             app_datas, sessions = unwrap(datas)  # checked before anything is written
         except (ValueError, TypeError) as exc:
             raise ProtocolError(str(exc)) from None
-        self.storage.write_wal_data(first, datas)
+        try:
+            self.storage.write_wal_data(first, datas)
+        except StorageError as exc:
+            self.follow_the_log(exc, first, len(datas),
+                                lambda: self.apply_app_datas(first, app_datas), sessions)
+            raise
         codes = self.apply_app_datas(first, app_datas)
         self.storage.set_max_applied_wal(first + len(datas) - 1)
         return codes, codes_to_bytes(codes), sessions
+
+    def follow_the_log(self, exc: StorageError, first: int, n: int,
+                       apply: Callable[[], list[int]],
+                       sessions: list[tuple[int, bytes, int]]) -> None:
+        """A WAL write of ``n`` entries from ``first`` failed: if the log
+        holds them all the same (written, then the fsync failed), ``apply()``
+        them, so that the App equals the log as a restart would make it,
+        and raise :class:`LoggedDespiteError`; otherwise return (nothing
+        changed)."""
+        last = first + n - 1
+        if self.storage.max_wal() < last:
+            return
+        codes = apply()
+        self.storage.set_max_applied_wal(last)
+        raise LoggedDespiteError(f"{exc} (WAL {first}..{last} is in the log all the same: "
+                                 "applied)", codes, sessions) from exc
 
     def clear(self) -> None:
         self.app.clear_state()
         self.storage.clear_wal()
         self.storage.set_max_applied_wal(0)
+
+
+def state_digest(app: App) -> dict[str, Any]:
+    """An order-independent digest of an App's state: its entries (the
+    App's own encoding of ``iter_state``), sorted, hashed.  Caller holds
+    the App lock."""
+    datas = sorted(app.encode_cmd(c, WALEntry(0)).data for c in app.iter_state())
+    h = hashlib.sha256()
+    for d in datas:
+        h.update(len(d).to_bytes(8, "little"))
+        h.update(d)
+    return {"entries": len(datas), "sha256": h.hexdigest()}

@@ -114,9 +114,25 @@ class Checkpointer:
         self.node.log.info("checkpoint at WAL id %d written", wal_id)
 
     def received(self, wal_id: int) -> None:
-        """A state sync arrived as a checkpoint at ``wal_id``."""
+        """A state sync arrived as a checkpoint at ``wal_id``: the only one
+        of this node's history now (any other was taken from the state the
+        sync replaced, and one at a higher WAL id would be restored in its
+        place)."""
         self.position = wal_id
+        store = self.store
+        assert store is not None
+        for cp_id, cp in store.list():
+            if cp_id != wal_id:
+                store.remove(cp)
         self.prune(wal_id)
+
+    def forget(self) -> None:
+        """The state was cleared (a state sync begins, or clear_state): no
+        checkpoint describes this node's history any more."""
+        store = self.store
+        if store is not None:
+            for _, cp in store.list():
+                store.remove(cp)
 
     def prune(self, newest: int) -> None:
         """Keep the newest ``checkpoints_kept`` files and truncate the WAL up

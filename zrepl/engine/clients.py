@@ -73,7 +73,7 @@ class ClientEndpoint:
 
         def reply(code: int | None, exc: BaseException | None) -> None:
             if session is not None:
-                node.core.sessions_pending.discard(session)  # recorded at apply: see check_submission
+                node.core.submission_done(session)  # recorded at apply: see check_submission
             self.replies.append((handle, protocol.submit_reply(request_id, code, exc)))
             if threading.get_ident() != node.engine_ident:
                 node.poke()

@@ -10,12 +10,12 @@ the core and its lock, the Applier, the checkpointer, the control endpoint.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 from ..core import protocol
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.types import WALEntry
+from .applier import state_digest
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -77,20 +77,35 @@ class ControlServer:
 
     # --- the supervisor's Node ---------------------------------------------------------
 
-    def op_status(self, renew_lease_for: Any = 0, lease: Any = 0.0) -> dict:
+    def op_status(self, renew_lease_for: Any = 0, lease: Any = 0.0, since: Any = None
+                  ) -> dict:
         """Status; the supervisor's poll of the leader also renews its lease
-        (``renew_lease_for`` must be this node's epoch and role LEADER)."""
+        (``renew_lease_for`` must be this node's epoch and role LEADER).
+
+        The lease runs from ``since``: this node's clock (``extra.clock``) in
+        the last status the supervisor had received from it when it sent
+        the renewal - a time this node knows came before the sending, however
+        long the renewal then took to arrive.  (Without it, from when the
+        renewal arrived: safe only while transit stays within the lease
+        margin.)"""
         node = self.node
         refused = ""
         if renew_lease_for:
             try:
-                node.renew_lease(renew_lease_for, lease, start=self._arrived_after)
+                node.renew_lease(renew_lease_for, lease, start=self._lease_start(since))
             except ReplicationError as exc:  # report it in the status, do not fail the poll
                 refused = str(exc)
         d = node.status().to_dict()
         if refused:
             d["extra"]["lease_refused"] = refused
         return d
+
+    def _lease_start(self, since: Any) -> float:
+        if since is None:
+            return self._arrived_after
+        if isinstance(since, bool) or not isinstance(since, (int, float)) or since != since:
+            raise ProtocolError(f"since must be a number (this node's clock), got {since!r}")
+        return min(float(since), self._arrived_after)  # never a start in the future
 
     def op_set_role(self, role: Any, leader_id: Any) -> None:
         self.node.set_role(role, leader_id)
@@ -169,14 +184,7 @@ class ControlServer:
         """An order-independent digest of the App's state."""
         node = self.node
         with node.applier.lock:
-            app = node.applier.app
-            datas = sorted(app.encode_cmd(c, WALEntry(0)).data for c in app.iter_state())
-            position = node.core.position
-        h = hashlib.sha256()
-        for d in datas:
-            h.update(len(d).to_bytes(8, "little"))
-            h.update(d)
-        return {"wal_id": position, "entries": len(datas), "sha256": h.hexdigest()}
+            return {"wal_id": node.core.position, **state_digest(node.applier.app)}
 
     def op_checkpoint(self) -> int:
         """Start a checkpoint now; the WAL id it will capture (0 when this

@@ -30,6 +30,7 @@ from ..core.protocol import ACK, codes_to_bytes
 from ..core.session import wrap_client, wrap_plain
 from ..core.types import WALEntry
 from ..storage.base import entries_from
+from .applier import LoggedDespiteError
 from .sinks import FutureSink, Sink, Submission, WaitSink
 
 if TYPE_CHECKING:
@@ -212,8 +213,14 @@ class CommitPipeline:
         try:
             node.storage.write_wal_data(first, datas)
         except StorageError as exc:
+            applied = None
+            try:
+                node.applier.follow_the_log(exc, first, len(datas),
+                                            lambda: node.applier.app.apply(cmds), sessions)
+            except LoggedDespiteError as logged:
+                exc, applied = logged, (logged.codes, logged.sessions)
             with lock:
-                effects = core.batch_failed(batch, exc, False, now)
+                effects = core.batch_failed(batch, exc, False, now, applied)
             node.run(effects)
             return
         try:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import zmq
 
 from ..core import protocol
-from ..core.errors import NotLeader, ProtocolError, ReplicationError, Timeout
+from ..core.errors import NotLeader, ProtocolError, ReplicationError, SessionExpired, Timeout
 from ..core.interfaces import Follower, Node
 from .rpc import RpcClient, new_context
 from ..core.epochs import FollowerInfo
@@ -200,7 +200,24 @@ class Client:
             raise TypeError(f"Client.apply takes bytes, got {type(data).__name__}")
         data = bytes(data)
         seq = next(self._seq)
-        return self._retry(lambda: self._attempt(data, seq), lambda last: Timeout(
+        maybe = [0]  # requests of this command that may have been applied
+
+        def attempt() -> int:
+            nonlocal seq
+            try:
+                return self._attempt(data, seq, maybe)
+            except SessionExpired:
+                if maybe[0]:
+                    raise  # an earlier request may have been applied: unknown
+                # Refused, and no request of it can have been applied: the
+                # nodes forgot this client (max_sessions others since its
+                # last command).  Go on as a new session.
+                self.client_id = os.urandom(16)
+                self._seq = itertools.count(1)
+                seq = next(self._seq)
+                return self._attempt(data, seq, maybe)
+
+        return self._retry(attempt, lambda last: Timeout(
             f"no leader confirmed the command within {self.retry_for:g}s "
             f"(outcome unknown; last: {type(last).__name__}: {last})"))
 
@@ -221,7 +238,7 @@ class Client:
             time.sleep(pause)  # back off between rounds of attempts
             pause = min(pause * 2, self.max_pause)
 
-    def _attempt(self, data: bytes, seq: int) -> int:
+    def _attempt(self, data: bytes, seq: int, maybe: list[int]) -> int:
         """One round over the candidates; raises NotLeader or Timeout to retry."""
         candidates = self._candidates()
         last_error: ReplicationError | None = None
@@ -236,6 +253,7 @@ class Client:
                 raw = self._request(address, protocol.submit_request(
                     request_id, data, self.client_id, seq), "submit")
             except Timeout as exc:
+                maybe[0] += 1  # no answer: it may have been applied
                 last_error = exc
                 continue
             rid, code, err = protocol.parse_submit_reply(raw)
@@ -251,6 +269,7 @@ class Client:
                     candidates.insert(0, hint)  # follow the redirect
                 continue
             if isinstance(err, Timeout):
+                maybe[0] += 1
                 self._leader = address  # the leader, just not ready to answer: retry there
                 raise err
             raise err

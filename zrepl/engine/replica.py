@@ -88,6 +88,20 @@ class _Log(logging.LoggerAdapter):
         return f"[{self.extra['address']}] {msg}", kwargs
 
 
+def machine_boot_id() -> str:
+    """This machine's boot (Linux: a new random id at every boot).  Elsewhere
+    a fresh id per process: every restart then counts as a reboot, which
+    is only more cautious."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return _PROCESS_BOOT
+
+
+_PROCESS_BOOT = os.urandom(8).hex()
+
+
 class ReplicaManager(Manager):
     """The Manager of a Replica: what host code calls to write."""
 
@@ -127,7 +141,7 @@ class Replica(Node):
     def __init__(self, app: App, storage: Storage, address: str,
                  config: Config | None = None, *, transport: Transport | None = None,
                  clock: Clock | None = None, rng: random.Random | None = None,
-                 snapshots: str | None = None):
+                 snapshots: str | None = None, boot_id: Callable[[], str] | None = None):
         self.app = app
         self.storage = storage
         self.address = address
@@ -138,6 +152,7 @@ class Replica(Node):
         self.transport: Transport = transport  # type: ignore[assignment]
         self.clock = clock or MONOTONIC
         self.rng = rng or random.Random()
+        self.boot_id = boot_id or machine_boot_id
         threaded = transport is None or transport.threaded
         if snapshots is None:
             snapshots = "fork" if hasattr(os, "fork") and threaded else "copy"
@@ -170,7 +185,7 @@ class Replica(Node):
             fx.CloseLink: lambda e: self.downstream.close(),
             fx.CallFollower: self.downstream.call,
             fx.StartSnapshot: self.downstream.start_snapshot,
-            fx.ClearState: lambda e: self.applier.clear(),
+            fx.ClearState: self._clear_state,
             fx.ClearWAL: self._clear_wal,
             fx.BeginStateIn: self.upstream.begin_state_in,
             fx.EndStateIn: self.upstream.end_state_in,
@@ -206,7 +221,7 @@ class Replica(Node):
         self.core = NodeCore(self.address, self.config, role=st.role(), leader_id=st.leader_id(),
                              history=st.epoch_history(), follower=st.follower_address(),
                              position=position, sessions=sessions, rng=self.rng,
-                             now=self.clock.now())
+                             now=self.clock.now(), boot=self.boot_id())
         self.checkpointer.position = position
         if self._own_transport:
             self.transport = ZmqTransport()
@@ -374,6 +389,10 @@ class Replica(Node):
 
     def _log_effect(self, e: fx.Log) -> None:
         self.log.log(e.level, "%s", e.text)
+
+    def _clear_state(self, e: fx.ClearState) -> None:
+        self.applier.clear()
+        self.checkpointer.forget()
 
     def _clear_wal(self, e: fx.ClearWAL) -> None:
         self.storage.clear_wal()

@@ -86,6 +86,7 @@ class Supervisor:
         self._waiting: dict[str, tuple[str, Call | None, float]] = {}  # address -> (op, call, deadline)
         self._calls: dict[str, collections.deque[Call]] = {}
         self._observed: dict[str, NodeStatus | None] = {}
+        self._node_clock: dict[str, float] = {}  # address -> its clock in its last status
         self._phase = IDLE
         self._tick_at = self.clock.now()
         self._poll_deadline = 0.0
@@ -223,8 +224,9 @@ class Supervisor:
         self._phase = POLLING
         for a in self.nodes:
             args: dict[str, Any] = {}
-            if renews(m, a):
-                args = {"renew_lease_for": m.leader_id, "lease": cfg.lease}
+            if renews(m, a) and a in self._node_clock:
+                args = {"renew_lease_for": m.leader_id, "lease": cfg.lease,
+                        "since": self._node_clock[a]}
                 renewal_at(m, now, cfg)
             self._send(a, "status", args, None, self._poll_deadline)
 
@@ -257,14 +259,24 @@ class Supervisor:
                 log.warning("%s answered with a malformed status: %s", address, exc)
                 return
             self._observed[address] = st
+            self._note_clock(address, st.extra)
             if address == m.leader and st.role == NodeRole.LEADER and \
                     st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
                 renewal_at(m, now, self.config)  # confirmed
             return
         if call is not None and call.op == "renew":
+            if isinstance(result, dict):
+                self._note_clock(address, result.get("extra", {}))
             if not (isinstance(result, dict) and result.get("extra", {}).get("lease_refused")):
                 renewal_at(m, now, self.config)  # confirmed
         log.info("%s", call)
+
+    def _note_clock(self, address: str, extra: Any) -> None:
+        """The node's clock in a status just received: the start of the
+        lease the next renewal grants (see ControlServer.op_status)."""
+        clock = extra.get("clock") if isinstance(extra, dict) else None
+        if isinstance(clock, (int, float)) and not isinstance(clock, bool):
+            self._node_clock[address] = float(clock)
 
     def _failed(self, address: str, op: str, call: Call | None, exc: ReplicationError) -> None:
         if call is not None:
@@ -308,9 +320,13 @@ class Supervisor:
                 args = {"role": int(call.role), "leader_id": call.leader_id}  # type: ignore[arg-type]
                 self._send(address, "set_role", args, call, deadline)
             elif call.op == "renew":
+                if address not in self._node_clock:
+                    continue  # no status from it yet: no lease (the next poll renews)
                 renewal_at(self.memory, now, self.config)
                 self._send(address, "status", {"renew_lease_for": call.leader_id,
-                                               "lease": self.config.lease}, call, deadline)
+                                               "lease": self.config.lease,
+                                               "since": self._node_clock[address]},
+                           call, deadline)
             else:
                 self._send(address, call.op, {"address": call.target}, call, deadline)
 

@@ -23,6 +23,7 @@ from ..core.effects import BeginStateIn, EndStateIn, SendAck
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.node import SnapshotIn
 from ..core.protocol import ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, endpoints
+from .applier import LoggedDespiteError
 from .progress import Progress
 from .transport import Pusher
 
@@ -138,9 +139,10 @@ class UpstreamLink:
         try:
             codes, cb, sessions = node.applier.log_and_apply(first, datas)
         except Exception as exc:
+            applied = (exc.codes, exc.sessions) if isinstance(exc, LoggedDespiteError) else None
             with lock:
                 effects = core.on_wal_failed(first, last, batch, exc,
-                                             node.storage.max_wal() >= last, now)
+                                             node.storage.max_wal() >= last, now, applied)
             node.run(effects)
             raise exc if isinstance(exc, ReplicationError) else ProtocolError(str(exc))
         with lock:

@@ -21,7 +21,7 @@ import collections
 import heapq
 import itertools
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..core.config import Config
 from ..core.errors import ReplicationError
@@ -49,6 +49,11 @@ class InmemNetwork:
         self.busy_until: dict[str, float] = {}
         self.woken: set[str] = set()
         self.stats: collections.Counter[str] = collections.Counter()
+        # Fault injection (``zrepl sim``): called for every message sent as
+        # ``faults(src host, dst host, endpoint, item)``; returns the extra
+        # delays of the copies to deliver (``[0.0]``: as usual, ``[]``: the
+        # message is lost, two delays: it arrives twice).
+        self.faults: Callable[[str, str, str, Any], list[float]] | None = None
 
     # --- hosts and endpoints -------------------------------------------------------
 
@@ -103,12 +108,17 @@ class InmemNetwork:
         t = max(now, self.busy_until.get(src, now)) + self.latency
         if self.jitter:
             t += self.jitter * self.rng.random()
-        key = (conn, endpoint)
-        t = max(t, self._last.get(key, 0.0))
-        self._last[key] = t
-        self.in_transit[conn] += 1
         self.stats["sent"] += 1
-        heapq.heappush(self._heap, (t, next(self._seq), endpoint, src, conn, item))
+        extra = [0.0] if self.faults is None else \
+            self.faults(src, self.owner.get(endpoint, ""), endpoint, item)
+        key = (conn, endpoint)
+        for delay in extra:  # in order per connection, as ZeroMQ keeps them
+            at = max(t + delay, self._last.get(key, 0.0))
+            self._last[key] = at
+            self.in_transit[conn] += 1
+            heapq.heappush(self._heap, (at, next(self._seq), endpoint, src, conn, item))
+        if not extra:
+            self.stats["lost"] += 1
 
     def next_delivery(self) -> float:
         return self._heap[0][0] if self._heap else float("inf")

@@ -24,16 +24,40 @@ from typing import Any, Callable
 
 from ..core import protocol
 from ..core.config import Config
-from ..core.errors import NotLeader, ReplicationError, Timeout
+from ..core.errors import NotLeader, ReplicationError, SessionExpired, Timeout
 from ..core.interfaces import App
+from ..core.plan import Memory
 from ..core.types import NodeRole, NodeStatus
 from ..storage.base import MemoryStorage
-from .clock import FakeClock
+from .clock import Clock, FakeClock
 from .inmem import InmemNetwork, InmemTransport
 from .replica import Replica
 from .supervisor import Supervisor
 
 INF = float("inf")
+MIN_DELAY = 1e-6  # seconds: the shortest wait a host gets (virtual time is a float)
+
+
+class SkewedClock(Clock):
+    """A host's clock that runs at ``rate`` times true (virtual) time; the
+    rate may change (``set_rate``) and the reading stays continuous."""
+
+    def __init__(self, true: FakeClock, rate: float = 1.0):
+        self.true = true
+        self.rate = rate
+        self._base_true = true.now()
+        self._base = self._base_true
+
+    def now(self) -> float:
+        return self._base + (self.true.now() - self._base_true) * self.rate
+
+    def set_rate(self, rate: float) -> None:
+        self._base, self._base_true = self.now(), self.true.now()
+        self.rate = rate
+
+    def to_true(self, seconds: float) -> float:
+        """A delay on this clock, in true seconds."""
+        return seconds / self.rate
 
 
 class SimulationStuck(AssertionError):
@@ -70,14 +94,18 @@ class Simulation:
         self._wake.pop(host, None)
         self._wants.pop(host, None)
 
-    def node(self, name: str, app: Callable[[], App] | None = None, **settings: Any
-             ) -> "SimNode":
-        n = SimNode(self, name, app, Config(**{**SIM_DEFAULTS, **settings}))
+    def node(self, name: str, app: Callable[[], App] | None = None, *,
+             clock: SkewedClock | None = None, storage: MemoryStorage | None = None,
+             **settings: Any) -> "SimNode":
+        """A node (started) named ``name``; ``clock`` (default: true time)
+        and ``storage`` (default: a MemoryStorage) for fault injection."""
+        n = SimNode(self, name, app, Config(**{**SIM_DEFAULTS, **settings}), clock, storage)
         self.nodes[name] = n
         return n.start()
 
-    def supervisor(self, nodes: list["SimNode"], **settings: Any) -> "SimSupervisor":
-        return SimSupervisor(self, nodes, Config(**{**SIM_DEFAULTS, **settings}))
+    def supervisor(self, nodes: list["SimNode"], *, clock: SkewedClock | None = None,
+                   **settings: Any) -> "SimSupervisor":
+        return SimSupervisor(self, nodes, Config(**{**SIM_DEFAULTS, **settings}), clock)
 
     def client(self, nodes: list["SimNode"], name: str = "client", **kw: Any) -> "SimClient":
         return SimClient(self, name, [n.address for n in nodes], **kw)
@@ -146,6 +174,8 @@ class Simulation:
                 continue
             woken.discard(host)
             delay = self._hosts[host](now)
+            if 0.0 < delay < MIN_DELAY:
+                delay = MIN_DELAY  # (a timer due in a rounding error: now + delay == now)
             self._wake[host] = now + delay if delay != INF else INF
             ran = True
         if ran:
@@ -207,16 +237,20 @@ class SimNode:
     MemoryStorage that survives its crashes."""
 
     def __init__(self, sim: Simulation, name: str, app: Callable[[], App] | None,
-                 config: Config):
+                 config: Config, clock: SkewedClock | None = None,
+                 storage: MemoryStorage | None = None):
         self.sim = sim
         self.name = name
         self.address = f"ipc://sim/{name}"
         self.make_app = app or _default_app
         self.config = config
-        self.storage = MemoryStorage(clock=lambda: int(sim.clock.now() * 1e9), checkpoints=True)
+        self.clock = clock
+        self.storage = storage or MemoryStorage(clock=lambda: int(sim.clock.now() * 1e9),
+                                                checkpoints=True)
         self.replica: Replica | None = None
         self.transport: InmemTransport | None = None
         self.starts = 0
+        self.boot = "boot-1"  # its machine's boot id: a power loss reboots it
 
     @property
     def app(self) -> Any:
@@ -228,11 +262,12 @@ class SimNode:
         self.starts += 1
         self.transport = self.sim.transport(self.address)
         self.replica = Replica(self.make_app(), self.storage, self.address, self.config,
-                               transport=self.transport, clock=self.sim.clock,
+                               transport=self.transport, clock=self.clock or self.sim.clock,
                                rng=random.Random(self.sim.rng.getrandbits(64)),
-                               snapshots="copy").start()
+                               snapshots="copy", boot_id=lambda: self.boot).start()
         r = self.replica
-        self.sim.add_host(self.address, r.step, lambda: r._wants_step)
+        self.sim.add_host(self.address, _on_own_clock(r.step, self.clock),
+                          lambda: r._wants_step)
         return self
 
     def crash(self) -> None:
@@ -269,20 +304,52 @@ class SimNode:
         return self.replica.core.position
 
 
+def _on_own_clock(step: Callable[[float], float], clock: SkewedClock | None
+                  ) -> Callable[[float], float]:
+    """A host's step for the simulation, which speaks true time: the host
+    reads its own clock and its delays are converted back."""
+    if clock is None:
+        return step
+    return lambda now: step(clock.now()) / clock.rate
+
+
+class _StateInMemory(Supervisor):
+    """A supervisor whose state file is a dict that outlives its crashes."""
+
+    def __init__(self, saved: dict, *args: Any, **kw: Any):
+        self._saved = saved
+        super().__init__(*args, **kw)
+
+    def _load_state(self) -> Memory:
+        return Memory.from_persisted(self._saved["state"]) if "state" in self._saved \
+            else Memory()
+
+    def _save_state(self) -> None:
+        self._saved["state"] = self.memory.persisted()
+
+
 class SimSupervisor:
-    def __init__(self, sim: Simulation, nodes: list[SimNode], config: Config):
+    def __init__(self, sim: Simulation, nodes: list[SimNode], config: Config,
+                 clock: SkewedClock | None = None):
         self.sim = sim
         self.nodes = nodes
         self.config = config
+        self.clock = clock
         self.host = "sim-supervisor"
+        self.saved: dict = {}  # its state file
         self.sup: Supervisor | None = None
         self.start()
 
     def start(self) -> "SimSupervisor":
-        self.sup = Supervisor([n.address for n in self.nodes], config=self.config,
-                              transport=self.sim.transport(self.host), clock=self.sim.clock)
-        self.sim.add_host(self.host, self.sup.step)
+        self.sup = _StateInMemory(self.saved, [n.address for n in self.nodes],
+                                  config=self.config, transport=self.sim.transport(self.host),
+                                  clock=self.clock or self.sim.clock)
+        self.sim.add_host(self.host, _on_own_clock(self.sup.step, self.clock))
         return self
+
+    @property
+    def running(self) -> bool:
+        return self.sup is not None
 
     def crash(self) -> None:
         if self.sup is not None:
@@ -308,6 +375,7 @@ class Op:
     query: bool = False  # a read (App.query): ``answer`` holds the reply
     leader_only: bool = False
     answer: bytes | None = None
+    client: bytes = b""  # the session (client id) it was submitted under
 
     @property
     def done(self) -> bool:
@@ -349,9 +417,15 @@ class SimClient:
         self._written = 0
         sim.add_host(self.host, self.step, lambda: False)
 
+    def new_session(self) -> None:
+        """Go on as a new ``zrepl.Client`` would: a fresh client id, its
+        sequence from 1 (for commands submitted from now on)."""
+        self.client_id = self.sim.rng.getrandbits(128).to_bytes(16, "big")
+        self._seq = 0
+
     def submit(self, data: bytes) -> Op:
         self._seq += 1
-        op = Op(data, self._seq, self.sim.clock.now())
+        op = Op(data, self._seq, self.sim.clock.now(), client=self.client_id)
         self.queue.append(op)
         self.ops.append(op)
         return op
@@ -405,6 +479,7 @@ class SimClient:
             self._round = self._candidates(now)
             self._pause = 0.01
             self._next_try = now
+            self._maybe = 0  # requests of it that may have been applied
         op = self._current
         if self._waiting is not None:
             address, rid, deadline = self._waiting
@@ -413,6 +488,7 @@ class SimClient:
                 if now < deadline:
                     return deadline - now
                 self._waiting = None
+                self._maybe += 1
                 self._drop(address)
                 self._timed_out[address] = now
                 if self.leader == address:
@@ -437,8 +513,18 @@ class SimClient:
                     self._round.insert(0, hint)  # follow the redirect
                 return self._next_in_round(op, now)
             if isinstance(err, Timeout):
+                self._maybe += 1
                 self.leader = address  # the leader, not ready to answer: retry there
                 return self._end_round(op, now, err)
+            if isinstance(err, SessionExpired) and not op.query and not self._maybe:
+                # forgotten, and nothing of it applied: a new session (as
+                # zrepl.Client does)
+                self.new_session()
+                self._seq += 1
+                op.client, op.seq = self.client_id, self._seq
+                self._round.insert(0, address)
+                self._tried.discard(address)
+                return self._next_in_round(op, now)
             op.error, op.completed, op.node = err, now, address  # retrying cannot change it
             self._current = None
             return 0.0
@@ -455,7 +541,7 @@ class SimClient:
             self._ids += 1
             self._requester(address).send(
                 protocol.query_request(self._ids, op.data, op.leader_only) if op.query else
-                protocol.submit_request(self._ids, op.data, self.client_id, op.seq))
+                protocol.submit_request(self._ids, op.data, op.client, op.seq))
             self._waiting = (address, self._ids, now + self.timeout)
             return self.timeout
         return self._end_round(op, now)

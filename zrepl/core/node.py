@@ -71,9 +71,18 @@ wait (:meth:`ack_deadline`).  A follower that keeps acknowledging - however
 far behind, during a long catch-up - is busy, not dead.  Deeper in a chain
 the limit is shorter, so the link next to a hung tail fails first.
 
-**Commit.**  A leader commits only while it is the leader of its epoch and
-its lease (once one was granted, or with ``lease_required``) has not run
-out (:meth:`check_writable`).  With ``require_sync`` it commits only
+**One sequence per epoch.**  Two logs agree up to an id exactly when the
+same epoch wrote it in both (``epochs.divergence_point``), so a leader must
+never give one WAL id two entries.  It would, if it went on after failing
+to log a batch it had already sent, or after a restart (it cannot know
+what it sent before); so in both cases its epoch is *spent*
+(``epoch_spent``): it commits nothing and handshakes with no follower (its
+follower may hold acknowledged writes a rebooted leader lost) until it is
+given a new epoch - by the supervisor, at once.
+
+**Commit.**  A leader commits only while it is the leader of its epoch, the
+epoch is not spent, and its lease (once one was granted, or with
+``lease_required``) has not run out (:meth:`check_writable`).  With ``require_sync`` it commits only
 through a forwarding link.  A batch is answered when both halves are known
 (its local apply and the follower's ack, :meth:`_finalize`): the same
 codes answer the callers; different codes are ``FollowerMismatch``; a
@@ -156,11 +165,12 @@ class NodeCore:
         self.lease_enforced = config.lease_required
         self.lease_until = 0.0
         # A leader writes one sequence per epoch.  A restarted leader that
-        # had a follower cannot know what it sent before it stopped, and a
+        # had a follower cannot know what it sent before it stopped (nor,
+        # under require_sync, whether it lost writes others hold), and a
         # leader that could not log a batch it sent would give the same WAL
         # ids to other entries: either way it writes nothing more in this
         # epoch (the supervisor gives it, or another node, a new one).
-        self.epoch_spent = role == NodeRole.LEADER and bool(follower)
+        self.epoch_spent = role == NodeRole.LEADER and (bool(follower) or config.require_sync)
         self.leader_address = ""  # the upstream, or the leader last heard of
         self.running = False
         # upstream side
@@ -347,6 +357,11 @@ class NodeCore:
         self.depth = depth if isinstance(depth, int) and not isinstance(depth, bool) \
             and 0 < depth < 1000 else 1
         out += self._abort_state_in()
+        if self.state_incomplete and self.position == 0:
+            # an abandoned state sync may have left part of a state in the
+            # App: empty it, so that it matches position 0 whatever comes next
+            self.sessions.clear()
+            out.append(ClearState())
         if address:
             out.append(ConnectUpstream(address))
         info = {"leader_id": self.leader_id, "max_applied_wal": self.position,
@@ -423,6 +438,8 @@ class NodeCore:
                        sessions: list[tuple[int, bytes, int]], now: float) -> Effects:
         """A batch from the upstream is logged and applied."""
         self._advance(first, last, codes, sessions)
+        if first == 1 and self.state_incomplete and self.snap_in is None:
+            self.state_incomplete = False  # cleared, then rebuilt from the log's start
         if batch is None or not self._acks_wait_for_follower(batch):
             if batch is not None:
                 batch.upstream = None
@@ -489,6 +506,9 @@ class NodeCore:
         if self.role == NodeRole.LEADER:
             raise ProtocolError("clear_state refused: this node is the leader")
         self.sessions.clear()
+        # a cleared node holds nothing to offer a follower (which may hold
+        # acknowledged writes) until a state sync, or the log from 1, arrives
+        self.state_incomplete = True
         return [ClearState()] + self._jump(0, "state cleared", now)
 
     def on_state_begin(self, stream: int, wal_id: int, section: dict, now: float) -> Effects:

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .effects import ERROR, WARNING
+from .epochs import epoch_at
 from .types import FollowerState, NodeRole, NodeStatus
 
 STATE_FORMAT = 1
@@ -232,7 +233,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         mem.leader, mem.leader_id = address, epoch
         mem.chain = [a for a in mem.chain if a != address]
         mem.sync_chain = []
-        mem.sync_boot = {}
+        st = alive.get(address)
+        mem.sync_boot = {address: str(st.extra.get("boot", ""))} if st is not None else {}
         mem.unconfirmed = []
         calls.append(Call("set_role", address, NodeRole.LEADER, epoch))
         calls.append(Call("renew", address, leader_id=epoch))
@@ -309,8 +311,16 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         if intact:
             candidates.append((lst.max_wal, 1, leader))
         elif not mem.sync_chain:
-            candidates = [(st.max_wal, int(a == leader), a) for a, st in alive.items()
-                          if a not in dead and st.leader_id == mem.leader_id]
+            # Nobody is known to hold what it acknowledged (a promotion was
+            # the last thing seen); any node may, a dead one included: wait
+            # until every node answers.
+            if len(alive) < len(order):
+                return done(f"leader {leader} restarted and may have lost acknowledged "
+                            "writes: waiting for every node to answer")
+            # the most advanced log: the epoch of its last entry, then its length
+            candidates = [(epoch_at(st.epoch_history, st.position), st.position,
+                           int(a == leader), a) for a, st in alive.items()]  # type: ignore
+            candidates = [(c[1], c[2], c[3]) for c in sorted(candidates)[-1:]]
         if not candidates:
             note = (f"leader {leader} restarted and may have lost acknowledged writes; no "
                     f"node known to hold them all is reachable (synchronous chain was "

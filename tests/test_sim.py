@@ -165,9 +165,9 @@ def test_a_seed_replays_step_for_step():
 @pytest.mark.timeout(120)
 def test_a_failing_seed_shrinks_to_fewer_faults():
     with planted("no-lease-check"):
-        r = run(2)
+        r = run(4, steps=6000)
         assert r.violations
-        script, best = shrink(2, Settings(), r, budget=40)
+        script, best = shrink(4, Settings(steps=6000), r, budget=12)
     assert len(script) < len(r.script)
     assert any(v.invariant == r.violations[0].invariant for v in best.violations)
 

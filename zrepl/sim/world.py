@@ -170,6 +170,7 @@ class Run:
         self.nodes: list[SimNode] = []
         self.by_host: dict[str, SimNode] = {}
         self.appointed: dict[int, tuple[str, float]] = {}  # epoch -> (node, true time)
+        self.admitters: dict[int, str] = {}  # epoch -> the node that admitted writes in it
         self.top_epoch = 0
         self.link_faults: dict[tuple[str, str], tuple[str, float]] = {}
         self.dup: float = 0.0
@@ -273,6 +274,10 @@ class Run:
         before now (true time) - the supervisor appoints one only once it
         counts the old lease as expired."""
         now = self.sim.clock.now()
+        first = self.admitters.setdefault(epoch, node.address)
+        if first != node.address:
+            self.violate("epochs", f"{node.name} and {self.by_host[first].name} both admit "
+                                   f"writes in epoch {epoch}")
         for e, (who, at) in self.appointed.items():
             if e > epoch and at < now and who != node.address:
                 self.violate("lease", f"{node.name} admits writes in epoch {epoch} at "

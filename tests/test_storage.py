@@ -372,3 +372,32 @@ def test_fsync_batch_flusher_syncs_within_the_interval(data_dir, fsyncs):
         s.write_wal(batch(2, 1))
         assert fsyncs.calls == n  # not in the writer
         wait_for(lambda: fsyncs.calls > n, timeout=10, what="background fsync")
+
+
+def test_a_failed_fsync_keeps_the_batch_and_takes_no_more_writes(tmp_path, monkeypatch):
+    """EIO from fsync after the write: the batch is in the log (the engine
+    then applies it so the App equals the log), the error is a
+    StorageError, and the WAL refuses further writes until reopened - a
+    later fsync could "succeed" without the pages the kernel dropped."""
+    st = FileStorage(tmp_path / "d", fsync="always")
+    try:
+        st.write_wal_data(1, [b"a"])
+
+        def eio(fd):
+            raise OSError(5, "Input/output error")
+        monkeypatch.setattr(os, "fsync", eio)
+        with pytest.raises(StorageError, match="fsync failed"):
+            st.write_wal_data(2, [b"b"])
+        monkeypatch.undo()
+        assert st.max_wal() == 2 and st.read_wal_data(2, 1) == [b"b"]
+        assert "fsync failed" in st.wal_broken
+        with pytest.raises(StorageError, match="unusable"):
+            st.write_wal_data(3, [b"c"])
+    finally:
+        st.close()
+    st = FileStorage(tmp_path / "d", fsync="always")  # a restart reads back what is there
+    try:
+        assert st.max_wal() == 2 and not st.wal_broken
+        st.write_wal_data(3, [b"c"])
+    finally:
+        st.close()

@@ -314,3 +314,62 @@ def crashes_on_real_nodes(seed: int, rounds: list[tuple[bool, bool, bool]]) -> N
 def _key(op) -> str:
     import msgpack
     return msgpack.unpackb(op.data, raw=False)[1]
+
+
+# --- rules the simulator found (zrepl sim) --------------------------------------------
+
+
+def with_extra(st, **extra):
+    st.extra.update(extra)
+    return st
+
+
+def test_a_deeper_chain_member_behind_the_leaders_follower_is_not_promoted():
+    obs = dict(steady())
+    obs[A] = None
+    obs[B] = None  # the leader's own follower is gone too
+    p = dead_leader(steady_memory(), obs, now=100)
+    assert p.calls == [] and "promoting nobody" in p.memory.note  # C may have fallen behind
+    obs[B] = s(B, FW, 1, 120, C, FollowerState.SYNCING_LOG, leader=A)
+    obs[C] = s(C, F, 1, 110, leader=B)  # C fell behind B since it was recorded
+    p = dead_leader(steady_memory(), obs, now=100)
+    assert p.memory.leader == B
+
+
+def test_a_follower_rebooted_since_it_was_seen_synchronous_is_not_promoted():
+    mem = steady_memory()
+    mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
+    obs = dict(steady())
+    obs[A] = None
+    obs[B] = with_extra(s(B, FW, 1, 100, C, SYNC, leader=A), boot="b2")  # power loss
+    obs[C] = with_extra(s(C, F, 1, 100, leader=B), boot="c1")
+    p = dead_leader(mem, obs, now=100)
+    assert p.new_epoch == 0 and "promoting nobody" in p.memory.note  # B may have lost writes
+    obs[B].extra["acks_durable"] = True  # fsync="always": nothing acknowledged was lost
+    assert dead_leader(mem, obs, now=100).memory.leader == B
+
+
+def test_a_leader_whose_epoch_is_spent_is_replaced_at_once():
+    mem = steady_memory()
+    mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
+    obs = dict(steady())
+    obs[B] = with_extra(obs[B], boot="b1")
+    obs[C] = with_extra(obs[C], boot="c1")
+    obs[A] = with_extra(s(A, L, 1, 100, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
+                        boot="a1", require_sync=True)
+    p = plan(ORDER, obs, mem, CFG, now=10)  # the same boot: it lost nothing, it leads again
+    assert p.new_epoch == 2 and p.memory.leader == A
+    obs[A] = with_extra(s(A, L, 1, 90, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
+                        boot="a2", require_sync=True)  # rebooted, shorter log
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert p.new_epoch == 2 and p.memory.leader == B  # the follower holds what A lost
+
+
+def test_a_supervisor_never_goes_back_to_an_epoch_below_one_it_issued():
+    mem = Memory(max_leader_id=4, leader="", leader_id=0, lease_safe_at=5.0)
+    obs = {A: s(A, L, 3, 100), B: s(B, F, 3, 100, leader=A),
+           C: s(C, F, 4, 90, history=[(3, 1)])}  # told of epoch 4, holds nothing of it
+    p = plan(ORDER, obs, mem, CFG, now=1.0)
+    assert p.calls == [] and "waiting" in p.memory.note  # not A (epoch 3 < 4): and not yet
+    p = plan(ORDER, obs, p.memory, CFG, now=6.0)
+    assert p.new_epoch == 5 and p.memory.leader == A  # a new epoch for the most advanced

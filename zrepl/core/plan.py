@@ -183,7 +183,8 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
         a, pos = mem.sync_chain[i]
         return a in alive and a not in dead and alive[a].leader_id == mem.leader_id and \
             alive[a].position >= pos and \
-            mem.sync_boot.get(a, "") in ("", alive[a].extra.get("boot"))
+            (alive[a].extra.get("acks_durable") or
+             mem.sync_boot.get(a, "") in ("", alive[a].extra.get("boot")))
     if not mem.sync_chain or not valid(0):
         return []
     first = alive[mem.sync_chain[0][0]].position
@@ -307,6 +308,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         lst = alive[leader]
         intact = lst.extra.get("acks_durable") or not lst.extra.get("require_sync") or \
             mem.sync_boot.get(leader, "") == lst.extra.get("boot", "")
+        if lst.extra.get("wal_broken"):
+            intact = False  # it could not write in a new epoch either (until restarted)
         candidates = promotable(mem, alive, dead)
         if intact:
             candidates.append((lst.max_wal, 1, leader))
@@ -319,8 +322,9 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                             "writes: waiting for every node to answer")
             # the most advanced log: the epoch of its last entry, then its length
             candidates = [(epoch_at(st.epoch_history, st.position), st.position,
-                           int(a == leader), a) for a, st in alive.items()]  # type: ignore
-            candidates = [(c[1], c[2], c[3]) for c in sorted(candidates)[-1:]]
+                           int(a == leader), a) for a, st in alive.items()  # type: ignore
+                          if not st.extra.get("wal_broken")]
+            candidates = [(c[1], c[2], c[3]) for c in sorted(candidates)[-1:]]  # type: ignore
         if not candidates:
             note = (f"leader {leader} restarted and may have lost acknowledged writes; no "
                     f"node known to hold them all is reachable (synchronous chain was "

@@ -435,7 +435,8 @@ class Replica(Node):
         extra = fields.pop("extra")
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",
-                      "pending": len(self.pipeline.pending)})
+                      "pending": len(self.pipeline.pending),
+                      "wal_broken": getattr(st, "wal_broken", "")})
         return NodeStatus(address=self.address, max_wal=st.max_wal(), min_wal=st.min_wal(),
                           pid=os.getpid(), rss_bytes=rss, cpu_percent=cpu, extra=extra, **fields)
 

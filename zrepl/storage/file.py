@@ -152,6 +152,11 @@ class FileStorage(BaseStorage):
             self._check_open()
             self._wal.truncate_before_time(ns)
 
+    @property
+    def wal_broken(self) -> str:
+        """Why the WAL takes no more writes until a restart ("" while it does)."""
+        return self._wal.broken
+
     def sync(self) -> None:
         """Force unsynced WAL data to disk now, whatever the fsync policy."""
         self._check_open()

@@ -355,7 +355,17 @@ class SegmentedWAL:
         seg.last_id = first_id + len(datas) - 1
         seg.max_time_ns = now
         self._last_time = now
-        self._after_write(total, new_seg)
+        try:
+            self._after_write(total, new_seg)
+        except OSError as exc:
+            # The batch is in the file, its durability unknown; after a failed
+            # fsync a later one may "succeed" without the lost pages (Linux
+            # drops them): no more writes until the node restarts and reads
+            # back what the disk holds.
+            self._broken = f"fsync failed: {exc}"
+            raise StorageError(f"WAL fsync failed: {exc} (the batch is written, not known to "
+                               "be durable; this WAL takes no more writes until the node "
+                               "restarts)") from exc
 
     def _start_segment(self, first_id: int) -> Segment:
         if self._wfd >= 0:
@@ -506,6 +516,11 @@ class SegmentedWAL:
         fsync_dir(self.dir)
 
     # --- durability ----------------------------------------------------------------
+    @property
+    def broken(self) -> str:
+        """Why this WAL takes no more writes ("" while it does)."""
+        return self._broken or ""
+
     def sync(self) -> None:
         """fsync unsynced WAL data now (any policy)."""
         with self.lock:
@@ -538,8 +553,10 @@ class SegmentedWAL:
                     continue  # synced by the writer meanwhile
             try:
                 self.sync()  # fsync outside the lock: writers keep going
-            except OSError as exc:  # keep flushing; report, do not die
-                log.error("%s: background fsync failed: %s", self._label, exc)
+            except OSError as exc:  # report, do not die; but take no more writes
+                log.error("%s: background fsync failed: %s (no more writes until restart)",
+                          self._label, exc)
+                self._broken = f"background fsync failed: {exc}"
 
     def close(self) -> None:
         with self._cond:

@@ -293,12 +293,12 @@ def test_a_leader_read_waits_for_what_is_applied_but_not_acknowledged():
 def test_a_retried_command_is_answered_only_once_confirmed():
     c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], require_sync=True)
     session = (b"c" * 16, 1)
-    assert c.check_submission(session) is None  # new
+    assert c.check_submission(session, 1.0) is None  # new
     with pytest.raises(Timeout, match="queued"):
-        c.check_submission(session)
+        c.check_submission(session, 1.0)
     c.sessions_pending.discard(session)
     c.sessions.record(session[0], 1, 4, 1)
     with pytest.raises(Timeout, match="not yet confirmed"):
-        c.check_submission(session)  # applied, but commit_index is 0
+        c.check_submission(session, 1.0)  # applied, but commit_index is 0
     c.commit_index = 1
-    assert c.check_submission(session) == 4
+    assert c.check_submission(session, 1.0) == 4

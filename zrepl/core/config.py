@@ -51,6 +51,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         'max_pending',
         'session_window',
         'max_sessions',
+        'session_expiry',
         'leader_read_timeout',
         'rpc_timeout',
         'connect_backoff_min',
@@ -235,6 +236,14 @@ class Config:
     max_sessions: int = 10_000
     """Remote clients remembered; the least recently active is forgotten
     first (its old retries are then refused, never re-applied)."""
+
+    session_expiry: float = 60.0
+    """Seconds a client session must have been idle before a new client may
+    push it out of a full table: until then a new client is told to retry
+    (``Timeout``), so a client retrying within this time always finds its
+    session.  Keep it above every client's ``retry_for`` (10 s by default);
+    a retry later than that is refused (``SessionExpired``) or, for a
+    client's very first command, could be taken as new."""
 
     leader_read_timeout: float = 2.0
     """Longest time a ``leader_only`` read waits for the writes applied

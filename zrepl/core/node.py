@@ -189,6 +189,9 @@ class NodeCore:
         # client sessions (replicated state) and reads
         self.sessions = sessions
         self.sessions_pending: set[tuple[bytes, int]] = set()
+        # leader-local: when this node last saw each client (session_expiry)
+        self._last_seen: dict[bytes, float] = {}
+        self._leading_since = now
         self.reads_waiting = 0
         # the node's counters, shown in its status (the engine counts its own
         # events here too: client requests, replies, malformed messages)
@@ -264,6 +267,8 @@ class NodeCore:
             self.leader_id = leader_id
             self.role = NodeRole.LEADER
             self.epoch_spent = False
+            self._leading_since = now
+            self._last_seen.clear()
             self.history = self.history + [(leader_id, self.position + 1)]
             self.history_version += 1
             out.append(Persist(role=role, leader_id=leader_id, history=list(self.history)))
@@ -438,8 +443,6 @@ class NodeCore:
                        sessions: list[tuple[int, bytes, int]], now: float) -> Effects:
         """A batch from the upstream is logged and applied."""
         self._advance(first, last, codes, sessions)
-        if first == 1 and self.state_incomplete and self.snap_in is None:
-            self.state_incomplete = False  # cleared, then rebuilt from the log's start
         if batch is None or not self._acks_wait_for_follower(batch):
             if batch is not None:
                 batch.upstream = None
@@ -575,6 +578,8 @@ class NodeCore:
         self.position = last
         if sessions:
             self.sessions.record_batch(first, codes, sessions)
+        if first == 1 and self.state_incomplete and self.snap_in is None:
+            self.state_incomplete = False  # cleared, then rebuilt from the log's start
 
     def _jump(self, position: int, why: str, now: float) -> Effects:
         """THE RULE for a position that does not move by a contiguous batch:
@@ -1080,22 +1085,48 @@ class NodeCore:
         self.check_writable(now)
         return self.commit_index >= self.position
 
-    def check_submission(self, session: tuple[bytes, int]) -> int | None:
+    def check_submission(self, session: tuple[bytes, int], now: float) -> int | None:
         """A remote client's command: None to admit it as new, or the code
         to answer from the session table.  Raises a retryable Timeout when
-        it is queued already or applied but not yet confirmed, and
+        it is queued already or applied but not yet confirmed, or when a new
+        client would push out a session active within ``session_expiry``;
         SessionExpired when it is too old to tell."""
+        cid = session[0]
         hit = self.sessions.lookup(*session, active=self._has_pending)
         if hit is None:
             if session in self.sessions_pending:
                 raise Timeout("this command is queued already; retry for its answer")
+            if cid not in self.sessions and not self._has_pending(cid):
+                self._admit_new_client(now)
             self.sessions_pending.add(session)
+            self._seen_at(cid, now)
             return None
+        self._seen_at(cid, now)
         code, wal_id = hit
         if wal_id > self.commit_index:
             raise Timeout("this command is applied but not yet confirmed; retry for its answer")
         self.counters["duplicates_answered"] += 1
         return code
+
+    def _admit_new_client(self, now: float) -> None:
+        """A new client's first command pushes the least recently active
+        sessions out of a full table when it is applied (on every node
+        alike); admit it only if those were idle for ``session_expiry`` as
+        this leader saw them (sessions it never saw count as active when it
+        became leader), so that no client retrying within that time finds
+        its session gone."""
+        new = 1 + len({c for c, _ in list(self.sessions_pending) if c not in self.sessions})
+        for victim in self.sessions.victims(new):
+            if now - self._last_seen.get(victim, self._leading_since) < self.cfg.session_expiry:
+                raise Timeout(f"all {self.cfg.max_sessions} client sessions were active within "
+                              f"{self.cfg.session_expiry:g}s: a new client must wait; retry")
+
+    def _seen_at(self, client_id: bytes, now: float) -> None:
+        seen = self._last_seen
+        seen[client_id] = now
+        if len(seen) > 2 * self.cfg.max_sessions + 64:  # keep it bounded
+            for cid in [c for c in seen if c not in self.sessions]:
+                del seen[cid]
 
     def _has_pending(self, client_id: bytes) -> bool:
         """Commands of this client wait here (seldom asked: only for an

@@ -252,14 +252,20 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             mem.chain = [a for a in mem.chain if a != mem.leader]
         elif len(alive) + len(dead - set(alive)) < len(order):
             return done("starting: waiting for every node to answer or be declared dead")
+        elif mem.max_leader_id and len(alive) < len(order):
+            # Epochs were issued, so writes may have been acknowledged, and
+            # with no leader to follow nobody is known to hold them all: any
+            # node may, a dead one included.
+            return done("no leader, and writes may have been acknowledged: waiting for every "
+                        "node to answer")
         elif not alive:
             return done("no node answers")
         elif now < mem.lease_safe_at:
             return done(f"no leader: waiting {mem.lease_safe_at - now:.2f}s for any old "
                         "leader's lease to run out")
         else:
-            best = max(alive, key=lambda a: (_last_epoch(alive[a]), alive[a].position,
-                                            -order.index(a)))
+            best = max(alive, key=lambda a: (epoch_at(alive[a].epoch_history, alive[a].position),
+                                            alive[a].position, -order.index(a)))
             new_epoch = promote(best)
             events.append((WARNING,
                            f"no leader: making {best} the leader of epoch {new_epoch}"))
@@ -340,14 +346,30 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     else:
         # the leader answered: record who holds every acknowledged write
         chain_now = synchronous_chain(leader, observed)
+        # A member whose machine rebooted since it was recorded may be
+        # claimed synchronous by an upstream that has not noticed (an idle
+        # link): the claim is stale.  It is not counted now, and its
+        # upstream re-links it (a handshake), so the next claim is fresh.
+        prev = leader
+        for i, (a, _) in enumerate(chain_now):
+            was = mem.sync_boot.get(a, "")
+            st = alive[a]
+            if was and not st.extra.get("acks_durable") and was != st.extra.get("boot", ""):
+                chain_now = chain_now[:i]
+                mem.sync_boot[a] = str(st.extra.get("boot", ""))
+                calls.append(Call("set_follower", prev, target=a))
+                events.append((WARNING, f"{a} restarted after a reboot: {prev} re-links it "
+                                        "before it counts as synchronous again"))
+                break
+            prev = a
         require_sync = bool(alive[leader].extra.get("require_sync"))
         if chain_now or not require_sync:
             mem.sync_chain = chain_now
             mem.unconfirmed = [a for a in mem.unconfirmed
                                if a != alive[leader].follower and a not in dict(chain_now)]
-            mem.sync_boot = {
+            mem.sync_boot.update({
                 a: str(alive[a].extra.get("boot", "")) for a in [leader] +
-                [a for a, _ in chain_now] if a in alive and not alive[a].extra.get("acks_durable")}
+                [a for a, _ in chain_now] if a in alive and not alive[a].extra.get("acks_durable")})
 
     # --- 4. the chain -------------------------------------------------------------
     chain = [a for a in mem.chain if a != leader and a not in dead and a in order]

@@ -155,6 +155,17 @@ class SessionTable:
                                  f"{self.window} the nodes remember")
         return None
 
+    def __contains__(self, client_id: bytes) -> bool:
+        return client_id in self._clients
+
+    def victims(self, new_clients: int) -> list[bytes]:
+        """The clients that ``new_clients`` more would push out, least
+        recently active first."""
+        n = len(self._clients) + new_clients - self.max_clients
+        if n <= 0:
+            return []
+        return [cid for cid, _ in zip(self._clients, range(n))]
+
     def clear(self) -> None:
         self._clients.clear()
 

@@ -51,7 +51,7 @@ class ClientEndpoint:
                 core.check_writable(now)
                 if session is not None:
                     with node.core_lock:
-                        code = core.check_submission(session)
+                        code = core.check_submission(session, now)
                     if code is not None:
                         self.replies.append((handle, protocol.submit_reply(request_id, code)))
                         continue

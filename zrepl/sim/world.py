@@ -74,6 +74,8 @@ class Settings:
     think: float = 0.01  # a client's longest pause between two operations
     quiesce: float = 60.0  # virtual seconds the healed cluster gets to converge
     max_sessions: int = 0  # 0: clients + 1 (clients also start new sessions)
+    session_expiry: float = 6.0  # above the clients' retry_for, as the docs require
+    client_retry_for: float = 5.0
     config: dict = field(default_factory=dict)  # more zrepl.Config settings for every node
 
 
@@ -165,7 +167,8 @@ class Run:
         self.app_cls = load_app(s.app)
         self.workload: Workload = workload_for(self.app_cls, self.work_rng, s.clients)
         self.node_settings = dict(require_sync=True, lease_required=True, fsync=s.fsync,
-                                  max_sessions=s.max_sessions or s.clients + 1, **s.config)
+                                  max_sessions=s.max_sessions or s.clients + 1,
+                                  session_expiry=s.session_expiry, **s.config)
         self.clocks: dict[str, SkewedClock] = {}
         self.nodes: list[SimNode] = []
         self.by_host: dict[str, SimNode] = {}
@@ -226,7 +229,7 @@ class Run:
         self.clocks[SUPERVISOR] = SkewedClock(sim.clock)
         self.supervisor = sim.supervisor(self.nodes, clock=self.clocks[SUPERVISOR],
                                          **self.node_settings)
-        self.clients = [sim.client(self.nodes, f"c{i}", timeout=0.3, retry_for=5.0)
+        self.clients = [sim.client(self.nodes, f"c{i}", timeout=0.3, retry_for=s.client_retry_for)
                         for i in range(s.clients)]
         self._client_next = [0.0] * s.clients
 

@@ -119,18 +119,23 @@ def test_a_users_own_app_runs_with_the_generic_invariants():
 # --- planted bugs: the simulator must bite -------------------------------------------
 
 # (bug, settings, seeds tried from 1, the invariants that count as
-# catching it).  Measured, first catching seed: 47 (with 4 nodes; with 3
-# the planner's rules for deeper chain members stop the loss on their own,
-# none in 40), 27, 10 (liveness from seed 1), 2, 13.  A forgetful session
-# table bites only when a retry comes after its session was pushed out,
-# which session_expiry (above the clients' retry_for) prevents: it is shown
-# with session_expiry at 0.2 s.
-PLANTED = [("forwarder-calls-empty-follower-synchronous", {"nodes": 4}, 50,
+# catching it).  Measured with this code, first catching seed: 77 (with 4
+# nodes; with 3 the planner's rules for deeper chain members stop the loss
+# on their own), 28 (with partitions, pauses and crashes only: the loss of
+# a write a leader read saw needs a failover at that moment), 7, 2, 24.  A
+# forgetful session table bites only when a retry comes after its session
+# was pushed out, which session_expiry (above the clients' retry_for)
+# prevents: it is shown with session_expiry at 0.2 s and frequent new
+# sessions.  (Which seed finds a bug moves when the code moves: the bounds
+# leave some room and say so when they no longer hold.)
+PLANTED = [("forwarder-calls-empty-follower-synchronous", {"nodes": 4}, 90,
             {"divergence", "state", "lost"}),
-           ("leader-read-unacknowledged", {}, 35, {"linearizable"}),
+           ("leader-read-unacknowledged", {"faults": ("partition", "pause", "crash")}, 40,
+            {"linearizable"}),
            ("no-stale-epoch-check", {}, 15, {"lost", "linearizable"}),
            ("no-lease-check", {}, 10, {"lease"}),
-           ("forgetful-session-table", {"session_expiry": 0.2}, 20, {"exactly-once"})]
+           ("forgetful-session-table", {"session_expiry": 0.2, "new_sessions": 0.05}, 35,
+            {"exactly-once"})]
 
 
 @pytest.mark.timeout(400)

@@ -846,6 +846,10 @@ class NodeCore:
         if not link.forwarding or link.acked < link.sync_from:
             return []
         link.machine.caught_up()
+        if self.role == NodeRole.LEADER and link.acked > self.commit_index:
+            # the follower holds everything up to here (after a state sync
+            # too, where no batch was acknowledged): confirmed
+            self.commit_index = min(link.acked, self.position)
         return [Log(INFO, f"follower {link.address} is synchronous at WAL id {link.acked}")]
 
     def tick(self, now: float) -> tuple[Effects, float]:

@@ -73,7 +73,8 @@ class Settings:
     skew: float = 0.05  # clock rates within 1 +- skew
     think: float = 0.01  # a client's longest pause between two operations
     quiesce: float = 60.0  # virtual seconds the healed cluster gets to converge
-    max_sessions: int = 0  # 0: clients + 1 (clients also start new sessions)
+    max_sessions: int = 0  # 0: clients + 2 (clients also start new sessions)
+    new_sessions: float = 0.005  # chance a client starts a new session before an operation
     session_expiry: float = 6.0  # above the clients' retry_for, as the docs require
     client_retry_for: float = 5.0
     config: dict = field(default_factory=dict)  # more zrepl.Config settings for every node
@@ -167,7 +168,7 @@ class Run:
         self.app_cls = load_app(s.app)
         self.workload: Workload = workload_for(self.app_cls, self.work_rng, s.clients)
         self.node_settings = dict(require_sync=True, lease_required=True, fsync=s.fsync,
-                                  max_sessions=s.max_sessions or s.clients + 1,
+                                  max_sessions=s.max_sessions or s.clients + 2,
                                   session_expiry=s.session_expiry, **s.config)
         self.clocks: dict[str, SkewedClock] = {}
         self.nodes: list[SimNode] = []
@@ -554,7 +555,7 @@ class Run:
                 continue
             if not writing or now < self._client_next[i]:
                 continue
-            if self.work_rng.random() < 0.02:
+            if self.work_rng.random() < self.settings.new_sessions:
                 c.new_session()
             planned = self.workload.next(i)
             op = c.query(planned.data, planned.leader_only) if planned.query else \

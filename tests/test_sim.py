@@ -38,6 +38,9 @@ REGRESSIONS = {
     1079: "a forgotten client's first command retried and applied twice (count eviction)",
     5169: "a stale synchronous claim for a follower that rebooted, recorded as fresh",
     5191: "no leader remembered: the most advanced live node chosen while a dead one held more",
+    10643: "a new leader's history kept an epoch that began after its log (engine stopped)",
+    20545: "the same, on another node",
+    20721: "a follower that never joined the epoch blocked every promotion",
 }
 FIXED_SEEDS = list(range(1, 31))
 

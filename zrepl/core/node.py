@@ -269,7 +269,10 @@ class NodeCore:
             self.epoch_spent = False
             self._leading_since = now
             self._last_seen.clear()
-            self.history = self.history + [(leader_id, self.position + 1)]
+            # (epochs that began after what this node holds wrote nothing
+            # here: they drop out, and the new one begins after its log)
+            self.history = [(e, f) for e, f in self.history if f <= self.position] + \
+                [(leader_id, self.position + 1)]
             self.history_version += 1
             out.append(Persist(role=role, leader_id=leader_id, history=list(self.history)))
             self.lease_until = 0.0  # a new leadership waits for its own lease

@@ -194,6 +194,8 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
     # become synchronous unseen, and acknowledged writes the first lacks:
     # it must answer, and counts as holding the most if it does.
     for a in mem.unconfirmed:
+        if a in alive and a not in dead and alive[a].leader_id < mem.leader_id:
+            continue  # never joined this epoch: it acknowledged nothing in it
         if a not in alive or a in dead or alive[a].leader_id != mem.leader_id:
             return []
         if alive[a].position >= first:

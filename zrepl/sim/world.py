@@ -182,6 +182,7 @@ class Run:
         self.down: set[str] = set()
         self.paused: set[str] = set()
         self.power_lost: set[str] = set()  # lost unsynced data and not yet healed
+        self._restart_at: dict[str, float] = {}  # engines that stopped themselves
         self.slow_apply: dict[str, float] = {}
         self.client_endpoints: set[str] = set()
         self.control_endpoints: dict[str, str] = {}  # -> node address
@@ -625,6 +626,7 @@ class Run:
                     self.inject(f)
                 next_fault = self.now() + self.fault_rng.expovariate(1 / s.fault_gap)
             self._heal_due()
+            self._restart_stopped()
             if self.power_lost:
                 self._power_healed()
             self._drive_clients(writing=True)
@@ -634,6 +636,23 @@ class Run:
             if step % 64 == 0:
                 self._check_histories()
             self.result.steps += 1
+
+    def _restart_stopped(self) -> None:
+        """An engine that stopped itself (it could not persist its epoch)
+        is restarted a second later, as systemd's Restart=on-failure does."""
+        now = self.sim.clock.now()
+        for n in self.nodes:
+            if n.running and n.replica.stopped.is_set():
+                self.note("stopped", f"{n.name}'s engine stopped itself: restarting it in 1 s")
+                n.crash()
+                self._restart_at[n.name] = now + 1.0
+        for name, at in list(self._restart_at.items()):
+            if now >= at:
+                del self._restart_at[name]
+                node = self._node(name)
+                if not node.running and name not in self.down:
+                    node.start()
+                    self._instrument(node)
 
     def _power_healed(self) -> None:
         """A node that lost unsynced data is whole again once the supervisor
@@ -681,6 +700,7 @@ class Run:
                                          f"healing: {self._describe()}")
                 return
             self._drive_clients(writing=False)
+            self._restart_stopped()
             if not sim.run_once(limit=deadline):
                 sim.clock.set(deadline + 1e-3)
             self._collect_outcomes()

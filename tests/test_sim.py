@@ -41,6 +41,7 @@ REGRESSIONS = {
     10643: "a new leader's history kept an epoch that began after its log (engine stopped)",
     20545: "the same, on another node",
     20721: "a follower that never joined the epoch blocked every promotion",
+    10954: "a forwarder behind its follower rebuilt it once the follower obeyed a newer epoch",
 }
 FIXED_SEEDS = list(range(1, 31))
 

@@ -392,12 +392,12 @@ class NodeCore:
             return
         if upstream_position >= self.position or not self.history:
             return
-        newest = epoch_at(self.history, self.position)
-        if newest >= self.leader_id:
-            raise StaleUpstream(
-                f"{address} holds WAL up to {upstream_position}, this node up to "
-                f"{self.position} of epoch {newest}: it is behind and must not be the "
-                "upstream")
+        # Whatever epoch this node's extra entries are from (an older one
+        # too): only the leader can tell whether they were acknowledged.
+        raise StaleUpstream(
+            f"{address} holds WAL up to {upstream_position}, this node up to "
+            f"{self.position} of epoch {epoch_at(self.history, self.position)}: it is behind "
+            "and must not be the upstream")
 
     def _drop_upstream(self) -> Effects:
         self.up_stream = 0

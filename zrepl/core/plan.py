@@ -198,6 +198,9 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
             continue  # never joined this epoch: it acknowledged nothing in it
         if a not in alive or a in dead or alive[a].leader_id != mem.leader_id:
             return []
+        if not alive[a].extra.get("acks_durable") and \
+                mem.sync_boot.get(a, "") not in ("", alive[a].extra.get("boot")):
+            return []  # rebooted since: it may have lost what it acknowledged
         if alive[a].position >= first:
             out.append((alive[a].max_wal, -len(mem.sync_chain), a))
     return out
@@ -402,6 +405,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             if i == 0 and want_follower and want_follower not in mem.unconfirmed and \
                     not (mem.sync_chain and mem.sync_chain[0][0] == want_follower):
                 mem.unconfirmed.append(want_follower)
+                if want_follower in alive:  # its boot now, to see a reboot later
+                    mem.sync_boot[want_follower] = str(alive[want_follower].extra.get("boot", ""))
         elif want_follower and st.follower_state == FollowerState.ERROR and \
                 now - mem.error_retry.get(a, 0.0) >= cfg.follower_error_retry:
             mem.error_retry[a] = now

@@ -10,9 +10,10 @@ real node.
   against the window);
 - ``leader-read-unacknowledged``: bug 2 (a leader read answered whenever
   the lease is valid, writes in flight included);
-- ``no-stale-epoch-check``: a node accepts the handshake of an upstream
-  from an older epoch (a deposed leader still linked to its old follower,
-  which now leads);
+- ``no-stale-epoch-check``: the handshake's epoch checks are gone: a node
+  accepts an upstream from an older epoch (a deposed leader still linked
+  to its old follower, which now leads) or one that holds less of the
+  epochs than itself;
 - ``no-lease-check``: a leader accepts writes without a valid lease;
 - ``forgetful-session-table``: a retry from a client the session table
   forgot is taken as a new command.
@@ -80,7 +81,8 @@ BUGS: dict[str, list[tuple[Any, str, Any]]] = {
         (NodeCore, "_jump", _jump_without_restart),
         (Link, "covers", lambda self, position: True)],
     "leader-read-unacknowledged": [(NodeCore, "leader_read", _read_whenever_leased)],
-    "no-stale-epoch-check": [(NodeCore, "on_connect", _connect_any_epoch)],
+    "no-stale-epoch-check": [(NodeCore, "on_connect", _connect_any_epoch),
+                             (NodeCore, "_check_not_behind", lambda self, *args: None)],
     "no-lease-check": [(NodeCore, "check_writable", _writable_without_lease)],
     "forgetful-session-table": [(SessionTable, "lookup", _lookup_forgetting)],
 }

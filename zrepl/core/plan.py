@@ -141,10 +141,6 @@ class Plan:
     events: list[tuple[int, str]] = field(default_factory=list)  # (logging level, text) to log
 
 
-def _last_epoch(st: NodeStatus) -> int:
-    return st.epoch_history[-1][0] if st.epoch_history else 0
-
-
 def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
                       ) -> list[tuple[str, int]]:
     """The nodes linked to ``leader`` through synchronous links, in order,
@@ -160,6 +156,12 @@ def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
         seen.add(st.follower)
         st = nxt
     return out
+
+
+def log_rank(st: NodeStatus) -> tuple[int, int]:
+    """How advanced a node's log is: the epoch of its last entry, then its
+    length."""
+    return epoch_at(st.epoch_history, st.position), st.position
 
 
 def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
@@ -232,6 +234,15 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         mem.note = note
         return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events)
 
+    def nobody(why: str) -> Plan:
+        """No node surely holds every acknowledged write: say so (once, as
+        an ERROR) and wait."""
+        note = (f"{why} (synchronous chain was {[a for a, _ in mem.sync_chain] or 'empty'}): "
+                "promoting nobody, waiting")
+        if note != memory.note:
+            events.append((ERROR, note))
+        return done(note)
+
     def promote(address: str) -> int:
         """A new epoch led by ``address``: its calls, and the memory of it."""
         epoch = mem.max_leader_id + 1
@@ -269,8 +280,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             return done(f"no leader: waiting {mem.lease_safe_at - now:.2f}s for any old "
                         "leader's lease to run out")
         else:
-            best = max(alive, key=lambda a: (epoch_at(alive[a].epoch_history, alive[a].position),
-                                            alive[a].position, -order.index(a)))
+            best = max(alive, key=lambda a: log_rank(alive[a]) + (-order.index(a),))
             new_epoch = promote(best)
             events.append((WARNING,
                            f"no leader: making {best} the leader of epoch {new_epoch}"))
@@ -292,12 +302,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                         "its lease to run out")
         candidates = promotable(mem, alive, dead)
         if not candidates:
-            note = (f"leader {leader} is dead and no node known to hold every acknowledged "
-                    f"write is reachable (synchronous chain was "
-                    f"{[a for a, _ in mem.sync_chain] or 'empty'}): promoting nobody, waiting")
-            if note != memory.note:
-                events.append((ERROR, note))
-            return done(note)
+            return nobody(f"leader {leader} is dead and no node known to hold every "
+                          "acknowledged write is reachable")
         new_leader = max(candidates)[2]
         new_epoch = promote(new_leader)
         events.append((WARNING, f"leader {leader} is dead: promoting {new_leader} "
@@ -331,18 +337,13 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             if len(alive) < len(order):
                 return done(f"leader {leader} restarted and may have lost acknowledged "
                             "writes: waiting for every node to answer")
-            # the most advanced log: the epoch of its last entry, then its length
-            candidates = [(epoch_at(st.epoch_history, st.position), st.position,
-                           int(a == leader), a) for a, st in alive.items()  # type: ignore
-                          if not st.extra.get("wal_broken")]
-            candidates = [(c[1], c[2], c[3]) for c in sorted(candidates)[-1:]]  # type: ignore
+            logs = [a for a, st in alive.items() if not st.extra.get("wal_broken")]
+            if logs:
+                best = max(logs, key=lambda a: log_rank(alive[a]) + (int(a == leader),))
+                candidates = [(alive[best].max_wal, 1, best)]
         if not candidates:
-            note = (f"leader {leader} restarted and may have lost acknowledged writes; no "
-                    f"node known to hold them all is reachable (synchronous chain was "
-                    f"{[a for a, _ in mem.sync_chain] or 'empty'}): promoting nobody, waiting")
-            if note != memory.note:
-                events.append((ERROR, note))
-            return done(note)
+            return nobody(f"leader {leader} restarted and may have lost acknowledged writes; "
+                          "no node known to hold them all is reachable")
         new_leader = max(candidates)[2]
         new_epoch = promote(new_leader)
         events.append((WARNING, f"leader {leader} writes nothing more in epoch "

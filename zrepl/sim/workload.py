@@ -17,7 +17,7 @@ knows, for the checker, what a command means:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -181,11 +181,3 @@ def workload_for(app_cls: type, rng: random.Random, clients: int) -> Workload:
     Workload.check_app(app_cls)
     return Workload(app_cls, rng, clients)
 
-
-@dataclass
-class Outcomes:
-    ok: int = 0
-    failed: int = 0
-    unknown: int = 0
-    reads: int = 0
-    by_error: dict[str, int] = field(default_factory=dict)

@@ -151,6 +151,33 @@ def test_a_position_that_jumps_restarts_the_link():
     assert [e.op for e in effects if isinstance(e, fx.CallFollower)] == ["connect"]
 
 
+def test_only_a_log_its_upstream_checked_goes_down_the_chain():
+    # (sim seed 40098) A forwarder holding a tail no leader wrote (334..336
+    # of epoch 7) was given a follower before its new upstream connected:
+    # it streamed that tail down, and its follower then refused it forever.
+    c = core(role=NodeRole.FORWARDER, leader_id=8, history=[(1, 1), (7, 300)], position=336,
+             follower=C)
+    c.set_leader(A)
+    effects, _ = c.tick(1.0)
+    assert not any(isinstance(e, fx.CallFollower) for e in effects)  # A has not checked it
+    c.on_connect(8, A, 5, [[1, 1], [7, 300], [8, 334]], 1, now=2.0, upstream_position=333,
+                 upstream_role=NodeRole.LEADER)
+    effects, _ = c.tick(3.0)
+    assert not any(isinstance(e, fx.CallFollower) for e in effects)  # A holds less: it rebuilds
+    c.on_state_begin(5, 333, {"epoch_history": [[1, 1], [7, 300], [8, 334]]}, now=4.0)
+    c.on_state_end(5, 333, 0, now=5.0)
+    effects, _ = c.tick(6.0)
+    assert [e.op for e in effects if isinstance(e, fx.CallFollower)] == ["connect"]
+    # the next epoch: nothing goes down until its upstream connects again
+    c.set_role(NodeRole.FORWARDER, 9, now=7.0)
+    effects, _ = c.tick(8.0)
+    assert not any(isinstance(e, fx.CallFollower) for e in effects)
+    effects = c.on_connect(9, A, 6, [[1, 1], [7, 300], [8, 334], [9, 334]], 1, now=9.0,
+                           upstream_position=333, upstream_role=NodeRole.LEADER)[1]
+    effects, _ = c.tick(10.0)  # a prefix of A's log: it serves at once
+    assert [e.op for e in effects if isinstance(e, fx.CallFollower)] == ["connect"]
+
+
 def test_the_claim_is_checked_against_the_window():
     c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], follower=B)
     linked(c)

@@ -36,8 +36,10 @@ def jump_without_restart(self, position, why, now):
 
 def promotes_an_empty_tail() -> tuple[list[str], bool]:
     """A leader A with 20,000 acknowledged writes and a WAL that no longer
-    reaches back to 1; B and C empty.  B -> C is linked first (both empty:
-    synchronous at once), then A -> B, which needs a state sync.  After
+    reaches back to 1; B and C empty.  B was A's follower while A was
+    empty (so A checked B's log), then unlinked.  B -> C is linked first
+    (both empty: synchronous at once), then A -> B, which needs a state
+    sync.  After
     each round, the supervisor's plan is asked what it would do with the
     statuses the nodes report if A and B died now.  Returns what went
     wrong, and whether C caught up within 5 virtual seconds."""
@@ -47,13 +49,17 @@ def promotes_an_empty_tail() -> tuple[list[str], bool]:
         a = sim.node("A", max_retained_wal=100)
         b, c = sim.node("B"), sim.node("C")
         a.replica.set_role(NodeRole.LEADER, 1)
+        b.replica.set_role(NodeRole.FORWARDER, 1)
+        b.replica.set_leader(a.address)
+        a.replica.set_follower(b.address)
+        sim.run_until(lambda: a.status().follower_sync, 5, "A -> B synchronous (both empty)")
+        a.replica.set_follower("")
         futs = [a.replica.manager.apply_async(("set", f"k{i}", i)) for i in range(20_000)]
         sim.run_until(lambda: all(f.done() for f in futs), 10)
         acked = a.position
         a.storage.truncate_wal_before_id(acked - 50)
         c.replica.set_role(NodeRole.FOLLOWER, 1)
         c.replica.set_leader(b.address)
-        b.replica.set_role(NodeRole.FORWARDER, 1)
         b.replica.set_follower(c.address)
         sim.run_until(lambda: b.status().follower_sync, 5, "B -> C synchronous (both empty)")
         b.replica.set_leader(a.address)

@@ -42,6 +42,14 @@ longer says anything about what it holds relative to this node.  While an
 incoming state sync is incomplete the App is partial and the downstream
 link does not handshake at all.
 
+**Only a checked log goes down the chain.**  A node that is not the leader
+handshakes with its follower only once its own upstream - the one it is
+told to follow, in its current epoch - has found its log to be a prefix of
+the upstream's (a handshake that shows no divergence, a WAL batch of the
+stream, or a completed state sync: :meth:`serves_follower`).  Until then
+the node may hold a tail that no leader wrote, and its follower would copy
+it.
+
 **SYNCHRONOUS.**  What a node reports is a promise the supervisor acts on
 (it promotes only members of the synchronous chain).  A node may claim its
 follower SYNCHRONOUS only when *the follower has acknowledged everything
@@ -110,7 +118,7 @@ from .config import Config
 from .effects import (ERROR, INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
                       CloseLink, ConnectUpstream, Effect, EndStateIn, Failure, FailPending, Log,
                       OpenLink, Persist, ReadsReady, Resolve, SendAck, StartSnapshot, Wake)
-from .epochs import FollowerInfo, UpstreamView, epoch_at, plan_sync
+from .epochs import FollowerInfo, UpstreamView, divergence_point, epoch_at, plan_sync
 from .errors import (FollowerMismatch, NotLeader, ProtocolError, ReplicationError, StaleLeader,
                      StaleUpstream, Timeout, WALGap, WALTruncated, WrongUpstream)
 from .link import FATAL, Link, PendingCall, SnapshotOut
@@ -178,6 +186,9 @@ class NodeCore:
         self.depth = 0  # hops from the leader (0: leader, or not following)
         self.snap_in: SnapshotIn | None = None
         self.state_incomplete = False  # an incoming state sync began and has not ended
+        # (upstream address, epoch) whose handshake or data found this
+        # node's log a prefix of its own (see serves_follower)
+        self.checked_by: tuple[str, int] | None = None
         # downstream side
         self.link = Link(config.connect_backoff_min, config.connect_backoff_max)
         self._calls = 0
@@ -361,6 +372,20 @@ class NodeCore:
             out = self._adopt_epoch(leader_id, f"connect from {address}")
         self.up_stream = stream
         self.leader_address = address
+        # Does the upstream's log hold all of this node's?  If not, it will
+        # rebuild this node; until then, nothing of it goes further down.
+        up_pos = upstream_position if isinstance(upstream_position, int) and \
+            not isinstance(upstream_position, bool) else None
+        try:
+            up_history = [(int(a), int(b)) for a, b in history] if history else None
+        except (TypeError, ValueError):
+            up_history = None
+        suspect = up_pos is not None and up_pos < self.position or \
+            up_history is not None and divergence_point(
+                up_history, self.history, min(self.position, up_pos if up_pos is not None
+                                              else self.position)) is not None
+        was_checked = self.serves_follower()
+        self.checked_by = None if suspect else (address, self.leader_id)
         old_depth = self.depth
         self.depth = depth if isinstance(depth, int) and not isinstance(depth, bool) \
             and 0 < depth < 1000 else 1
@@ -377,7 +402,17 @@ class NodeCore:
         if leader_id != current or self.depth != old_depth:
             # our own follower must hear of the new epoch (and its depth)
             out += self._restart_link("upstream changed", now)
+        elif suspect and was_checked and self.link.state != FollowerState.NONE:
+            out += self._restart_link(f"{address} holds less than this node", now)
+        elif not was_checked and self.serves_follower():
+            out.append(Wake())  # the follower's handshake may go now
         return info, out
+
+    def serves_follower(self) -> bool:
+        """May this node handshake with its follower?  The leader may; any
+        other node once its upstream checked its log (see the module)."""
+        return self.role == NodeRole.LEADER or \
+            self.checked_by == (self.leader_address, self.leader_id)
 
     def _check_not_behind(self, address: str, upstream_position: Any, depth: Any,
                           upstream_role: Any) -> None:
@@ -428,6 +463,10 @@ class NodeCore:
         it.  Raises to refuse it."""
         self._check_continues(first, n)
         out = self._set_history(history) if history is not None else []
+        if not self.serves_follower():
+            # (an upstream streams only to a follower whose log it checked)
+            self.checked_by = (self.leader_address, self.leader_id)
+            out.append(Wake())
         if not self.history:
             # A later failover compares histories to find where two logs
             # diverge; every upstream sends its history with the first batch
@@ -562,6 +601,7 @@ class NodeCore:
         # it came with (a crash between them can only make the next
         # handshake more conservative)
         out: Effects = [EndStateIn(wal_id, True), ClearWAL()]
+        self.checked_by = (self.leader_address, self.leader_id)
         out += self._jump(wal_id, "a state sync completed", now)
         if snap.history:
             out += self._set_history(snap.history)
@@ -892,7 +932,7 @@ class NodeCore:
         # acknowledged writes that it lost, and the handshake would rebuild
         # the follower from this node)
         if link.state == FollowerState.NOT_CONNECTED and link.call is None and \
-                not self.state_incomplete and not self.epoch_spent:
+                not self.state_incomplete and not self.epoch_spent and self.serves_follower():
             if link.machine.connect_due(now):
                 out += self._start_handshake(now)
                 wait = min(wait, self.cfg.rpc_timeout)

@@ -43,6 +43,9 @@ REGRESSIONS = {
     20721: "a follower that never joined the epoch blocked every promotion",
     10954: "a forwarder behind its follower rebuilt it once the follower obeyed a newer epoch",
     10991: "a follower given to the leader, then rebooted, counted as holding the most",
+    30001: "a lost promotion said again to a leader that had rebooted and lost writes",
+    40098: "a forwarder streamed a tail no leader wrote; its follower then refused it",
+    50394: "a follower fresh from a state sync (empty WAL) ranked below one that held less",
 }
 FIXED_SEEDS = list(range(1, 31))
 

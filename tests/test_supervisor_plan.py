@@ -365,6 +365,64 @@ def test_a_leader_whose_epoch_is_spent_is_replaced_at_once():
     assert p.new_epoch == 2 and p.memory.leader == B  # the follower holds what A lost
 
 
+def test_a_lost_promotion_is_not_said_again_to_a_leader_that_rebooted_since():
+    # (sim seed 30001) A restarted, reported its epoch spent and was chosen
+    # for epoch 2 itself; the promotion was lost in a power loss that took
+    # A's unsynced tail, entries B and C acknowledged.
+    mem = steady_memory()
+    mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
+    obs = dict(steady())
+    obs[B] = with_extra(obs[B], boot="b1")
+    obs[C] = with_extra(obs[C], boot="c1")
+    obs[A] = with_extra(s(A, L, 1, 100, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
+                        boot="a1", require_sync=True)
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert p.new_epoch == 2 and p.memory.leader == A
+    obs[A] = with_extra(s(A, L, 1, 90), boot="a2", require_sync=True)  # never heard of epoch 2
+    obs[B] = with_extra(s(B, FW, 2, 100, C, SYNC, leader=A, history=[(1, 1)]), boot="b1")
+    obs[C] = with_extra(s(C, F, 1, 100, leader=B), boot="c1")
+    q = plan(ORDER, obs, p.memory, CFG, now=20)
+    assert str(Call("set_role", A, L, 2)) not in ops(q)
+    assert q.new_epoch == 3 and q.memory.leader in (B, C)  # they hold what A lost
+    obs[A] = with_extra(s(A, L, 1, 100), boot="a1", require_sync=True)  # the same machine
+    q = plan(ORDER, obs, p.memory, CFG, now=20)
+    assert q.new_epoch == 0 and str(Call("set_role", A, L, 2)) in ops(q)  # said again
+
+
+def test_a_node_holding_more_than_the_forwarder_it_refuses_moves_up_the_chain():
+    # (sim seed 40098) C holds 334..336 of epoch 7, which no leader of epoch
+    # 8 wrote; it refuses B, which holds less.  Only the leader can judge.
+    mem = steady_memory(lid=8, wal=333)
+    mem.sync_chain = [(B, 333)]
+    obs = {A: s(A, L, 8, 333, B, SYNC), B: s(B, FW, 8, 333, C, FollowerState.NOT_CONNECTED,
+                                                leader=A),
+           C: s(C, F, 8, 336, leader=B, history=[(7, 1)])}
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert p.memory.chain == [C, B]
+    assert str(Call("set_follower", A, target=C)) in ops(p)
+    assert str(Call("set_leader", C, target=A)) in ops(p)
+    assert str(Call("set_leader", B, target=C)) in ops(p)
+    # not while B itself is not synchronous (it may be catching up, or be
+    # in a state sync that left it empty): C may hold what B will get
+    obs[A] = s(A, L, 8, 340, B, FollowerState.SYNCING_LOG)
+    assert plan(ORDER, obs, mem, CFG, now=10).memory.chain == [B, C]
+
+
+def test_candidates_are_ranked_by_what_they_applied_not_what_they_logged():
+    # (sim seed 50394) B was given to the leader A, got a state sync at 120
+    # (its WAL then empty) and acknowledged write 120; C, recorded
+    # synchronous long ago, restarted with 119 in its WAL.
+    mem = steady_memory(wal=117)
+    mem.sync_chain = [(C, 117)]
+    mem.unconfirmed = [B]
+    mem.chain = [B, C]
+    after_sync = NodeStatus(B, F, 1, 0, 0, 120, "", NONE, leader=A, epoch_history=[(1, 1)],
+                            extra={"require_sync": True})
+    obs = {A: None, B: after_sync, C: s(C, FW, 1, 119, B, FollowerState.NOT_CONNECTED, leader=A)}
+    p = dead_leader(mem, obs, now=100)
+    assert p.new_epoch == 2 and p.memory.leader == B
+
+
 def test_a_supervisor_never_goes_back_to_an_epoch_below_one_it_issued():
     mem = Memory(max_leader_id=4, leader="", leader_id=0, lease_safe_at=5.0)
     obs = {A: s(A, L, 3, 100), B: s(B, F, 3, 100, leader=A),

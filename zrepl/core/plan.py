@@ -94,7 +94,7 @@ class Memory:
     max_leader_id: int = 0
     leader: str = ""
     leader_id: int = 0
-    sync_chain: list[tuple[str, int]] = field(default_factory=list)  # (address, max_wal then)
+    sync_chain: list[tuple[str, int]] = field(default_factory=list)  # (address, WAL id applied then)
     chain: list[str] = field(default_factory=list)  # followers in order, leader excluded
     # address -> the machine boot of the leader and of each sync_chain member
     # when recorded, for nodes whose acknowledgements are not all fsynced
@@ -166,8 +166,9 @@ def log_rank(st: NodeStatus) -> tuple[int, int]:
 
 def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
                ) -> list[tuple[int, int, str]]:
-    """The nodes that surely hold every acknowledged write, as (WAL held,
-    -place in the chain, address).
+    """The nodes that surely hold every acknowledged write, as (WAL id
+    applied, -place in the chain, address).  (Applied, not logged: a state
+    sync leaves a node's state at its WAL id with nothing in its log.)
 
     Only the leader's own follower surely does: with ``require_sync`` the
     leader commits nothing its follower has not acknowledged.  A node
@@ -190,7 +191,7 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
     if not mem.sync_chain or not valid(0):
         return []
     first = alive[mem.sync_chain[0][0]].position
-    out = [(alive[a].max_wal, -i, a) for i, (a, _) in enumerate(mem.sync_chain)
+    out = [(alive[a].position, -i, a) for i, (a, _) in enumerate(mem.sync_chain)
            if valid(i) and alive[a].position >= first]
     # A follower given to the leader since that chain was seen may have
     # become synchronous unseen, and acknowledged writes the first lacks:
@@ -204,7 +205,7 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
                 mem.sync_boot.get(a, "") not in ("", alive[a].extra.get("boot")):
             return []  # rebooted since: it may have lost what it acknowledged
         if alive[a].position >= first:
-            out.append((alive[a].max_wal, -len(mem.sync_chain), a))
+            out.append((alive[a].position, -len(mem.sync_chain), a))
     return out
 
 
@@ -256,6 +257,14 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         calls.append(Call("set_role", address, NodeRole.LEADER, epoch))
         calls.append(Call("renew", address, leader_id=epoch))
         return epoch
+
+    def intact(st: NodeStatus) -> bool:
+        """The leader cannot have lost what it acknowledged: its machine
+        did not reboot since it was recorded, or it fsyncs before
+        acknowledging, or it runs without require_sync (then nobody else
+        surely holds more)."""
+        return bool(st.extra.get("acks_durable") or not st.extra.get("require_sync") or
+                    mem.sync_boot.get(st.address, "") == st.extra.get("boot", ""))
 
     # --- 2. who leads -------------------------------------------------------------
     if not mem.leader:
@@ -311,25 +320,24 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         leader = new_leader
     elif leader not in alive:
         return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
-    elif alive[leader].extra.get("epoch_spent") and alive[leader].role == NodeRole.LEADER \
-            and alive[leader].leader_id == mem.leader_id:
+    elif alive[leader].role == NodeRole.LEADER and (
+            alive[leader].extra.get("epoch_spent") and alive[leader].leader_id == mem.leader_id
+            or alive[leader].leader_id < mem.leader_id and not new_epoch and
+            not intact(alive[leader])):
         # It writes nothing more in this epoch (and no earlier incarnation
-        # of it can): a new epoch now, for whoever holds the most of the
-        # old one - the leader itself, or a synchronous node if it lost data.
-        # The leader itself counts if it cannot have lost what it
-        # acknowledged: its machine did not reboot, or it fsyncs before
-        # acknowledging, or it runs without require_sync (then nobody else
-        # surely holds more).  With no synchronous chain recorded, whatever
-        # was acknowledged went through a follower not yet seen synchronous:
-        # the node of the epoch holding the most.
+        # of it can) - or its promotion was lost on the way and its machine
+        # rebooted since it was chosen, so it may hold less than it did then
+        # and the promotion cannot simply be said again.  A new epoch now,
+        # for whoever holds the most of the old one: the leader itself if it
+        # is intact, or a synchronous node if it lost data.  With no
+        # synchronous chain recorded, whatever was acknowledged went through
+        # a follower not yet seen synchronous: the node of the epoch holding
+        # the most.
         lst = alive[leader]
-        intact = lst.extra.get("acks_durable") or not lst.extra.get("require_sync") or \
-            mem.sync_boot.get(leader, "") == lst.extra.get("boot", "")
-        if lst.extra.get("wal_broken"):
-            intact = False  # it could not write in a new epoch either (until restarted)
         candidates = promotable(mem, alive, dead)
-        if intact:
-            candidates.append((lst.max_wal, 1, leader))
+        if intact(lst) and not lst.extra.get("wal_broken"):
+            # (a broken WAL could not be written in a new epoch either)
+            candidates.append((lst.position, 1, leader))
         elif not mem.sync_chain:
             # Nobody is known to hold what it acknowledged (a promotion was
             # the last thing seen); any node may, a dead one included: wait
@@ -340,14 +348,16 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             logs = [a for a, st in alive.items() if not st.extra.get("wal_broken")]
             if logs:
                 best = max(logs, key=lambda a: log_rank(alive[a]) + (int(a == leader),))
-                candidates = [(alive[best].max_wal, 1, best)]
+                candidates = [(alive[best].position, 1, best)]
         if not candidates:
             return nobody(f"leader {leader} restarted and may have lost acknowledged writes; "
                           "no node known to hold them all is reachable")
         new_leader = max(candidates)[2]
         new_epoch = promote(new_leader)
-        events.append((WARNING, f"leader {leader} writes nothing more in epoch "
-                                f"{memory.leader_id}: {new_leader} leads epoch {new_epoch}"))
+        why = (f"writes nothing more in epoch {memory.leader_id}"
+               if lst.leader_id == memory.leader_id else
+               f"rebooted before it took up epoch {memory.leader_id}")
+        events.append((WARNING, f"leader {leader} {why}: {new_leader} leads epoch {new_epoch}"))
         leader = new_leader
     else:
         # the leader answered: record who holds every acknowledged write
@@ -382,6 +392,22 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     for a in order:  # newcomers and returning nodes join at the tail
         if a != leader and a not in chain and a in alive:
             chain.append(a)
+    # A node holding more than the forwarder it follows refuses it (only the
+    # leader can judge entries it holds beyond its upstream).  When that
+    # forwarder is itself synchronous, the extra entries are in no log
+    # above: the node moves up, one place a tick, until the leader is its
+    # upstream.
+    for i in range(1, len(chain)):
+        above = alive.get(([leader] + chain)[i - 1])
+        up, down = alive.get(chain[i - 1]), alive.get(chain[i])
+        if above is not None and up is not None and down is not None and \
+                above.follower == chain[i - 1] and above.follower_sync and \
+                up.follower == chain[i] and down.position > up.position and \
+                up.follower_state in (FollowerState.NOT_CONNECTED, FollowerState.ERROR):
+            chain[i - 1], chain[i] = chain[i], chain[i - 1]
+            events.append((WARNING, f"{chain[i - 1]} holds more than its upstream {chain[i]}: "
+                                    "it moves up the chain"))
+            break
     mem.chain = chain
     full = [leader] + chain
     for i, a in enumerate(full):

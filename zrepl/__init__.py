@@ -5,10 +5,10 @@ listed in ``__all__`` is stable.
 """
 
 from .core.config import Config
-from .core.errors import (CorruptStorage, FollowerMismatch, NotLeader, ProtocolError,
-                          ReplicationError, SessionExpired, StaleLeader, StaleUpstream,
-                          StorageError, StorageLocked, Timeout, WALGap, WALTruncated,
-                          WrongUpstream)
+from .core.errors import (CorruptStorage, FollowerMismatch, NotLeader, PermissionDenied,
+                          ProtocolError, ReplicationError, SessionExpired, StaleLeader,
+                          StaleUpstream, StorageError, StorageLocked, Timeout, WALGap,
+                          WALTruncated, WrongUpstream)
 from .storage.file import FileStorage
 from .core.interfaces import App, Follower, Manager, Node, Storage
 from .engine.remote import Client, NodeClient, RemoteFollower
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
     "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole", "NodeStatus",
-    "NotLeader", "ProtocolError", "RemoteFollower", "Replica", "ReplicationError",
-    "SessionExpired", "StaleLeader", "StaleUpstream", "Storage", "StorageError", "StorageLocked", "Supervisor",
+    "NotLeader", "PermissionDenied", "ProtocolError", "RemoteFollower", "Replica",
+    "ReplicationError", "SessionExpired", "StaleLeader", "StaleUpstream", "Storage",
+    "StorageError", "StorageLocked", "Supervisor",
     "Timeout", "WALEntry", "WALGap", "WALTruncated", "WrongUpstream", "__version__",
 ]

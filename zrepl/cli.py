@@ -20,7 +20,7 @@ import tomllib
 from . import __version__
 from . import logs
 from .core.config import Config
-from .core.errors import ReplicationError
+from .core.errors import ReplicationError, Timeout
 from .storage.wal import iter_wal
 
 
@@ -141,6 +141,8 @@ NODE_KEYS = [
     Key("fsync", "--fsync", config=True),
     Key("require_sync", "--require-sync", bool, config=True),
     Key("checkpoint_entries", "--checkpoint-entries", int, config=True),
+    Key("key", "--key FILE", config=True),
+    Key("trust", "--trust DIR", config=True),
     Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
     Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
@@ -150,6 +152,8 @@ SUPERVISOR_KEYS = [
     Key("state", "--state FILE"),
     Key("listen", "--listen ENDPOINT"),
     Key("metrics", "--metrics HOST:PORT"),
+    Key("key", "--key FILE", config=True),
+    Key("trust", "--trust DIR", config=True),
     Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
     Key("log_format", "--log-format", default="text", choices=logs.FORMATS),
 ]
@@ -159,6 +163,8 @@ STATUS_KEYS = [
     Key("supervisor", "--supervisor ENDPOINT"),
     Key("json", "--json", bool, default=False),
     Key("timeout", "--timeout", float, default=1.0),
+    Key("key", "--key FILE", default=""),
+    Key("trust", "--trust DIR", default=""),
 ]
 
 DEMO_KEYS = [
@@ -356,21 +362,42 @@ def cmd_sim(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .engine.security import KeyFileError, keygen
+    if not args.name or not args.role:
+        raise CommandError("keygen needs NAME and --role")
+    try:
+        public, secret = keygen(args.out, args.name, args.role, args.endpoint or "")
+    except (KeyFileError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(f"{public}  (public: copy it into every member's trust directory)\n"
+                     f"{secret}  (secret, mode 0600: this member's --key only)\n")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .core.protocol import endpoints
     from .engine.rpc import RpcClient
     from .engine.remote import poll_statuses
+    from .engine.security import from_config
     values, _ = settings(args, STATUS_KEYS, with_config=False)
     nodes, supervisor, timeout = values["nodes"], values["supervisor"], values["timeout"]
     if not nodes and not supervisor:
         raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
+    try:
+        config = Config(key=values["key"], trust=values["trust"])
+        security = from_config(config)
+    except (ValueError, ReplicationError) as exc:
+        raise CommandError(str(exc)) from None
     sup_view = None
     if supervisor:
         try:
-            with RpcClient(supervisor, timeout) as rpc:
+            with RpcClient(supervisor, timeout, security=security) as rpc:
                 sup_view = rpc.call("status")
         except ReplicationError as exc:
-            raise CommandError(f"supervisor {supervisor}: {exc}") from None
+            hint = "" if security is not None or not isinstance(exc, Timeout) else \
+                " (a secured cluster answers only with --key and --trust)"
+            raise CommandError(f"supervisor {supervisor}: {exc}{hint}") from None
         if not nodes:
             nodes = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
     for a in nodes:
@@ -378,7 +405,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             endpoints(a)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-    results = poll_statuses(nodes, timeout=timeout)
+    results = poll_statuses(nodes, timeout=timeout, config=config)
     if values["json"]:
         doc = [{"address": a, "ok": not isinstance(st, Exception),
                 **({"status": st.to_dict()} if not isinstance(st, Exception)
@@ -417,6 +444,14 @@ def _common(p: argparse.ArgumentParser, what: str, logging_flags: bool = True) -
                        help="text (default) or json: one object per line")
 
 
+def _key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", metavar="FILE",
+                   help="this member's secret key (NAME.key_secret from 'zrepl keygen'); with "
+                        "--trust, every connection is CURVE-encrypted and authenticated")
+    p.add_argument("--trust", metavar="DIR",
+                   help="directory of the cluster's public keys (every member's NAME.key)")
+
+
 METRICS_HELP = ("serve Prometheus metrics at http://HOST:PORT/metrics (off by default; :PORT "
                 "for every interface)")
 
@@ -449,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                       **flag)
     node.add_argument("--checkpoint-entries", type=int, metavar="N",
                       help="checkpoint every N applied entries (0: never by count)")
+    _key_flags(node)
     _common(node, "these keys and any zrepl.Config field (fsync, window, lease, ...)")
     node.set_defaults(func=cmd_node)
 
@@ -465,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--listen", metavar="ENDPOINT",
                      help="answer 'zrepl status --supervisor ENDPOINT' here")
     sup.add_argument("--metrics", metavar="HOST:PORT", help=METRICS_HELP)
+    _key_flags(sup)
     _common(sup, "these keys and any zrepl.Config field (heartbeat_interval, lease, ...)")
     sup.set_defaults(func=cmd_supervisor)
 
@@ -480,8 +517,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, metavar="SECONDS",
                     help="seconds to wait for the answers; all nodes are asked "
                          "at once (default 1)")
-    _common(st, "nodes, supervisor, json, timeout", logging_flags=False)
+    _key_flags(st)
+    _common(st, "nodes, supervisor, json, timeout, key, trust", logging_flags=False)
     st.set_defaults(func=cmd_status)
+
+    kg = sub.add_parser(
+        "keygen", help="make a CURVE key pair for a node, supervisor, operator or client",
+        description="Write NAME.key (public) and NAME.key_secret (mode 0600) into DIR.  The "
+                    "public file names the member's role - and for a node or a supervisor "
+                    "its endpoint - for every other member's trust directory.")
+    kg.add_argument("name", metavar="NAME", help="the member's name, e.g. n1")
+    kg.add_argument("--role", choices=["node", "supervisor", "operator", "client"],
+                    help="what the key may do (required)")
+    kg.add_argument("--endpoint", metavar="ENDPOINT",
+                    help="the address a node (--listen) or a supervisor (--listen) serves on")
+    kg.add_argument("--out", metavar="DIR", default=".",
+                    help="where to write the two files (default: here)")
+    kg.set_defaults(func=cmd_keygen)
 
     demo = sub.add_parser(
         "demo", help="watch a local cluster replicate, fail over and lose nothing",

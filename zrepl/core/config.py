@@ -73,6 +73,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
     'client': (
         'client_max_pause',
     ),
+    'security': (
+        'key',
+        'trust',
+    ),
     'limits': (
         'max_message_bytes',
         'data_queue_messages',
@@ -352,6 +356,19 @@ class Config:
     """Messages the engine takes from one endpoint before it looks at the
     others: fairness between data, acks, clients and control calls."""
 
+    # --- security ---------------------------------------------------------
+
+    key: str = ""
+    """This member's secret key file (``NAME.key_secret``, made by
+    ``python3 -m zrepl keygen``).  With ``trust``, every endpoint this
+    process binds is a ZeroMQ CURVE server and every one it connects to a
+    CURVE client: encrypted, and open only to the trust directory's keys,
+    each limited to what its role may do (README, "Security")."""
+
+    trust: str = ""
+    """The trust directory: the public key files (``NAME.key``) of every
+    node, supervisor, operator and client of the cluster."""
+
     # --- helpers ----------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -367,7 +384,10 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = f.type if isinstance(f.type, str) else f.type.__name__
-            if kind == "bool":
+            if kind == "str":
+                if not isinstance(value, str):
+                    raise ValueError(f"{f.name} must be a string; got {value!r}")
+            elif kind == "bool":
                 if not isinstance(value, bool):
                     raise ValueError(f"{f.name} must be true or false; got {value!r}")
             elif kind in ("int", "float"):
@@ -383,6 +403,9 @@ class Config:
                         raise ValueError(f"snapshot_child_nice must be in 0..19; got {value!r}")
                 elif value <= 0:
                     raise ValueError(f"{f.name} must be a positive number; got {value!r}")
+        if bool(self.key) != bool(self.trust):
+            raise ValueError("key and trust go together: a secret key file, and the directory "
+                             "of the cluster's public keys")
         if self.max_batch_bytes >= 2**32:
             raise ValueError("max_batch_bytes must be below 4 GiB (record length field)")
         for name in ("ack_timeout_hop_step", "ack_timeout_floor", "poll_timeout_fraction"):

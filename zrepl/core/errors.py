@@ -88,3 +88,8 @@ class StaleUpstream(ReplicationError):
 class FollowerMismatch(ReplicationError):
     """The follower's response codes differ from the leader's for the same
     batch: the App is not deterministic, the replicas diverged."""
+
+
+class PermissionDenied(ReplicationError):
+    """The caller's key (its role in the trust directory) may not make this
+    call; nothing was changed."""

@@ -1225,4 +1225,4 @@ class NodeCore:
                       "clock": now,  # echoed by the supervisor's next renewal
                       "boot": self.boot,
                       "acks_durable": self.cfg.fsync == "always",
-                      "dropped_messages": 0, **self.counters}}
+                      "dropped_messages": 0, "denied_calls": 0, **self.counters}}

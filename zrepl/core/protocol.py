@@ -158,7 +158,7 @@ _ERROR_TYPES = {cls.__name__: cls for cls in (
     errors.ReplicationError, errors.NotLeader, errors.StaleLeader, errors.Timeout,
     errors.ProtocolError, errors.StorageError, errors.WALTruncated, errors.StorageLocked,
     errors.CorruptStorage, errors.FollowerMismatch, errors.WALGap, errors.SessionExpired,
-    errors.WrongUpstream, errors.StaleUpstream)}
+    errors.WrongUpstream, errors.StaleUpstream, errors.PermissionDenied)}
 
 
 def error_to_wire(exc: BaseException) -> list:

@@ -63,8 +63,10 @@ class ClientEndpoint:
             node.pipeline.submit(Submission(sink, datas=[data],
                                             deadline=now + node.config.sync_wait_timeout,
                                             session=session))
-        node.core.counters["dropped_messages"] += node.endpoints_bound.client.dropped
-        node.endpoints_bound.client.dropped = 0
+        client = node.endpoints_bound.client
+        node.core.counters["dropped_messages"] += client.dropped
+        node.core.counters["denied_calls"] += client.denied
+        client.dropped = client.denied = 0
         node.pipeline.flush()
 
     def _callback(self, handle: Any, request_id: Any, session: tuple[bytes, int] | None

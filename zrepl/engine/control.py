@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core import protocol
-from ..core.errors import ProtocolError, ReplicationError
-from ..core.types import WALEntry
+from ..core.errors import PermissionDenied, ProtocolError, ReplicationError
+from ..core.types import NodeRole, WALEntry
 from .applier import state_digest
 
 if TYPE_CHECKING:
@@ -25,6 +25,18 @@ def check_datas(datas: Any) -> list[bytes]:
     if not isinstance(datas, list) or any(type(d) is not bytes for d in datas):
         raise ProtocolError("entries must be a list of bytes")
     return datas
+
+
+# On a secured node (CURVE keys, see zrepl.engine.security): the calls each
+# role's key may make.  Roles, links, epochs, leases, stop, checkpoints and
+# the state itself are the supervisor's and operators'; the handshake and
+# the follower's calls are another node's; clients make none.
+_ADMIN = frozenset({"status", "set_role", "set_leader", "set_follower", "stop", "ping",
+                    "max_applied_wal", "dump_state", "state_digest", "checkpoint"})
+ALLOWED = {"supervisor": _ADMIN, "operator": _ADMIN,
+           "node": frozenset({"connect", "clear_state", "apply_state", "apply_wal",
+                              "max_applied_wal", "ping"}),
+           "client": frozenset()}
 
 
 class ControlServer:
@@ -55,6 +67,10 @@ class ControlServer:
                 op, args = protocol.parse_control_request(payload)
                 if op not in self.OPS:
                     raise ProtocolError(f"unknown control operation {op!r}")
+                role = getattr(handle, "role", None)
+                if role is not None and op not in ALLOWED.get(role, ()):
+                    node.core.counters["denied_calls"] += 1
+                    raise PermissionDenied(f"a {role} key may not call {op}")
                 try:
                     result = getattr(self, "op_" + op)(**args)
                 except TypeError as exc:
@@ -70,7 +86,8 @@ class ControlServer:
             if stop_after:
                 node.request_stop()
         node.core.counters["dropped_messages"] += control.dropped
-        control.dropped = 0
+        node.core.counters["denied_calls"] += control.denied
+        control.dropped = control.denied = 0
         if served < limit:
             self.empty_at = node.clock.now()
         return served
@@ -149,6 +166,9 @@ class ControlServer:
 
     def op_apply_state(self, leader_id: Any, datas: Any) -> None:
         node = self.node
+        if node.core.role == NodeRole.LEADER:
+            # (a leader's state is its log's: only a follower takes a state)
+            raise PermissionDenied(f"{node.address} leads: apply_state is refused")
         with node.applier.lock:
             node.core.control_apply_state(leader_id)
             node.applier.apply_state(check_datas(datas))

@@ -17,6 +17,7 @@ from ..core import protocol
 from ..core.errors import NotLeader, ProtocolError, ReplicationError, SessionExpired, Timeout
 from ..core.interfaces import Follower, Node
 from .rpc import RpcClient, new_context
+from .security import KeyFileError, from_config
 from ..core.epochs import FollowerInfo
 from ..core.config import Config
 from ..core.types import NodeRole, NodeStatus, WALEntry
@@ -27,9 +28,10 @@ class NodeClient(Node):
     time).  Every call raises ``Timeout`` if the node does not answer within
     ``timeout`` seconds, or the ``ReplicationError`` the node reported."""
 
-    def __init__(self, address: str, timeout: float = 1.0):
+    def __init__(self, address: str, timeout: float = 1.0, config: Config | None = None):
         self.address = address
-        self._rpc = RpcClient(protocol.endpoints(address).control, timeout)
+        self._rpc = RpcClient(protocol.endpoints(address).control, timeout,
+                              security=from_config(config or Config()))
         self._lock = threading.Lock()
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
@@ -83,8 +85,9 @@ class RemoteFollower(Follower):
     """The seed's ``Follower`` as blocking control calls.  The engine uses
     the pipelined data path instead; this handle serves tools and tests."""
 
-    def __init__(self, address: str, timeout: float = 1.0, upstream_address: str = ""):
-        self._node = NodeClient(address, timeout)
+    def __init__(self, address: str, timeout: float = 1.0, upstream_address: str = "",
+                 config: Config | None = None):
+        self._node = NodeClient(address, timeout, config)
         self._upstream = upstream_address
         self._stream = 0
 
@@ -149,6 +152,7 @@ class Client:
         self.retry_for = retry_for
         # longest pause between rounds of attempts (Config.client_max_pause)
         self.max_pause = (config or Config()).client_max_pause
+        self.security = from_config(config or Config())  # CURVE keys, if configured
         self.client_id = os.urandom(16)
         self._seq = itertools.count(1)
         self._ids = itertools.count(1)
@@ -167,7 +171,7 @@ class Client:
         rpc = self._rpcs.get(address)
         if rpc is None:
             rpc = self._rpcs[address] = RpcClient(protocol.endpoints(address).client,
-                                                  self.timeout)
+                                                  self.timeout, security=self.security)
         return rpc
 
     def _candidates(self) -> list[str]:
@@ -339,7 +343,10 @@ class Client:
         if sock is None:
             sock = self._dealers[address] = new_context().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(protocol.endpoints(address).client)
+            endpoint = protocol.endpoints(address).client
+            if self.security is not None:
+                self.security.connect_to(sock, endpoint)
+            sock.connect(endpoint)
         retry: list[int] = []
         by_request: dict[int, int] = {}
         try:
@@ -443,12 +450,13 @@ def ask_all(requests: dict[str, tuple[zmq.Socket, bytes]], deadline: float
     return out
 
 
-def poll_statuses(addresses: list[str], timeout: float = 1.0
+def poll_statuses(addresses: list[str], timeout: float = 1.0, config: Config | None = None
                   ) -> dict[str, NodeStatus | ReplicationError]:
     """One status per node (for ``zrepl status`` and the demo), asked of all
     nodes at once: a NodeStatus or the error that stood in its way.  The
     whole poll takes at most ``timeout``, however many nodes are down."""
     ctx = new_context()
+    security = from_config(config or Config())
     out: dict[str, NodeStatus | ReplicationError] = {}
     requests = {}
     try:
@@ -462,8 +470,10 @@ def poll_statuses(addresses: list[str], timeout: float = 1.0
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, Config().max_message_bytes)
             try:
+                if security is not None:
+                    security.connect_to(sock, control)
                 sock.connect(control)
-            except zmq.ZMQError as exc:
+            except (zmq.ZMQError, KeyFileError) as exc:
                 sock.close(linger=0)
                 out[a] = ProtocolError(f"cannot connect to {a}: {exc}")
                 continue

@@ -69,6 +69,7 @@ from .downstream import DownstreamLink
 from .pipeline import CommitPipeline
 from .progress import Progress
 from .sinks import resolve_effect
+from .security import from_config
 from .transport import NodeEndpoints, Transport, ZmqTransport
 from .upstream import UpstreamLink
 
@@ -224,7 +225,7 @@ class Replica(Node):
                              now=self.clock.now(), boot=self.boot_id())
         self.checkpointer.position = position
         if self._own_transport:
-            self.transport = ZmqTransport()
+            self.transport = ZmqTransport(security=from_config(self.config))
         try:
             self.endpoints_bound = self.transport.bind(self.endpoints, self.config)
         except BaseException:
@@ -433,6 +434,9 @@ class Replica(Node):
         with self.core_lock:
             fields = self.core.status_fields(self.clock.now())
         extra = fields.pop("extra")
+        bound = self.endpoints_bound
+        if bound is not None:  # (data and acks from keys not a node's: dropped)
+            extra["denied_calls"] += bound.data.denied + bound.ack.denied
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",
                       "pending": len(self.pipeline.pending),

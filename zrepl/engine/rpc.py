@@ -13,8 +13,9 @@ from typing import Any
 import zmq
 
 from ..core.config import Config
-from ..core.errors import Timeout
+from ..core.errors import ReplicationError, Timeout
 from ..core.protocol import control_request, parse_control_reply
+from .security import KeyFileError, Security
 
 
 def new_context() -> zmq.Context:
@@ -24,8 +25,10 @@ def new_context() -> zmq.Context:
 
 class RpcClient:
     def __init__(self, endpoint: str, timeout: float = 1.0, *,
-                 context: zmq.Context | None = None, max_message_bytes: int | None = None):
+                 context: zmq.Context | None = None, max_message_bytes: int | None = None,
+                 security: Security | None = None):
         self.endpoint = endpoint
+        self.security = security
         self.timeout = timeout
         self._ctx = context or new_context()
         self._max = max_message_bytes or Config().max_message_bytes
@@ -36,6 +39,12 @@ class RpcClient:
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, self._max)
+            if self.security is not None:
+                try:
+                    self.security.connect_to(s, self.endpoint)
+                except KeyFileError as exc:
+                    s.close(linger=0)
+                    raise ReplicationError(str(exc)) from None
             s.connect(self.endpoint)
             self._sock = s
         return self._sock

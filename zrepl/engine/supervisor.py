@@ -35,6 +35,7 @@ from ..core.plan import Call, Memory, Plan, plan, renewal_at, renews
 from ..core.types import NodeRole, NodeStatus
 from ..storage.fsutil import atomic_write
 from .clock import MONOTONIC, Clock
+from .security import from_config
 from .transport import Requester, Router, Transport, ZmqTransport
 
 log = logging.getLogger("zrepl.supervisor")
@@ -78,7 +79,7 @@ class Supervisor:
         self.ticks = 0
         self.promotions = 0  # new epochs this process issued
         self._own_transport = transport is None
-        self.transport = transport or ZmqTransport()
+        self.transport = transport or ZmqTransport(security=from_config(self.config))
         self.clock = clock or MONOTONIC
         self.listen = listen
         self._router: Router | None = None

@@ -27,8 +27,10 @@ from typing import Any, Iterator
 
 import zmq
 
+from ..core import protocol
 from ..core.config import Config
-from ..core.errors import ReplicationError
+from ..core.errors import PermissionDenied, ReplicationError
+from .security import ROLES, Gatekeeper, KeyFileError, Security, role_of
 
 # Plain ints: pyzmq's constants are enums whose operators run Python code.
 NOBLOCK = int(zmq.NOBLOCK)
@@ -39,6 +41,7 @@ POLLOUT = int(zmq.POLLOUT)
 
 class Router(abc.ABC):
     dropped = 0  # malformed requests dropped (no envelope)
+    denied = 0  # requests from a key whose role may not use this endpoint
 
     @abc.abstractmethod
     def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
@@ -59,6 +62,7 @@ class Router(abc.ABC):
 
 
 class Receiver(abc.ABC):
+    denied = 0  # messages from a key that is not a node's (dropped)
     @abc.abstractmethod
     def drain(self, limit: int) -> Iterator[bytes]:
         """Messages waiting, at most ``limit``, without blocking."""
@@ -218,6 +222,51 @@ class _ZmqRouter(_ZmqSocket, Router):
             return False
 
 
+class Handle(list):
+    """A request's routing frames, and the role of the key that sent it
+    (see :mod:`zrepl.engine.security`)."""
+
+    role = ""
+
+
+class _SecureRouter(_ZmqRouter):
+    """A CURVE router: each request's handle carries its sender's role;
+    requests from a role not in ``roles`` are refused here and counted, and
+    answered with ``denied(role)`` when that is given (a reply, so the
+    caller hears why; without it they are dropped)."""
+
+    def __init__(self, sock: zmq.Socket, roles: tuple[str, ...], denied: Any):
+        super().__init__(sock)
+        self.roles = roles
+        self.denied_reply = denied
+
+    def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
+        for frames in _drain_frames(self.socket, limit):
+            if len(frames) < 2:
+                self.dropped += 1
+                continue
+            handle = Handle(frames[:-1])
+            handle.role = role_of(frames[-1].get("User-Id"))
+            if handle.role not in self.roles:
+                self.denied += 1
+                if self.denied_reply is not None:
+                    self.reply(handle, self.denied_reply(handle.role))
+                continue
+            yield handle, frames[-1].bytes
+
+
+def _drain_frames(sock: zmq.Socket, limit: int) -> Iterator[list]:
+    """Like _drain, as zmq.Frames (which carry the sender's User-Id)."""
+    getsockopt = sock.getsockopt
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        if not getsockopt(EVENTS) & POLLIN:
+            return
+
+
 class _ZmqReceiver(_ZmqSocket, Receiver):
     def __init__(self, sock: zmq.Socket):
         super().__init__(sock)
@@ -237,6 +286,29 @@ class _ZmqReceiver(_ZmqSocket, Receiver):
                 return self.socket.recv(NOBLOCK)
             except zmq.Again:
                 return None
+        return None
+
+
+class _SecureReceiver(_ZmqReceiver):
+    """A CURVE pull socket that takes messages from node keys only (the
+    others are dropped and counted)."""
+
+    def drain(self, limit: int) -> Iterator[bytes]:
+        for frames in _drain_frames(self.socket, limit):
+            frame = frames[-1]
+            if role_of(frame.get("User-Id")) != "node":
+                self.denied += 1
+                continue
+            yield frame.bytes
+
+    def recv(self) -> bytes | None:
+        for payload in self.drain(1):
+            return payload
+        return None
+
+    def recv_wait(self, timeout: float) -> bytes | None:
+        if self._poller.poll(max(1, int(timeout * 1000 + 0.999))):
+            return self.recv()
         return None
 
 
@@ -278,13 +350,21 @@ class _ZmqPoller(Poller):
 
 
 class ZmqTransport(Transport):
-    """ZeroMQ sockets in one context (``tcp://`` and ``ipc://``)."""
+    """ZeroMQ sockets in one context (``tcp://`` and ``ipc://``).  With a
+    :class:`~zrepl.security.Security`, every socket it binds is a CURVE
+    server behind a ZAP handler admitting the trust directory's keys, and
+    every socket it connects a CURVE client of its endpoint's key."""
 
     threaded = True
 
-    def __init__(self, context: zmq.Context | None = None):
+    def __init__(self, context: zmq.Context | None = None, security: Security | None = None):
         self._own = context is None
         self.context = context or zmq.Context()
+        self.security = security
+        self._gate: Gatekeeper | None = None
+        if security is not None:
+            self._gate = Gatekeeper(self.context, security)
+            self._gate.start()
 
     def _sock(self, kind: int, endpoint: str, bind: bool, config: Config,
               options: dict[int, int] | None = None) -> zmq.Socket:
@@ -296,15 +376,26 @@ class ZmqTransport(Transport):
         for opt, value in (options or {}).items():
             s.setsockopt(opt, value)
         try:
+            if self.security is not None:
+                if bind:
+                    self.security.serve(s)
+                else:
+                    self.security.connect_to(s, endpoint)
             if bind:
                 s.bind(endpoint)
             else:
                 s.connect(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, KeyFileError) as exc:
             s.close(linger=0)
             raise ReplicationError(f"cannot {'bind' if bind else 'connect'} {endpoint}: "
                                    f"{exc}") from None
         return s
+
+    def _router(self, sock: zmq.Socket, roles: tuple[str, ...], denied: Any = None
+                ) -> _ZmqRouter:
+        if self.security is None:
+            return _ZmqRouter(sock)
+        return _SecureRouter(sock, roles, denied)
 
     def bind(self, endpoints: Any, config: Config) -> NodeEndpoints:
         socks: list[zmq.Socket] = []
@@ -324,12 +415,17 @@ class ZmqTransport(Transport):
                 s.close(linger=0)
             raise
         control, data, ack, client = socks
-        return NodeEndpoints(_ZmqRouter(control), _ZmqReceiver(data), _ZmqReceiver(ack),
-                             _ZmqRouter(client))
+        receiver = _ZmqReceiver if self.security is None else _SecureReceiver
+        # (which control calls each role may make is the control server's
+        # to say; the client endpoint takes clients and operators only)
+        return NodeEndpoints(self._router(control, ROLES, denied_control), receiver(data),
+                             receiver(ack),
+                             self._router(client, ("client", "operator")))
+
 
     def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
-        return _ZmqRouter(self._sock(zmq.ROUTER, endpoint, True, config,
-                                     {zmq.MAXMSGSIZE: max_message_bytes}))
+        return self._router(self._sock(zmq.ROUTER, endpoint, True, config,
+                                       {zmq.MAXMSGSIZE: max_message_bytes}), ROLES)
 
     def pusher(self, endpoint: str, config: Config, hwm: int, immediate: bool = False
                ) -> Pusher:
@@ -347,5 +443,14 @@ class ZmqTransport(Transport):
         return _ZmqPoller()
 
     def close(self) -> None:
+        if self._gate is not None:
+            self._gate.stop()
+            self._gate = None
         if self._own:
             self.context.destroy(linger=0)
+
+
+def denied_control(role: str) -> bytes:
+    """The reply to a control call the caller's role may not make."""
+    return protocol.control_err(PermissionDenied(f"a {role or 'unknown'} key may not make "
+                                                 "this call"))

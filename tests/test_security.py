@@ -1,0 +1,220 @@
+"""CURVE keys and roles (issue "Secure on a real network"): every endpoint of
+a secured node admits only the trust directory's keys, and each key only
+what its role may do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from workers.kv import KV
+from zrepl import (Client, Config, MemoryStorage, NodeClient, NodeRole, PermissionDenied,
+                   Replica, Timeout)
+from zrepl.core import protocol
+from zrepl.engine.security import KeyFileError, Security, keygen
+
+from .helpers import wait_for
+
+FAST = dict(fsync="off", ack_timeout=0.3, rpc_timeout=0.3, sync_wait_timeout=0.3,
+            checkpoint_entries=0, checkpoint_interval=0)
+
+
+@pytest.fixture
+def root():
+    d = Path(tempfile.mkdtemp(prefix="zr-sec-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def kv_set(key, value) -> bytes:
+    return msgpack.packb(("set", key, value), use_bin_type=True)
+
+
+class Secured:
+    """Keys for nodes L and F, an operator, a client, and a stranger whose
+    key is in no trust directory; in-process nodes that use them."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.trust = root / "trust"
+        self.addr = {n: f"ipc://{root}/{n}.sock" for n in ("L", "F")}
+        for n, a in self.addr.items():
+            keygen(self.trust, n, "node", a)
+        keygen(self.trust, "sup", "supervisor", f"ipc://{root}/sup.sock")
+        keygen(self.trust, "op", "operator")
+        keygen(self.trust, "app", "client")
+        keygen(root / "elsewhere", "stranger", "operator")
+        self.started: list[Replica] = []
+
+    def config(self, name: str, **settings) -> Config:
+        return Config(key=str(self.trust / f"{name}.key_secret"), trust=str(self.trust),
+                      **settings)
+
+    def node(self, name: str) -> Replica:
+        r = Replica(KV(), MemoryStorage(), self.addr[name], self.config(name, **FAST)).start()
+        self.started.append(r)
+        return r
+
+    def close(self) -> None:
+        for r in self.started:
+            r.stop()
+            r.storage.close()
+
+
+@pytest.fixture
+def sec(root):
+    s = Secured(root)
+    yield s
+    s.close()
+
+
+# --- keys -----------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_secret_only_its_owner_reads_whatever_the_umask(root):
+    old = os.umask(0)
+    try:
+        public, secret = keygen(root / "k", "n1", "node", "tcp://10.0.0.1:7400")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    assert stat.S_IMODE((root / "k").stat().st_mode) == 0o700
+    assert "secret-key" not in public.read_text() and "secret-key" in secret.read_text()
+    with pytest.raises(KeyFileError, match="exists"):
+        keygen(root / "k", "n1", "node", "tcp://10.0.0.1:7400")
+    with pytest.raises(KeyFileError, match="--endpoint"):
+        keygen(root / "k", "n2", "node")
+    with pytest.raises(KeyFileError, match="role"):
+        keygen(root / "k", "x", "admin")
+    with pytest.raises(KeyFileError, match="name"):
+        keygen(root / "k", "../x", "client")
+
+
+def test_a_secret_key_readable_by_others_or_missing_from_trust_is_refused(root):
+    keygen(root / "t", "op", "operator")
+    keygen(root / "other", "c", "client")
+    os.chmod(root / "t" / "op.key_secret", 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        Security.load(root / "t" / "op.key_secret", root / "t")
+    with pytest.raises(KeyFileError, match="own public key"):
+        Security.load(root / "other" / "c.key_secret", root / "t")
+    with pytest.raises(ValueError, match="go together"):
+        Config(key=str(root / "t" / "op.key_secret"))
+
+
+# --- a secured pair ---------------------------------------------------------------------
+
+
+def secured_pair(sec: Secured) -> tuple[Replica, Replica]:
+    leader, follower = sec.node("L"), sec.node("F")
+    follower.set_role(NodeRole.FOLLOWER, 1)
+    leader.set_role(NodeRole.LEADER, 1)
+    leader.set_follower(follower.address)
+    wait_for(lambda: leader.status().follower_sync, 10, "the secured follower synchronous")
+    return leader, follower
+
+
+def test_a_secured_pair_replicates_for_a_client_key(sec):
+    leader, follower = secured_pair(sec)
+    with Client([leader.address], timeout=2, retry_for=5, config=sec.config("app")) as c:
+        for i in range(20):
+            assert c.apply(kv_set(f"k{i}", i)) == 0
+    wait_for(lambda: follower.status().max_applied_wal == 20, 5, "the follower has all 20")
+    assert follower.applier.app.data["k19"] == 19
+
+
+def test_each_role_may_make_only_its_own_control_calls(sec):
+    leader, follower = secured_pair(sec)
+    before = leader.status()
+    with NodeClient(leader.address, 2, sec.config("op")) as op:
+        assert op.status().leader_id == 1 and op.ping()  # an operator may
+    for name, calls in (("app", ["status", "set_role", "dump_state", "stop"]),
+                        ("F", ["set_role", "set_follower", "dump_state", "checkpoint", "stop"])):
+        with NodeClient(leader.address, 2, sec.config(name)) as nc:
+            for op in calls:
+                args = {"role": 2, "leader_id": 9} if op == "set_role" else \
+                    {"address": "ipc://x"} if op == "set_follower" else {}
+                with pytest.raises(PermissionDenied, match=f"may not call {op}"):
+                    nc.call(op, **args)
+    after = leader.status()
+    assert (after.role, after.leader_id, after.follower, after.max_wal) == \
+        (before.role, before.leader_id, before.follower, before.max_wal)
+    assert after.extra["denied_calls"] == 9
+
+
+def test_no_key_or_a_stranger_key_gets_nothing_through(sec, root):
+    leader, _ = secured_pair(sec)
+    with Client([leader.address], timeout=2, retry_for=5, config=sec.config("app")) as c:
+        assert c.apply(kv_set("x", 1)) == 0
+    stranger = Config(key=str(root / "elsewhere" / "stranger.key_secret"),
+                      trust=str(root / "elsewhere"))
+    with pytest.raises(KeyFileError):  # it does not even know the node's key
+        Security.load(stranger.key, stranger.trust).server_key(leader.address)
+    ctx = zmq.Context()
+    try:
+        eps = protocol.endpoints(leader.address)
+        # a plain socket, and one with a key the node does not trust
+        pub, secret = zmq.curve_keypair()
+        socks = []
+        for curve in (False, True):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            if curve:
+                s.curve_publickey, s.curve_secretkey = pub, secret
+                s.curve_serverkey = Security.load(sec.trust / "op.key_secret",
+                                                  sec.trust).server_key(eps.control)
+            s.connect(eps.control)
+            s.send_multipart([b"", protocol.control_request("set_role",
+                                                            {"role": 2, "leader_id": 99})])
+            socks.append(s)
+        for s in socks:
+            assert not s.poll(500), "an unauthenticated caller got a reply"
+            s.close()
+    finally:
+        ctx.term()
+    st = leader.status()
+    assert (st.role, st.leader_id, st.max_wal) == (NodeRole.LEADER, 1, 1)
+
+
+def test_data_from_a_key_that_is_not_a_nodes_is_dropped(sec):
+    leader, follower = secured_pair(sec)
+    op = Security.load(sec.trust / "op.key_secret", sec.trust)
+    ctx = zmq.Context()
+    try:
+        eps = protocol.endpoints(follower.address)
+        s = ctx.socket(zmq.PUSH)
+        s.linger = 0
+        op.connect_to(s, eps.data)
+        s.connect(eps.data)
+        for _ in range(5):
+            s.send(protocol.wal_message(1, 7, 1, [kv_set("evil", 1)]))
+        wait_for(lambda: follower.status().extra["denied_calls"] >= 5, 5,
+                 "the operator's data frames counted as denied")
+        s.close()
+    finally:
+        ctx.term()
+    assert follower.status().max_wal == 0
+
+
+def test_apply_state_is_refused_on_a_leader(sec):
+    leader, _ = secured_pair(sec)
+    with NodeClient(leader.address, 2, sec.config("F")) as nc:
+        with pytest.raises(PermissionDenied, match="leads"):
+            nc.call("apply_state", leader_id=1, datas=[kv_set("evil", 1)])
+    assert "evil" not in leader.applier.app.data
+
+
+def test_without_keys_a_client_cannot_reach_a_secured_node(sec):
+    leader, _ = secured_pair(sec)
+    with Client([leader.address], timeout=0.3, retry_for=0.6) as c:
+        with pytest.raises(Timeout):
+            c.apply(kv_set("x", 1))
+    assert leader.status().max_wal == 0

@@ -1,0 +1,241 @@
+"""CURVE keys, the trust directory, and who may connect.
+
+Every member of a secured cluster has a key pair: a node, the supervisor,
+an operator (``zrepl status``, a person with ``NodeClient``) or a client.
+``python3 -m zrepl keygen`` writes ``NAME.key`` (public) and
+``NAME.key_secret`` (mode 0600), in ZeroMQ's certificate format, with the
+member's *role* - and, for a node or a supervisor, its *endpoint* - in the
+public file's metadata.
+
+The **trust directory** holds the public files of every member.  From it a
+process learns
+
+- which client keys may connect to its endpoints, and with which role (a
+  ZAP handler - pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator` - gives
+  every connection the User-Id ``ROLE:NAME``), and
+- the server key of each endpoint it connects to (the node or supervisor
+  whose metadata names that endpoint).
+
+A process is secured when it is given a key (``key = "PATH.key_secret"``)
+and a trust directory (``trust = "DIR"``); then every socket it binds is a
+CURVE server and every socket it connects is a CURVE client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from ..core import protocol
+from ..core.errors import ReplicationError
+
+ROLES = ("node", "supervisor", "operator", "client")
+# roles whose key files name the endpoint they serve
+SERVING_ROLES = ("node", "supervisor")
+ZAP_DOMAIN = "zrepl"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class KeyFileError(ValueError):
+    """A key file or trust directory that cannot be used (one line why)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One public key of the trust directory."""
+
+    name: str
+    role: str
+    public: bytes  # z85
+    endpoint: str = ""
+
+
+def _write_cert(path: Path, public: bytes, secret: bytes | None, metadata: dict[str, str]
+                ) -> None:
+    """A certificate in ZeroMQ's (zcert) format, created with mode 0600 for
+    a secret and 0644 for a public file, whatever the umask; never over an
+    existing file."""
+    lines = ["#   ZeroMQ CURVE " + ("**Secret** Certificate: keep it to this member" if secret
+                                    else "Public Certificate (zrepl)"), "metadata"]
+    lines += [f'    {k} = "{v}"' for k, v in metadata.items()]
+    lines += ["curve", f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    mode = 0o600 if secret is not None else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # (the umask may have taken bits away)
+        os.write(fd, ("\n".join(lines) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def keygen(out: str | os.PathLike, name: str, role: str, endpoint: str = ""
+           ) -> tuple[Path, Path]:
+    """Make a key pair for member ``name``; returns (public file, secret file)."""
+    if role not in ROLES:
+        raise KeyFileError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not _NAME.match(name):
+        raise KeyFileError(f"name must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+    if role in SERVING_ROLES:
+        if not endpoint:
+            raise KeyFileError(f"a {role} key needs --endpoint (the address it serves on)")
+        try:
+            protocol.endpoints(endpoint)
+        except ValueError as exc:
+            raise KeyFileError(str(exc)) from None
+    elif endpoint:
+        raise KeyFileError(f"a {role} serves nothing: no --endpoint")
+    out = Path(out)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    public_path, secret_path = out / f"{name}.key", out / f"{name}.key_secret"
+    for p in (public_path, secret_path):
+        if p.exists():
+            raise KeyFileError(f"{p} exists: not overwriting a key")
+    public, secret = zmq.curve_keypair()
+    meta = {"name": name, "role": role}
+    if endpoint:
+        meta["endpoint"] = endpoint
+    _write_cert(secret_path, public, secret, meta)
+    _write_cert(public_path, public, None, meta)
+    return public_path, secret_path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    section = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if not raw[0].isspace():
+            section = raw.strip()
+            continue
+        if section == "metadata" and "=" in raw:
+            k, _, v = raw.partition("=")
+            meta[k.strip()] = v.strip().strip('"\'')
+    return meta
+
+
+def load_member(path: str | os.PathLike) -> Member:
+    path = Path(path)
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+        meta = _metadata(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read key {path}: {exc}") from None
+    role = meta.get("role", "")
+    if role not in ROLES:
+        raise KeyFileError(f"{path}: no zrepl role in its metadata (make keys with "
+                        "'python3 -m zrepl keygen')")
+    return Member(meta.get("name", path.stem), role, public, meta.get("endpoint", ""))
+
+
+@dataclass
+class Security:
+    """A secured process's own key pair and its trust directory."""
+
+    me: Member
+    secret: bytes
+    members: dict[bytes, Member] = field(default_factory=dict)  # public key -> member
+    servers: dict[str, bytes] = field(default_factory=dict)  # endpoint -> server key
+
+    @classmethod
+    def load(cls, key: str | os.PathLike, trust: str | os.PathLike) -> "Security":
+        key = Path(key)
+        me = load_member(key)
+        try:
+            _, secret = zmq.auth.load_certificate(key)
+        except (OSError, ValueError) as exc:
+            raise KeyFileError(f"cannot read key {key}: {exc}") from None
+        if not secret:
+            raise KeyFileError(f"{key} holds no secret key (give the .key_secret file)")
+        mode = key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise KeyFileError(f"{key} is readable by others (mode {mode:o}): chmod 600 it")
+        trust = Path(trust)
+        if not trust.is_dir():
+            raise KeyFileError(f"trust directory {trust} does not exist")
+        sec = cls(me, secret)
+        for path in sorted(trust.glob("*.key")):
+            m = load_member(path)
+            sec.members[m.public] = m
+            if m.endpoint:
+                eps = protocol.endpoints(m.endpoint)
+                for ep in (eps.control, eps.data, eps.ack, eps.client) \
+                        if m.role == "node" else (m.endpoint,):
+                    sec.servers[ep] = m.public
+        if me.public not in sec.members:
+            raise KeyFileError(f"{trust} does not hold this member's own public key "
+                            f"({me.name}.key)")
+        return sec
+
+    def server_key(self, endpoint: str) -> bytes:
+        try:
+            return self.servers[endpoint]
+        except KeyError:
+            raise KeyFileError(f"no key in the trust directory serves {endpoint} (make one with "
+                            f"'zrepl keygen --endpoint ...')") from None
+
+    def serve(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (before it binds) a CURVE server of this member."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.me.public
+        sock.curve_server = True
+        sock.zap_domain = ZAP_DOMAIN.encode()
+
+    def connect_to(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Make ``sock`` (before it connects) a CURVE client of ``endpoint``."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.me.public
+        sock.curve_serverkey = self.server_key(endpoint)
+
+
+def from_config(config: Any) -> Security | None:
+    """The Security of a process configured with ``key`` and ``trust``
+    (``zrepl.Config``), or None when it runs without keys.  A key that
+    cannot be used is a ReplicationError naming why."""
+    if not config.key:
+        return None
+    try:
+        return Security.load(config.key, config.trust)
+    except KeyFileError as exc:
+        raise ReplicationError(str(exc)) from None
+
+
+class Gatekeeper(ThreadAuthenticator):
+    """The ZAP handler of one context: admits keys of the trust directory
+    and labels each connection ``ROLE:NAME`` (its User-Id)."""
+
+    def __init__(self, context: zmq.Context, security: Security):
+        super().__init__(context)
+        self.security = security
+
+    def start(self) -> None:
+        super().start()
+        self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.security.members
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        m = self.security.members.get(zmq.utils.z85.encode(client_public_key))
+        return f"{m.role}:{m.name}" if m is not None else ""
+
+
+def role_of(user_id: Any) -> str:
+    """The role part of a connection's User-Id ("" when unsecured)."""
+    if not user_id:
+        return ""
+    return str(user_id).partition(":")[0]
+
+
+__all__ = ["ROLES", "KeyFileError", "Member", "Security", "Gatekeeper", "from_config", "keygen",
+           "load_member", "role_of"]

@@ -20,7 +20,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zrepl import FollowerState, NodeClient, NodeRole  # noqa: E402
+from zrepl import Config, FollowerState, NodeClient, NodeRole  # noqa: E402
+from zrepl.engine.security import keygen  # noqa: E402
 from zrepl.local import LocalCluster, free_tcp_base, wait_until  # noqa: E402,F401
 
 
@@ -173,3 +174,15 @@ def process_stats(pids: list[int]) -> dict[int, dict[str, float]]:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def keys_for(w: "Workdir", tag: str, addresses: dict[str, str]) -> tuple[dict, Config]:
+    """Keys for the given nodes and for this script as an operator: the
+    settings each node needs, by name, and the operator's Config."""
+    trust = w.path / f"trust-{tag}"
+    for name, a in addresses.items():
+        keygen(trust, name, "node", a)
+    keygen(trust, "ops", "operator")
+    settings = {name: {"key": str(trust / f"{name}.key_secret"), "trust": str(trust)}
+                for name in [*addresses, "ops"]}
+    return settings, Config(**settings["ops"])

@@ -10,10 +10,14 @@ each, alternates rounds of bare round trips and commits so that drift hits
 both alike.  It reports every session and the median over sessions.
 
     python3 perf/latency.py [--sessions 3] [--rounds 5] [--per-round 1000] [--ipc]
-                            [--hops 1,2,3]
+                            [--hops 1,2,3] [--curve]
 
 ``--hops`` measures chains: 1 is leader -> follower, 2 is leader ->
 forwarder -> follower, 3 adds a second forwarder; every link synchronous.
+
+``--curve`` measures each session twice, without keys and then with every
+link CURVE-encrypted (README, "Security"), and reports what encryption
+costs as the ratio of the two medians.
 
 Targets: p50 <= 1.5 x the bare round trip and p99 <= 4 x for one hop
 (issue "Replication engine"); each extra synchronous hop adds <= 1 bare
@@ -31,7 +35,8 @@ from pathlib import Path
 import psutil
 import zmq
 
-from _common import ECHO_SERVER, RELAY_C_SERVER, RELAY_SERVER, Workdir, pct, process_stats, tcp_address, wait_until
+from _common import (ECHO_SERVER, RELAY_C_SERVER, RELAY_SERVER, Workdir, keys_for, pct,
+                     process_stats, tcp_address, wait_until)
 
 from workers.kv import KV  # noqa: E402
 from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole, Replica,  # noqa: E402
@@ -61,8 +66,9 @@ def commits(manager, n: int, start: int) -> list[float]:
     return out
 
 
-def session(args, w: Workdir, index: int, hops: int) -> dict:
-    addr = (lambda name: f"ipc://{w.path}/{name}{index}-{hops}") if args.ipc else \
+def session(args, w: Workdir, index: int, hops: int, curve: bool = False) -> dict:
+    tag = f"{index}-{hops}{'-curve' if curve else ''}"
+    addr = (lambda name: f"ipc://{w.path}/{name}{tag}") if args.ipc else \
         (lambda name: tcp_address())
     echo_addr = addr("echo")
     echo = w.start_python(ECHO_SERVER % echo_addr)
@@ -76,26 +82,34 @@ def session(args, w: Workdir, index: int, hops: int) -> dict:
             relays.append(w.start_python(code % (front, relay_addrs[kind])))
             relay_addrs[kind] = front
     chain_addrs = [addr(f"n{h}") for h in range(hops)]
-    chain = [w.start_node(f"n{h}-{index}-{hops}", a, {"fsync": args.follower_fsync or args.fsync})
+    leader_addr = addr("leader")
+    keys: dict = {}
+    operator = None
+    if curve:
+        keys, operator = keys_for(w, tag, {"leader": leader_addr,
+                                           **{f"n{h}": a for h, a in enumerate(chain_addrs)}})
+    w.operator = operator
+    chain = [w.start_node(f"n{h}-{tag}", a, {"fsync": args.follower_fsync or args.fsync,
+                                              **keys.get(f"n{h}", {})})
              for h, a in enumerate(chain_addrs)]
     follower = chain[0]
-    cfg = Config(fsync=args.fsync)
-    storage = FileStorage(w.path / f"leader{index}-{hops}", config=cfg)
-    leader = Replica(KV(), storage, addr("leader"), cfg).start()
+    cfg = Config(fsync=args.fsync, **keys.get("leader", {}))
+    storage = FileStorage(w.path / f"leader{tag}", config=cfg)
+    leader = Replica(KV(), storage, leader_addr, cfg).start()
     ctx = zmq.Context()
     try:
         for h, a in enumerate(chain_addrs):
-            with NodeClient(a) as nc:
+            with NodeClient(a, config=operator) as nc:
                 nc.set_role(NodeRole.FORWARDER if h < hops - 1 else NodeRole.FOLLOWER, 1)
         leader.set_role(NodeRole.LEADER, 1)
         leader.set_follower(chain_addrs[0])
         for up, down in zip(chain_addrs, chain_addrs[1:]):
-            with NodeClient(up) as nc:
+            with NodeClient(up, config=operator) as nc:
                 nc.set_follower(down)
         wait_until(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 30,
                    "synchronous follower")
         for a in chain_addrs[:-1]:
-            with NodeClient(a) as nc:
+            with NodeClient(a, config=operator) as nc:
                 wait_until(lambda: nc.status().follower_state == FollowerState.SYNCHRONOUS, 30,
                            "synchronous chain")
         req = ctx.socket(zmq.REQ)
@@ -168,6 +182,9 @@ def main() -> int:
     ap.add_argument("--follower-fsync", default=None, choices=["always", "batch", "off"],
                     help="override the follower's policy")
     ap.add_argument("--hops", default="1", help="chain lengths to measure, e.g. 1,2,3")
+    ap.add_argument("--curve", action="store_true",
+                    help="measure every session without and with CURVE keys: what encryption "
+                         "costs")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -185,6 +202,7 @@ def main() -> int:
             print(f"{'session':8} {'bare p50':>10} {'p99':>9} {'zrepl p50':>11} {'p99':>9} "
                   f"{'p99.9':>9} {'p50 x':>7} {'p99 x':>7}")
             results = []
+            curved: list[dict] = []
             for i in range(args.sessions):
                 r = session(args, w, i, hops)
                 b50, b99 = pct(r["bare"], .5), pct(r["bare"], .99)
@@ -196,6 +214,13 @@ def main() -> int:
                                 "cpu_us": r["cpu_us"]})
                 print(f"{i + 1:<8} {b50 * 1e6:8.1f}µs {b99 * 1e6:7.1f}µs {z50 * 1e6:9.1f}µs "
                       f"{z99 * 1e6:7.1f}µs {z999 * 1e6:7.1f}µs {z50 / b50:6.2f}x {z99 / b99:6.2f}x")
+                if args.curve:  # the same session again, every link encrypted
+                    c = session(args, w, i, hops, curve=True)
+                    c50, c99, cb50 = pct(c["zrepl"], .5), pct(c["zrepl"], .99), pct(c["bare"], .5)
+                    curved.append({"zrepl_p50": c50, "zrepl_p99": c99, "bare_p50": cb50,
+                                   "ratio_p50": c50 / cb50})
+                    print(f"{'  CURVE':8} {cb50 * 1e6:8.1f}µs {'':9} {c50 * 1e6:9.1f}µs "
+                          f"{c99 * 1e6:7.1f}µs {'':9} {c50 / cb50:6.2f}x")
             med = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "cpu_us"}
             cpu = {k: statistics.median(r["cpu_us"][k] for r in results) for k in results[0]["cpu_us"]}
             print(f"{'median':8} {med['bare_p50'] * 1e6:8.1f}µs {med['bare_p99'] * 1e6:7.1f}µs "
@@ -208,6 +233,15 @@ def main() -> int:
                   f"{cpu['follower']:.1f} µs; per bare round trip: client {cpu['bare_client']:.1f} "
                   f"µs + echo {cpu['echo']:.1f} µs")
             summary[hops] = {"median": med, "cpu_us": cpu, "sessions": results}
+            if curved:
+                cm = {k: statistics.median(r[k] for r in curved) for k in curved[0]}
+                print(f"CURVE (median): p50 {cm['zrepl_p50'] * 1e6:.1f} µs = "
+                      f"{cm['zrepl_p50'] / med['zrepl_p50']:.2f}x the same commit without keys "
+                      f"({cm['ratio_p50']:.2f}x bare); p99 {cm['zrepl_p99'] * 1e6:.1f} µs = "
+                      f"{cm['zrepl_p99'] / med['zrepl_p99']:.2f}x")
+                summary[hops]["curve"] = {"median": cm, "sessions": curved,
+                                          "cost_p50": cm["zrepl_p50"] / med["zrepl_p50"],
+                                          "cost_p99": cm["zrepl_p99"] / med["zrepl_p99"]}
     print()
     if 1 in summary:
         med = summary[1]["median"]

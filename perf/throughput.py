@@ -16,6 +16,11 @@ command is counted; at the end the follower must hold as many entries as
 the leader acknowledged.
 
     python3 perf/throughput.py [--seconds 3] [--submitters 64] [--modes blocking,many,async]
+                               [--curve]
+
+``--curve`` adds a second leader and follower whose every link is
+CURVE-encrypted (README, "Security"), measured in the same run: what
+encryption costs.
 
 Target (issue "Replication engine"): >= 250,000 commands/s synchronous.
 """
@@ -29,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import Workdir, process_stats, tcp_address, wait_until
+from _common import Workdir, keys_for, process_stats, tcp_address, wait_until
 
 from workers.kv import KV  # noqa: E402
 from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole,  # noqa: E402
@@ -92,50 +97,74 @@ def main() -> int:
     ap.add_argument("--submitters", type=int, default=64)
     ap.add_argument("--modes", default="blocking,many,async")
     ap.add_argument("--fsync", default="batch", choices=["always", "batch", "off"])
+    ap.add_argument("--curve", action="store_true",
+                    help="also measure a pair whose links are CURVE-encrypted")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     modes = args.modes.split(",")
-    cfg = Config(fsync=args.fsync)
     results: dict = {}
+    kinds = ["sync"] + (["curve"] if args.curve else [])
+    started: list = []
     with Workdir() as w:
-        follower_addr = tcp_address()
-        follower = w.start_node("follower", follower_addr, {"fsync": args.fsync})
-        with NodeClient(follower_addr) as fc:
-            fc.set_role(NodeRole.FOLLOWER, 1)
-        storage = FileStorage(w.path / "leader", config=cfg)
-        leader = Replica(KV(), storage, tcp_address(), cfg).start()
+        pairs = {}
+        for kind in kinds:
+            follower_addr, leader_addr = tcp_address(), tcp_address()
+            keys, operator = keys_for(w, kind, {"leader": leader_addr, "follower": follower_addr}) \
+                if kind == "curve" else ({}, None)
+            w.operator = operator
+            follower = w.start_node(f"follower-{kind}", follower_addr,
+                                    {"fsync": args.fsync, **keys.get("follower", {})})
+            with NodeClient(follower_addr, config=operator) as fc:
+                fc.set_role(NodeRole.FOLLOWER, 1)
+            cfg = Config(fsync=args.fsync, **keys.get("leader", {}))
+            storage = FileStorage(w.path / f"leader-{kind}", config=cfg)
+            leader = Replica(KV(), storage, leader_addr, cfg).start()
+            started.append((leader, storage))
+            pairs[kind] = (leader, follower, follower_addr, operator)
+        cfg = Config(fsync=args.fsync)
         alone_storage = FileStorage(w.path / "alone", config=cfg)
         alone = Replica(KV(), alone_storage, tcp_address(), cfg).start()
+        started.append((alone, alone_storage))
         try:
-            leader.set_role(NodeRole.LEADER, 1)
-            leader.set_follower(follower_addr)
+            for leader, _, follower_addr, _ in pairs.values():
+                leader.set_role(NodeRole.LEADER, 1)
+                leader.set_follower(follower_addr)
+                wait_until(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS,
+                           30, "synchronous follower")
             alone.set_role(NodeRole.LEADER, 1)
-            wait_until(lambda: leader.status().follower_state == FollowerState.SYNCHRONOUS, 30,
-                       "synchronous follower")
             for mode in modes:
                 n, t = run_mode(alone.manager, mode, args.submitters, args.seconds)
                 results[(mode, "alone")] = n / t
-                n, t = run_mode(leader.manager, mode, args.submitters, args.seconds)
-                results[(mode, "sync")] = n / t
-                if leader.status().follower_state != FollowerState.SYNCHRONOUS:
-                    raise RuntimeError("follower fell out of SYNCHRONOUS during the run")
-            top = leader.status().max_wal
-            wait_until(lambda: leader.status().follower_acked_wal >= top, 30, "final acks")
-            with NodeClient(follower_addr) as fc:
-                f_applied = fc.status().max_applied_wal
+                for kind, (leader, *_) in pairs.items():
+                    n, t = run_mode(leader.manager, mode, args.submitters, args.seconds)
+                    results[(mode, kind)] = n / t
+                    if leader.status().follower_state != FollowerState.SYNCHRONOUS:
+                        raise RuntimeError("follower fell out of SYNCHRONOUS during the run")
+            checks = {}
+            for kind, (leader, follower, follower_addr, operator) in pairs.items():
+                top = leader.status().max_wal
+                wait_until(lambda: leader.status().follower_acked_wal >= top, 30, "final acks")
+                with NodeClient(follower_addr, config=operator) as fc:
+                    checks[kind] = (fc.status().max_applied_wal, top)
+            follower = pairs["sync"][1]
             stats = process_stats([follower.pid])
         finally:
-            leader.stop()
-            alone.stop()
-            storage.close()
-            alone_storage.close()
+            for r, st in started:
+                r.stop()
+                st.close()
+    f_applied, top = checks["sync"]
 
     print(f"commit throughput, {args.submitters} submitters, 64-byte commands, "
           f"fsync={args.fsync}, {args.seconds:g} s per measurement")
-    print(f"{'mode':10} {'synchronous':>14} {'leader alone':>14} {'ratio':>7}")
+    print(f"{'mode':10} {'synchronous':>14} {'leader alone':>14} {'ratio':>7}"
+          + (f" {'with CURVE':>14} {'÷ plain':>10}" if args.curve else ""))
     for mode in modes:
         s, a = results[(mode, "sync")], results[(mode, "alone")]
-        print(f"{mode:10} {s:12,.0f}/s {a:12,.0f}/s {s / a:6.0%}")
+        line = f"{mode:10} {s:12,.0f}/s {a:12,.0f}/s {s / a:6.0%}"
+        if args.curve:
+            c = results[(mode, "curve")]
+            line += f" {c:12,.0f}/s {c / s:9.2f}x"
+        print(line)
     print(f"follower applied {f_applied:,} entries = leader's {top:,}; follower RSS "
           f"{stats.get(follower.pid, {}).get('rss_mib', 0):.0f} MiB")
     best = max(results[(m, "sync")] for m in modes)
@@ -144,7 +173,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({f"{m}/{k}": v for (m, k), v in results.items()},
                                               indent=1))
-    return 0 if f_applied == top else 1
+    return 0 if all(applied == top for applied, top in checks.values()) else 1
 
 
 if __name__ == "__main__":

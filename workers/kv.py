@@ -4,7 +4,9 @@ Commands (tuples, msgpack-encoded on the wire and in the WAL):
 
     ("set", key, value)            -> OK
     ("delete", key)                -> OK, NOT_FOUND
-    ("incr", key, n)               -> OK (a missing key counts as 0), WRONG_TYPE
+    ("incr", key, n)               -> OK (a missing key counts as 0), WRONG_TYPE,
+                                      OUT_OF_RANGE (the sum would leave the signed 64-bit
+                                      range; nothing changes)
     ("cas", key, expected, new)    -> OK, NOT_FOUND, COMPARE_FAILED
                                       (expected None means "the key is absent")
 
@@ -31,6 +33,12 @@ OK = 0
 NOT_FOUND = 1
 COMPARE_FAILED = 2
 WRONG_TYPE = 3
+OUT_OF_RANGE = 4
+
+# Integers msgpack - the WAL, checkpoints and state syncs - can carry both
+# ways: a counter that left this range could be stored but never written
+# out again (every checkpoint and state sync after it would fail).
+INT_MIN, INT_MAX = -2**63, 2**63 - 1
 
 _ARITY = {"set": 3, "delete": 2, "incr": 3, "cas": 4}
 def encode(cmd: tuple) -> bytes:
@@ -46,8 +54,8 @@ def check(cmd: Any) -> None:
         raise ValueError(f"KV {cmd[0]!r} takes {_ARITY[cmd[0]] - 1} arguments; got {cmd!r:.80}")
     if not isinstance(cmd[1], (str, bytes)):
         raise ValueError(f"KV keys are str or bytes; got {type(cmd[1]).__name__}")
-    if cmd[0] == "incr" and (type(cmd[2]) is not int):
-        raise ValueError("KV incr takes an int")
+    if cmd[0] == "incr" and (type(cmd[2]) is not int or not INT_MIN <= cmd[2] <= INT_MAX):
+        raise ValueError("KV incr takes an int in the signed 64-bit range")
 
 
 class KV(App):
@@ -72,6 +80,8 @@ class KV(App):
                 cur = data.get(cmd[1], 0)
                 if type(cur) is not int:
                     codes.append(WRONG_TYPE)
+                elif not INT_MIN <= cur + cmd[2] <= INT_MAX:
+                    codes.append(OUT_OF_RANGE)
                 else:
                     data[cmd[1]] = cur + cmd[2]
                     codes.append(OK)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .core.config import Config
 from .core.errors import ReplicationError
 from .engine.remote import NodeClient
 
@@ -65,9 +66,11 @@ def toml_text(settings: dict[str, Any]) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
 
 
-def pings(address: str, timeout: float = 0.3) -> bool:
+def pings(address: str, timeout: float = 0.3, config: Config | None = None) -> bool:
+    """Does the node at ``address`` answer a ping?  (``config``: an
+    operator's key and trust directory, for a secured node.)"""
     try:
-        with NodeClient(address, timeout=timeout) as c:
+        with NodeClient(address, timeout=timeout, config=config) as c:
             return c.ping()
     except ReplicationError:
         return False
@@ -95,6 +98,8 @@ class LocalCluster:
         # other processes: benchmarks pass False.
         self.new_session = new_session
         self.procs: dict[str, subprocess.Popen] = {}
+        # an operator's key and trust directory, to ask secured nodes (None: unsecured)
+        self.operator: Config | None = None
         self._env = dict(os.environ)
         here = str(Path(__file__).resolve().parent.parent)
         self._env["PYTHONPATH"] = os.pathsep.join(
@@ -130,7 +135,7 @@ class LocalCluster:
                 if proc.poll() is not None:
                     raise RuntimeError(f"node {name} exited with status {proc.returncode}: "
                                        + self.log_tail(name))
-                return pings(address)
+                return pings(address, config=self.operator)
             wait_until(answers, wait, f"node {name} to answer")
         return proc
 

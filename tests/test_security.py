@@ -218,3 +218,62 @@ def test_without_keys_a_client_cannot_reach_a_secured_node(sec):
         with pytest.raises(Timeout):
             c.apply(kv_set("x", 1))
     assert leader.status().max_wal == 0
+
+
+# --- secure by default ------------------------------------------------------------------
+
+
+def test_data_files_and_sockets_are_the_owners_alone_whatever_the_umask(root):
+    from zrepl import FileStorage
+    from zrepl.storage.snapshot import list_checkpoints
+    old = os.umask(0)
+    try:
+        cfg = Config(**FAST)
+        storage = FileStorage(root / "data", config=cfg)
+        r = Replica(KV(), storage, f"ipc://{root}/n.sock", cfg).start()
+        try:
+            r.set_role(NodeRole.LEADER, 1)
+            assert r.manager.apply(("set", "k", 1)) == 0
+            r.checkpointer.request()
+            wait_for(lambda: list_checkpoints(root / "data" / "checkpoints"), 10, "a checkpoint")
+            sockets = [p for p in root.iterdir() if p.is_socket()]
+            assert len(sockets) == 4
+            assert {stat.S_IMODE(p.stat().st_mode) for p in sockets} == {0o600}
+        finally:
+            r.stop()
+            storage.close()
+    finally:
+        os.umask(old)
+    made = [root / "data", *(root / "data").rglob("*")]
+    assert len(made) >= 5  # the directory, its WAL and checkpoints, their files
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in made
+             if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)}
+    assert not wrong
+
+
+@pytest.mark.parametrize("command", ["node", "supervisor"])
+def test_listening_beyond_loopback_without_keys_is_refused(root, command):
+    import subprocess
+    import sys
+    args = ["node", "--app", "workers.kv:KV", "--data", str(root / "d"),
+            "--listen", "tcp://0.0.0.0:7600"] if command == "node" else \
+        ["supervisor", "--node", "tcp://127.0.0.1:7600", "--listen", "tcp://0.0.0.0:7699"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.run([sys.executable, "-m", "zrepl", *args], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert p.returncode == 1
+    assert "refusing to listen on tcp://0.0.0.0" in p.stderr and "insecure" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (root / "d").exists()  # nothing was created
+
+
+def test_exposure_rule():
+    from zrepl import ReplicationError
+    from zrepl.engine.security import check_exposure
+    for ok in ("ipc:///tmp/x", "tcp://127.0.0.1:7400", "tcp://[::1]:7400", "tcp://localhost:7400",
+               ""):
+        check_exposure(ok, Config())
+    check_exposure("tcp://10.0.0.1:7400", Config(insecure=True))  # on purpose
+    for bad in ("tcp://10.0.0.1:7400", "tcp://*:7400", "tcp://db.example:7400"):
+        with pytest.raises(ReplicationError, match="without keys"):
+            check_exposure(bad, Config())

@@ -244,11 +244,13 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
     from . import sdnotify
     from .metrics import open_metrics, render_supervisor
+    from .engine.security import check_exposure
     from .engine.supervisor import Supervisor
     values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
     _logging(values)
     log = logging.getLogger("zrepl.supervisor")
     try:
+        check_exposure(values["listen"] or "", config)
         sup = Supervisor(values["nodes"], state_path=values["state"], config=config,
                          listen=values["listen"] or "")
     except (ValueError, ReplicationError) as exc:

@@ -19,6 +19,7 @@ from .core.interfaces import App
 from .metrics import MetricsServer, open_metrics, parse_listen, render
 from .core.protocol import endpoints
 from .engine.replica import Replica
+from .engine.security import check_exposure
 
 
 class SetupError(Exception):
@@ -74,7 +75,8 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         endpoints(listen)
         if metrics:
             parse_listen(metrics)
-    except ValueError as exc:
+        check_exposure(listen, config)
+    except (ValueError, ReplicationError) as exc:
         raise SetupError(str(exc)) from None
     app = load_app(app_spec)
     try:

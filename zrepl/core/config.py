@@ -76,6 +76,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     'security': (
         'key',
         'trust',
+        'insecure',
     ),
     'limits': (
         'max_message_bytes',
@@ -368,6 +369,11 @@ class Config:
     trust: str = ""
     """The trust directory: the public key files (``NAME.key``) of every
     node, supervisor, operator and client of the cluster."""
+
+    insecure: bool = False
+    """Let a node or supervisor listen on a TCP address other than loopback
+    without keys.  Off by default: such a process refuses to start, since
+    anyone who reaches its ports could then rebuild or read the cluster."""
 
     # --- helpers ----------------------------------------------------------
 

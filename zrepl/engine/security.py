@@ -23,11 +23,13 @@ CURVE server and every socket it connects is a CURVE client.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
@@ -210,6 +212,23 @@ def from_config(config: Any) -> Security | None:
         raise ReplicationError(str(exc)) from None
 
 
+def check_exposure(listen: str, config: Any) -> None:
+    """Secure by default: a process that listens on TCP beyond loopback
+    must have keys, unless ``insecure`` says otherwise on purpose."""
+    if not listen.startswith("tcp://") or config.key or config.insecure:
+        return
+    host = urlsplit(listen).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ReplicationError(
+            f"refusing to listen on {listen} without keys: anyone who reaches it could read "
+            "and rewrite the cluster (give key and trust - see README, Security - or set "
+            "insecure = true on purpose)")
+
+
 class Gatekeeper(ThreadAuthenticator):
     """The ZAP handler of one context: admits keys of the trust directory
     and labels each connection ``ROLE:NAME`` (its User-Id)."""
@@ -237,5 +256,5 @@ def role_of(user_id: Any) -> str:
     return str(user_id).partition(":")[0]
 
 
-__all__ = ["ROLES", "KeyFileError", "Member", "Security", "Gatekeeper", "from_config", "keygen",
-           "load_member", "role_of"]
+__all__ = ["ROLES", "KeyFileError", "Member", "Security", "Gatekeeper", "check_exposure",
+           "from_config", "keygen", "load_member", "role_of"]

@@ -23,6 +23,7 @@ simulation instead.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Iterator
 
 import zmq
@@ -383,9 +384,12 @@ class ZmqTransport(Transport):
                     self.security.connect_to(s, endpoint)
             if bind:
                 s.bind(endpoint)
+                if endpoint.startswith("ipc://"):
+                    # only this user's processes may connect, whatever the umask
+                    os.chmod(endpoint[len("ipc://"):], 0o600)
             else:
                 s.connect(endpoint)
-        except (zmq.ZMQError, KeyFileError) as exc:
+        except (zmq.ZMQError, KeyFileError, OSError) as exc:
             s.close(linger=0)
             raise ReplicationError(f"cannot {'bind' if bind else 'connect'} {endpoint}: "
                                    f"{exc}") from None

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from ..core.config import Config
 from ..core.errors import CorruptStorage, StorageError
-from .fsutil import DirLock, atomic_write
+from .fsutil import DirLock, atomic_write, make_dir
 from .base import (
     EMPTY_META,
     BaseStorage,
@@ -57,7 +57,7 @@ class FileStorage(BaseStorage):
         if self.path.exists() and not self.path.is_dir():
             raise StorageError(f"{self.path} exists and is not a directory")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_dir(self.path)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {self.path}: {exc}") from None
         super().__init__()

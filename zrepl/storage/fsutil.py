@@ -30,13 +30,36 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+DIR_MODE, FILE_MODE = 0o700, 0o600  # a node's data is its own: whatever the umask
+
+
+def make_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing; one it creates gets
+    DIR_MODE exactly, whatever the umask."""
+    if path.is_dir():
+        return
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def create(path: str | os.PathLike, flags: int) -> int:
+    """``os.open`` with O_CREAT: a new file gets FILE_MODE exactly."""
+    fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old
     or the new content, never a mix: write a temp file, fsync it, rename it
     over the target, fsync the directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = create(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         view = memoryview(data)
         while view:
@@ -61,7 +84,7 @@ class DirLock:
 
     def __init__(self, directory: Path):
         self.path = directory / "LOCK"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = create(self.path, os.O_RDWR)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from ..core.errors import CorruptStorage
-from .fsutil import fsync_dir, numbered_files
+from .fsutil import create, fsync_dir, make_dir, numbered_files
 from ..core.types import WALEntry
 
 FILE_MAGIC = b"ZREPLCKP"
@@ -173,11 +173,11 @@ class CheckpointFileWriter:
 
     def __init__(self, directory: Path, wal_id: int):
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         self.wal_id = wal_id
         self.final = directory / checkpoint_name(wal_id)
         self.tmp = directory / f".{checkpoint_name(wal_id)}.tmp.{os.getpid()}"
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = create(self.tmp, os.O_WRONLY | os.O_TRUNC)
         os.write(self.fd, FILE_HEADER.pack(FILE_MAGIC, FORMAT, 0))
         self.frames = FrameWriter(self.fd)
 

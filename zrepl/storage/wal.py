@@ -66,7 +66,7 @@ import msgpack
 
 from ..core.config import Config
 from ..core.errors import CorruptStorage, StorageError, WALTruncated
-from .fsutil import fsync_dir, numbered_files
+from .fsutil import create, fsync_dir, make_dir, numbered_files
 
 log = logging.getLogger("zrepl.wal")
 
@@ -243,7 +243,7 @@ class SegmentedWAL:
         self._closed = False
         self._cond = threading.Condition(lock)
         self._flusher: threading.Thread | None = None
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         self._recover()
         if config.fsync == "batch":
             self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
@@ -375,7 +375,7 @@ class SegmentedWAL:
             self._wfd = -1
         path = self.dir / segment_name(first_id)
         try:
-            self._wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._wfd = create(path, os.O_WRONLY | os.O_EXCL)
         except FileExistsError:
             raise StorageError(f"WAL segment {path} already exists; the directory was "
                                "changed behind this storage") from None

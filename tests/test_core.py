@@ -71,6 +71,19 @@ def test_a_new_leadership_is_persisted_before_anything_else():
     assert (c.role, c.leader_id) == (NodeRole.FOLLOWER, 3)
 
 
+def test_no_call_may_make_the_epoch_jump_beyond_the_bound():
+    # (issue 12: set_role(FOLLOWER, 2**63-1) spread and left no epoch to issue)
+    c = core(role=NodeRole.FOLLOWER, leader_id=5, history=[(5, 1)], max_epoch_jump=100)
+    for call in (lambda: c.set_role(NodeRole.FOLLOWER, 2**63 - 1, now=0.0),
+                 lambda: c.set_role(NodeRole.LEADER, 106, now=0.0),
+                 lambda: c.on_connect(106, B, 7, [], 1, now=0.0)):
+        with pytest.raises(ProtocolError, match="max_epoch_jump"):
+            call()
+    assert (c.leader_id, c.role, c.up_stream) == (5, NodeRole.FOLLOWER, 0)
+    c.set_role(NodeRole.FOLLOWER, 105, now=0.0)  # within the bound
+    assert c.leader_id == 105
+
+
 def test_connect_with_an_older_epoch_changes_nothing():
     c = core(role=NodeRole.FOLLOWER, leader_id=5, history=[(5, 1)], position=10)
     with pytest.raises(StaleLeader):

@@ -277,3 +277,29 @@ def test_exposure_rule():
     for bad in ("tcp://10.0.0.1:7400", "tcp://*:7400", "tcp://db.example:7400"):
         with pytest.raises(ReplicationError, match="without keys"):
             check_exposure(bad, Config())
+
+
+def test_an_oversized_frame_never_reaches_the_engine(root):
+    """Issue 12: 24 x 63 MiB frames to the ack port took the leader from 33
+    to 1,545 MiB.  Each endpoint now takes messages only as large as what
+    it carries: the sender of a larger one is dropped by ZeroMQ."""
+    r = Replica(KV(), MemoryStorage(), f"ipc://{root}/n.sock", Config(**FAST)).start()
+    ctx = zmq.Context()
+    try:
+        eps = protocol.endpoints(r.address)
+        big, small = ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+        for s in (big, small):
+            s.linger = 0
+            s.connect(eps.ack)
+        big.send(b"x" * (Config().max_ack_bytes + 1))
+        small.send(b"not an ack")  # a malformed ack that does arrive, after it
+        wait_for(lambda: r.status().extra["dropped_messages"] >= 1, 10,
+                 "the small frame dropped as malformed")
+        small.send(b"a probe")  # by its turn, anything sent before it has been read
+        wait_for(lambda: r.status().extra["dropped_messages"] >= 2, 10, "the probe")
+        assert r.status().extra["dropped_messages"] == 2  # the big one never arrived
+        for s in (big, small):
+            s.close()
+    finally:
+        ctx.term()
+        r.stop()

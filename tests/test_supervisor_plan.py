@@ -195,9 +195,13 @@ def test_new_epochs_exceed_every_epoch_issued_or_seen():
     stranger[C].leader_id = 1
     stranger[B] = s(B, FW, 1, 100, C, SYNC, leader=A)
     stranger[B].epoch_history = [(1, 1), (9, 100)]  # histories do not count: statuses' ids do
-    stranger[C].leader_id = 12  # a node obeying epoch 12 (from a run we never knew)
+    stranger[C].leader_id = 12  # a node obeying epoch 12, which this supervisor never issued
     p = dead_leader(steady_memory(), stranger, now=100)
-    assert p.new_epoch == 13 and p.memory.leader == B
+    # (it is fenced rather than outbid: see the test below)
+    assert p.new_epoch == 2 and p.memory.leader == B and p.memory.fenced == {C: 12}
+    p = dead_leader(Memory(leader=A, leader_id=1, chain=[B, C], sync_chain=[(B, 100)]), stranger,
+                    now=100)
+    assert p.new_epoch == 13  # without a state file nothing is known: above all seen
 
 
 def test_a_link_in_error_is_retried_with_backoff():
@@ -421,6 +425,24 @@ def test_candidates_are_ranked_by_what_they_applied_not_what_they_logged():
     obs = {A: None, B: after_sync, C: s(C, FW, 1, 119, B, FollowerState.NOT_CONNECTED, leader=A)}
     p = dead_leader(mem, obs, now=100)
     assert p.new_epoch == 2 and p.memory.leader == B
+
+
+def test_an_epoch_the_supervisor_never_issued_is_fenced_not_adopted():
+    # (issue 12: set_role(LEADER, E+100) on a cleared node, set_role(FOLLOWER,
+    # E+100) on the others - the supervisor adopted the stranger's leader)
+    mem = steady_memory()
+    obs = dict(steady())
+    obs[C] = s(C, L, 101, 0)  # cleared and made leader of epoch 101 by someone else
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert p.memory.fenced == {C: 101} and p.memory.max_leader_id == 1
+    assert p.memory.leader == A and not [c for c in p.calls if c.address == C]
+    assert any(level == logging.ERROR and "never issued" in text for level, text in p.events)
+    q = plan(ORDER, obs, p.memory, CFG, now=11)  # said once, not every tick
+    assert not any("never issued" in text for _, text in q.events)
+    obs[B] = s(B, F, 101, 100, leader=C)  # the leader's follower too
+    obs[A] = None  # and the leader dies: only fenced nodes answer
+    r = dead_leader(q.memory, obs, now=100)
+    assert r.new_epoch == 0 and r.memory.leader_id == 1  # nobody follows the stranger
 
 
 def test_a_supervisor_never_goes_back_to_an_epoch_below_one_it_issued():

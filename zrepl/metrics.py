@@ -157,6 +157,10 @@ def render_supervisor(view: dict[str, Any], nodes: list[str]) -> str:
                 [("", len(view.get("synchronous_chain", [])))])
     text.family("zrepl_supervisor_polls_total", "Rounds of status polls.", "counter",
                 [("", view.get("ticks", 0))])
+    fenced = view.get("fenced") or {}
+    text.family("zrepl_supervisor_fenced", "1 while a node reports an epoch this supervisor "
+                "never issued (it is left out of the cluster: an alarm).", "gauge",
+                [(f'node="{_label(a)}"', 1 if a in fenced else 0) for a in nodes])
     text.family("zrepl_supervisor_promotions_total", "Leaders this supervisor process "
                 "promoted (a fresh cluster's first leader included).", "counter",
                 [("", view.get("promotions", 0))])

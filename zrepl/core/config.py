@@ -77,9 +77,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
         'key',
         'trust',
         'insecure',
+        'max_epoch_jump',
     ),
     'limits': (
         'max_message_bytes',
+        'max_control_bytes',
+        'max_ack_bytes',
+        'max_client_bytes',
         'data_queue_messages',
         'send_queue_batches',
         'ack_queue_messages',
@@ -334,6 +338,18 @@ class Config:
     """Largest ZeroMQ message any endpoint accepts; a peer that sends a
     larger one is disconnected.  Larger than any batch zrepl sends."""
 
+    max_control_bytes: int = 4 * 1024 * 1024
+    """Largest message a node's control endpoint takes (handshakes, the
+    supervisor's calls; a tool's apply_wal); a larger one drops its sender."""
+
+    max_ack_bytes: int = 256 * 1024
+    """Largest message a node's ack endpoint takes (an ack carries one code
+    per entry of a batch)."""
+
+    max_client_bytes: int = 4 * 1024 * 1024
+    """Largest message a node's client endpoint takes: one command or query,
+    with its envelope."""
+
     data_queue_messages: int = 10_000
     """Messages a node's data endpoint queues from its upstream before
     ZeroMQ pushes back (receive high-water mark).  Batches are bounded by
@@ -374,6 +390,12 @@ class Config:
     """Let a node or supervisor listen on a TCP address other than loopback
     without keys.  Off by default: such a process refuses to start, since
     anyone who reaches its ports could then rebuild or read the cluster."""
+
+    max_epoch_jump: int = 1_000_000
+    """The most a node's epoch (leader_id) may grow in one call: a larger
+    jump is refused, so no call can exhaust the epochs (the supervisor
+    raises them by one per failover; a node that missed a million
+    failovers must be rebuilt)."""
 
     # --- helpers ----------------------------------------------------------
 

@@ -240,11 +240,18 @@ class NodeCore:
         self.lease_enforced = True
         self.lease_until = max(self.lease_until, now + lease)  # a late renewal never shortens it
 
+    def _check_jump(self, leader_id: int, why: str) -> None:
+        if leader_id > self.leader_id + self.cfg.max_epoch_jump:
+            raise ProtocolError(f"{why} with leader_id {leader_id}: more than max_epoch_jump "
+                                f"({self.cfg.max_epoch_jump}) above this node's "
+                                f"{self.leader_id}: refused")
+
     def _adopt_epoch(self, leader_id: int, why: str) -> Effects:
         """A larger epoch: refuse a smaller one, persist a larger one."""
         if leader_id < self.leader_id:
             raise StaleLeader(f"{why} with leader_id {leader_id}: this node obeys "
                               f"{self.leader_id}", leader_id, self.leader_id)
+        self._check_jump(leader_id, why)
         if leader_id > self.leader_id:
             self.leader_id = leader_id
             return [Persist(leader_id=leader_id)]
@@ -268,6 +275,7 @@ class NodeCore:
         if leader_id < current:
             raise StaleLeader(f"set_role with leader_id {leader_id}: this node obeys {current}",
                               leader_id, current)
+        self._check_jump(leader_id, "set_role")
         out: Effects = []
         if role == NodeRole.LEADER:
             if leader_id == current and was == NodeRole.LEADER:
@@ -351,6 +359,7 @@ class NodeCore:
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from None
         current = self.leader_id
+        self._check_jump(leader_id, f"connect from {address}")
         if leader_id == current and self.leader_address and address != self.leader_address:
             raise WrongUpstream(f"{self.address} follows {self.leader_address} in epoch "
                                 f"{current}, not {address}")

@@ -103,6 +103,9 @@ class Memory:
     unconfirmed: list[str] = field(default_factory=list)
     misses: dict[str, int] = field(default_factory=dict)
     lease_safe_at: float = 0.0  # monotonic time the leader's lease has surely run out
+    # nodes seen with an epoch this supervisor never issued: left alone
+    # (never adopted, promoted or chained) until an operator acts
+    fenced: dict[str, int] = field(default_factory=dict)
     error_retry: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -219,12 +222,28 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                               sync_boot=dict(memory.sync_boot),
                               unconfirmed=list(memory.unconfirmed),
                               chain=list(memory.chain), misses=dict(memory.misses),
-                              error_retry=dict(memory.error_retry))
+                              error_retry=dict(memory.error_retry), fenced=dict(memory.fenced))
     persisted_before = mem.key()
     calls: list[Call] = []
     events: list[tuple[int, str]] = []
     new_epoch = 0
     alive = {a: st for a, st in observed.items() if st is not None}
+    # An epoch above every one this supervisor issued (its state file says
+    # which) came from elsewhere - a hand-made set_role, a stranger: never
+    # adopt it (the cluster would follow whoever made it).  The node is
+    # fenced: treated as not answering, and reported.
+    if mem.max_leader_id:
+        for a, st in list(alive.items()):
+            if st.leader_id > mem.max_leader_id:
+                if mem.fenced.get(a) != st.leader_id:
+                    events.append((ERROR, f"{a} reports epoch {st.leader_id}, which this "
+                                          f"supervisor never issued (largest {mem.max_leader_id}):"
+                                          " fenced - it is left out until an operator clears it"))
+                mem.fenced[a] = st.leader_id
+                del alive[a]
+            else:
+                mem.fenced.pop(a, None)
+        observed = {a: st if a in alive else None for a, st in observed.items()}
     for a in order:
         mem.misses[a] = 0 if a in alive else mem.misses.get(a, 0) + 1
     dead = {a for a in order if mem.misses[a] >= cfg.missed_heartbeats}

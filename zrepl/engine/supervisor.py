@@ -169,6 +169,7 @@ class Supervisor:
                 "chain": [m.leader] + m.chain if m.leader else m.chain,
                 "synchronous_chain": [a for a, _ in m.sync_chain], "note": m.note,
                 "ticks": self.ticks, "promotions": self.promotions,
+                "fenced": dict(m.fenced),  # node -> an epoch this supervisor never issued
                 "dead": [a for a in self.nodes
                          if m.misses.get(a, 0) >= self.config.missed_heartbeats]}
 

@@ -408,10 +408,19 @@ class ZmqTransport(Transport):
             # what they have outstanding, so a deep queue costs little, and
             # ROUTER_MANDATORY makes a full queue visible instead of silent.
             client_opts = {zmq.SNDHWM: config.client_reply_queue, zmq.ROUTER_MANDATORY: 1}
+            # Each endpoint takes messages only as large as what it carries:
+            # a larger one drops its sender's connection (ZMQ_MAXMSGSIZE),
+            # and queues are bounded (receive high-water marks).
+            hwm = config.ack_queue_messages
+            cap = config.max_message_bytes  # (no endpoint takes more than this)
+            client_opts.update({zmq.MAXMSGSIZE: min(cap, config.max_client_bytes),
+                                zmq.RCVHWM: hwm})
             for kind, endpoint, opts in (
-                    (zmq.ROUTER, endpoints.control, None),
+                    (zmq.ROUTER, endpoints.control,
+                     {zmq.MAXMSGSIZE: min(cap, config.max_control_bytes), zmq.RCVHWM: 1000}),
                     (zmq.PULL, endpoints.data, {zmq.RCVHWM: config.data_queue_messages}),
-                    (zmq.PULL, endpoints.ack, None),
+                    (zmq.PULL, endpoints.ack, {zmq.MAXMSGSIZE: min(cap, config.max_ack_bytes),
+                                               zmq.RCVHWM: hwm}),
                     (zmq.ROUTER, endpoints.client, client_opts)):
                 socks.append(self._sock(kind, endpoint, True, config, opts))
         except BaseException:

@@ -536,7 +536,13 @@ class SegmentedWAL:
 
     def _flush_loop(self) -> None:
         interval = self.config.fsync_interval
+        backoff = 0.0  # after a failed fsync: wait longer each time (up to 1 s), log once
+        failures = 0
         while True:
+            if backoff:
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(backoff)
             with self._cond:
                 while not self._closed and self._dirty_since is None:
                     self._cond.wait()
@@ -553,9 +559,16 @@ class SegmentedWAL:
                     continue  # synced by the writer meanwhile
             try:
                 self.sync()  # fsync outside the lock: writers keep going
+                if failures > 1:
+                    log.warning("%s: background fsync failed %d times in a row", self._label,
+                                failures)
+                backoff, failures = 0.0, 0
             except OSError as exc:  # report, do not die; but take no more writes
-                log.error("%s: background fsync failed: %s (no more writes until restart)",
-                          self._label, exc)
+                if not failures:
+                    log.error("%s: background fsync failed: %s (no more writes until restart)",
+                              self._label, exc)
+                failures += 1
+                backoff = min(1.0, max(interval, backoff * 2))
                 self._broken = f"background fsync failed: {exc}"
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class Secured:
         keygen(self.trust, "sup", "supervisor", f"ipc://{root}/sup.sock")
         keygen(self.trust, "op", "operator")
         keygen(self.trust, "app", "client")
+        keygen(self.trust, "other", "node", f"ipc://{root}/other.sock")  # never started
         keygen(root / "elsewhere", "stranger", "operator")
         self.started: list[Replica] = []
 
@@ -303,3 +304,33 @@ def test_an_oversized_frame_never_reaches_the_engine(root):
     finally:
         ctx.term()
         r.stop()
+
+
+def test_only_the_handshakes_key_may_send_state_and_data(sec):
+    """Another node's key (a trusted member, but not this node's upstream)
+    may neither clear the follower nor stream it WAL."""
+    leader, follower = secured_pair(sec)
+    with Client([leader.address], timeout=2, retry_for=5, config=sec.config("app")) as c:
+        assert c.apply(kv_set("x", 1)) == 0
+    wait_for(lambda: follower.status().max_applied_wal == 1, 5, "the follower has it")
+    with NodeClient(follower.address, 2, sec.config("other")) as nc:
+        with pytest.raises(PermissionDenied, match="upstream"):
+            nc.call("clear_state", leader_id=1)
+    other = Security.load(sec.trust / "other.key_secret", sec.trust)
+    ctx = zmq.Context()
+    try:
+        eps = protocol.endpoints(follower.address)
+        s = ctx.socket(zmq.PUSH)
+        s.linger = 0
+        other.connect_to(s, eps.data)
+        s.connect(eps.data)
+        before = follower.status().extra["denied_calls"]
+        stream = 0  # (the stream token is not even needed to be refused)
+        s.send(protocol.wal_message(1, stream, 2, [kv_set("evil", 1)]))
+        wait_for(lambda: follower.status().extra["denied_calls"] > before, 5,
+                 "the other node's data refused")
+        s.close()
+    finally:
+        ctx.term()
+    assert follower.status().max_applied_wal == 1 and "evil" not in follower.applier.app.data
+    assert follower.applier.app.data["x"] == 1

@@ -189,3 +189,27 @@ def test_apply_many_reuses_one_connection_per_node(tmp_path):
         monitor.close(linger=0)
         server.close(linger=0)
     assert accepted == [zmq.EVENT_ACCEPTED], accepted
+
+
+def test_fresh_client_ids_cannot_push_out_a_session_to_reapply_its_command():
+    """Issue 12: 10,000 fresh client ids, then a retry of the first client's
+    command: it was applied twice.  A new client may push a session out
+    of a full table only once that session was idle for session_expiry;
+    until then the newcomer is refused (retryable), and a retry of a
+    forgotten session's command would get SessionExpired - never a second
+    application."""
+    with Cluster(max_sessions=8) as c:
+        a = c.node("A").start()
+        a.client.set_role(NodeRole.LEADER, 1)
+        for seq in range(1, 4):
+            assert submit(a, CID, seq, kv_incr("n")) == 0
+        admitted = refused = 0
+        for i in range(200):
+            try:
+                submit(a, i.to_bytes(16, "big"), 1, kv_incr("other"), timeout_ms=2000)
+                admitted += 1
+            except ReplicationError:
+                refused += 1
+        assert admitted == 7 and refused == 193  # the table is full, and nobody idles long
+        assert submit(a, CID, 3, kv_incr("n")) == 0  # answered from the table
+        assert counter(a) == 3  # not applied again

@@ -46,6 +46,7 @@ class ControlServer:
 
     def __init__(self, node: "Replica"):
         self.node = node
+        self._caller: str | None = None  # the key (ROLE:NAME) of the call being served
         # The last time the endpoint was seen empty: every request served
         # after it arrived later.  A lease starts then, not when the engine
         # got round to the request (it may have been busy): the supervisor
@@ -71,6 +72,7 @@ class ControlServer:
                 if role is not None and op not in ALLOWED.get(role, ()):
                     node.core.counters["denied_calls"] += 1
                     raise PermissionDenied(f"a {role} key may not call {op}")
+                self._caller = getattr(handle, "user", None)  # (None: unsecured)
                 try:
                     result = getattr(self, "op_" + op)(**args)
                 except TypeError as exc:
@@ -152,12 +154,23 @@ class ControlServer:
             node.run(effects)
             info["max_wal"] = node.storage.max_wal()
             info["min_wal"] = node.storage.min_wal()
+        # on a secured node, only this key may now send data and state
+        node.upstream_user = self._caller
         return info
+
+    def _from_upstream(self, op: str) -> None:
+        """On a secured node, only the key of the last accepted handshake
+        may change the state."""
+        if self._caller is not None and self._caller != self.node.upstream_user:
+            self.node.core.counters["denied_calls"] += 1
+            raise PermissionDenied(f"{op} only from this node's upstream (the key of its "
+                                   f"handshake), not {self._caller}")
 
     def op_max_applied_wal(self) -> int:
         return self.node.core.position
 
     def op_clear_state(self, leader_id: Any) -> None:
+        self._from_upstream("clear_state")
         node = self.node
         with node.applier.lock:
             with node.core_lock:
@@ -169,11 +182,13 @@ class ControlServer:
         if node.core.role == NodeRole.LEADER:
             # (a leader's state is its log's: only a follower takes a state)
             raise PermissionDenied(f"{node.address} leads: apply_state is refused")
+        self._from_upstream("apply_state")
         with node.applier.lock:
             node.core.control_apply_state(leader_id)
             node.applier.apply_state(check_datas(datas))
 
     def op_apply_wal(self, leader_id: Any, first_id: Any, datas: Any) -> list[int]:
+        self._from_upstream("apply_wal")
         node = self.node
         datas = check_datas(datas)
         with node.applier.lock:

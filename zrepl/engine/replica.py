@@ -166,6 +166,10 @@ class Replica(Node):
         self.core_lock = threading.Lock()
         self.core: NodeCore = None  # type: ignore[assignment]  # built by start()
         self.endpoints_bound: NodeEndpoints = None  # type: ignore[assignment]
+        # with CURVE keys: the key (ROLE:NAME) of the last accepted handshake,
+        # the only one whose data and state this node takes
+        self.upstream_user: str | None = None
+        self.transport_secured = False
         self.pipeline = CommitPipeline(self)
         self.downstream = DownstreamLink(self)
         self.upstream = UpstreamLink(self)
@@ -228,6 +232,7 @@ class Replica(Node):
             self.transport = ZmqTransport(security=from_config(self.config))
         try:
             self.endpoints_bound = self.transport.bind(self.endpoints, self.config)
+            self.transport_secured = getattr(self.transport, "security", None) is not None
         except BaseException:
             if self._own_transport:
                 self.transport.close()

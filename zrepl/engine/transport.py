@@ -224,10 +224,11 @@ class _ZmqRouter(_ZmqSocket, Router):
 
 
 class Handle(list):
-    """A request's routing frames, and the role of the key that sent it
-    (see :mod:`zrepl.engine.security`)."""
+    """A request's routing frames, and the key that sent it: ``user`` is
+    its ROLE:NAME, ``role`` the ROLE (see :mod:`zrepl.engine.security`)."""
 
     role = ""
+    user = ""
 
 
 class _SecureRouter(_ZmqRouter):
@@ -247,7 +248,8 @@ class _SecureRouter(_ZmqRouter):
                 self.dropped += 1
                 continue
             handle = Handle(frames[:-1])
-            handle.role = role_of(frames[-1].get("User-Id"))
+            handle.user = frames[-1].get("User-Id") or ""
+            handle.role = role_of(handle.user)
             if handle.role not in self.roles:
                 self.denied += 1
                 if self.denied_reply is not None:
@@ -292,14 +294,19 @@ class _ZmqReceiver(_ZmqSocket, Receiver):
 
 class _SecureReceiver(_ZmqReceiver):
     """A CURVE pull socket that takes messages from node keys only (the
-    others are dropped and counted)."""
+    others are dropped and counted); ``last_user`` is the key (ROLE:NAME)
+    of the message it yielded last."""
+
+    last_user = ""
 
     def drain(self, limit: int) -> Iterator[bytes]:
         for frames in _drain_frames(self.socket, limit):
             frame = frames[-1]
-            if role_of(frame.get("User-Id")) != "node":
+            user = frame.get("User-Id") or ""
+            if role_of(user) != "node":
                 self.denied += 1
                 continue
+            self.last_user = user
             yield frame.bytes
 
     def recv(self) -> bytes | None:

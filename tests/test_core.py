@@ -84,6 +84,16 @@ def test_no_call_may_make_the_epoch_jump_beyond_the_bound():
     assert c.leader_id == 105
 
 
+def test_a_lease_is_never_longer_than_the_nodes_own_setting():
+    # (issue 12: status(renew_lease_for=E, lease=3600) defeated lease fencing)
+    c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], lease=0.5)
+    c.renew_lease(1, 3600, now=10.0)
+    assert c.lease_until == 10.5
+    c.check_writable(10.4)
+    with pytest.raises(NotLeader, match="lease"):
+        c.check_writable(10.6)
+
+
 def test_connect_with_an_older_epoch_changes_nothing():
     c = core(role=NodeRole.FOLLOWER, leader_id=5, history=[(5, 1)], position=10)
     with pytest.raises(StaleLeader):

@@ -334,3 +334,33 @@ def test_only_the_handshakes_key_may_send_state_and_data(sec):
         ctx.term()
     assert follower.status().max_applied_wal == 1 and "evil" not in follower.applier.app.data
     assert follower.applier.app.data["x"] == 1
+
+
+def test_an_app_that_fails_to_write_its_state_is_reported_not_silent(root):
+    """Issue 12: an App error while iterating its state for a checkpoint
+    must be loud - the WAL is not truncated until a checkpoint succeeds."""
+    class Brittle(KV):
+        broken = True
+
+        def iter_state(self):
+            if self.broken:
+                raise OverflowError("int too big to encode")
+            yield from super().iter_state()
+
+    app = Brittle()
+    r = Replica(app, MemoryStorage(checkpoints=True), f"ipc://{root}/n.sock",
+                Config(**FAST)).start()
+    try:
+        r.set_role(NodeRole.LEADER, 1)
+        assert r.manager.apply(("set", "k", 1)) == 0
+        r.checkpointer.request()
+        st = wait_for(lambda: (s := r.status()).extra["checkpoint_failures"] and s, 10,
+                      "the failure counted")
+        assert "OverflowError" in st.extra["checkpoint_error"]
+        assert "checkpoint" in st.extra["last_failure"] and st.extra["failures"] == 1
+        app.broken = False  # fixed: the next checkpoint succeeds and clears the error
+        r.checkpointer.request()
+        wait_for(lambda: r.status().extra["checkpoint_error"] == "", 10, "a checkpoint")
+        assert r.manager.apply(("set", "k", 2)) == 0  # the node kept serving throughout
+    finally:
+        r.stop()

@@ -60,6 +60,8 @@ _EXTRA_COUNTERS = [
      "dropped_messages"),
     ("zrepl_refused_batches_total", "Well-formed batches this node refused to log.",
      "refused_batches"),
+    ("zrepl_checkpoint_failures_total", "Checkpoints that failed (the App's iter_state, the "
+     "disk); the WAL is not truncated until one succeeds.", "checkpoint_failures"),
     ("zrepl_denied_calls_total", "Calls and messages refused because the caller's key "
      "(its role) may not make them.", "denied_calls"),
     ("zrepl_failures_total", "Replication failures reported (see the log).", "failures"),

@@ -308,7 +308,9 @@ class Config:
     """Seconds a leader may accept writes after a renewal.  Five heartbeats:
     a leader survives a few slow polls; the supervisor waits
     ``lease * lease_margin`` after the last renewal before promoting
-    another node, so a cut-off leader has stopped writing by then."""
+    another node, so a cut-off leader has stopped writing by then.  A node
+    never takes a longer lease than its own setting, whatever a renewal
+    asks for."""
 
     lease_margin: float = 1.2
     """Safety factor on ``lease`` for clock-rate differences between the

@@ -238,6 +238,9 @@ class NodeCore:
                               f"{self.role.name} of epoch {self.leader_id}",
                               leader_id if isinstance(leader_id, int) else 0, self.leader_id)
         self.lease_enforced = True
+        # never longer than this node's own lease setting: an hour-long
+        # renewal (a mistaken or hostile caller) would defeat the fencing
+        lease = min(float(lease), self.cfg.lease)
         self.lease_until = max(self.lease_until, now + lease)  # a late renewal never shortens it
 
     def _check_jump(self, leader_id: int, why: str) -> None:
@@ -1234,4 +1237,5 @@ class NodeCore:
                       "clock": now,  # echoed by the supervisor's next renewal
                       "boot": self.boot,
                       "acks_durable": self.cfg.fsync == "always",
-                      "dropped_messages": 0, "denied_calls": 0, **self.counters}}
+                      "dropped_messages": 0, "denied_calls": 0,
+                      "checkpoint_failures": 0, **self.counters}}

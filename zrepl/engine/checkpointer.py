@@ -38,6 +38,8 @@ def checkpoint_store(storage: Any) -> Any:
 
 
 class Checkpointer:
+    last_error = ""  # why the last checkpoint failed ("" once one succeeds)
+
     def __init__(self, node: "Replica"):
         self.node = node
         self.store = checkpoint_store(node.storage)
@@ -78,7 +80,8 @@ class Checkpointer:
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 self._written(wal_id, now)
             else:
-                node.report_failed(f"checkpoint at WAL id {wal_id} failed (status {status})")
+                self._failed(wal_id, f"the checkpoint process exited with status {status} "
+                                     "(its error is in the node's log)")
         due = self.requested
         if cfg.checkpoint_interval and now - self.time >= cfg.checkpoint_interval and \
                 node.core.position > self.position:
@@ -100,14 +103,28 @@ class Checkpointer:
                     return 0.02
                 target = self.store if not isinstance(self.store, FileCheckpoints) \
                     else self.store.directory
-                write_checkpoint(target, node.applier.app, wal_id, core.leader_id, section,
-                                 cfg.snapshot_batch_entries)
+                try:
+                    write_checkpoint(target, node.applier.app, wal_id, core.leader_id, section,
+                                     cfg.snapshot_batch_entries)
+                except Exception as exc:  # the App's iter_state or encode_cmd: report, go on
+                    self._failed(wal_id, f"{type(exc).__name__}: {exc}")
+                    return 1.0
             self._written(wal_id, now)
         if cfg.checkpoint_interval:
             return max(0.05, cfg.checkpoint_interval - (now - self.time))
         return 1.0
 
+    def _failed(self, wal_id: int, why: str) -> None:
+        """Loudly: without checkpoints the WAL is never truncated, so each
+        failure is an ERROR, a count in the status and the metrics, and
+        the reason stays in the status until a checkpoint succeeds."""
+        node = self.node
+        node.core.counters["checkpoint_failures"] += 1
+        self.last_error = f"checkpoint at WAL id {wal_id} failed: {why}"
+        node.report_failed(self.last_error + " (the WAL is not truncated until one succeeds)")
+
     def _written(self, wal_id: int, now: float) -> None:
+        self.last_error = ""
         self.position = wal_id
         self.time = now
         self.prune(wal_id)

@@ -442,6 +442,7 @@ class Replica(Node):
         bound = self.endpoints_bound
         if bound is not None:  # (data and acks from keys not a node's: dropped)
             extra["denied_calls"] += bound.data.denied + bound.ack.denied
+        extra["checkpoint_error"] = self.checkpointer.last_error
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",
                       "pending": len(self.pipeline.pending),

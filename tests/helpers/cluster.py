@@ -19,9 +19,10 @@ from typing import Any
 
 import msgpack
 
-from zrepl import Client, NodeClient, NodeRole, ReplicationError
+from zrepl import Client, Config, NodeClient, NodeRole, ReplicationError
 from zrepl.engine.remote import supervisor_view
 from zrepl.core.types import FollowerState
+from zrepl.engine.security import keygen
 
 from . import wait_for
 
@@ -96,7 +97,7 @@ class NodeProc:
     @property
     def client(self) -> NodeClient:
         if self._client is None:
-            self._client = NodeClient(self.address, timeout=5.0)
+            self._client = NodeClient(self.address, timeout=5.0, config=self.cluster.operator)
         return self._client
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -170,7 +171,7 @@ class SupervisorProc:
 
     def view(self) -> dict | None:
         """The supervisor's own status (None while it does not answer)."""
-        return supervisor_view(self.address)
+        return supervisor_view(self.address, config=self.cluster.operator)
 
     def wait_synchronous(self, n_followers: int, timeout: float = 30) -> dict:
         """Until the supervisor has seen a synchronous chain this long (and
@@ -186,20 +187,38 @@ class SupervisorProc:
 
 
 class Cluster:
-    def __init__(self, **settings: Any):
+    """``secure``: the names of the nodes to come; every member then gets a
+    CURVE key (README, "Security"): the nodes, the supervisor, the test as
+    an operator (``operator``) and as a client."""
+
+    def __init__(self, secure: list[str] | None = None, **settings: Any):
         self.root = Path(tempfile.mkdtemp(prefix="zr-"))
         self.settings = {**DEFAULT_SETTINGS, **settings}
         self.nodes: dict[str, NodeProc] = {}
         self.supervisors: list[SupervisorProc] = []
         self._clients: list[Client] = []
+        self.operator: Config | None = None
+        self.keys: dict[str, dict[str, str]] = {}  # member -> its key and trust settings
+        if secure is not None:
+            trust = self.root / "trust"
+            for name in secure:
+                keygen(trust, name, "node", f"ipc://{self.root}/{name}.sock")
+            keygen(trust, "supervisor", "supervisor", f"ipc://{self.root}/supervisor.sock")
+            keygen(trust, "ops", "operator")
+            keygen(trust, "app", "client")
+            self.keys = {m: {"key": str(trust / f"{m}.key_secret"), "trust": str(trust)}
+                         for m in [*secure, "supervisor", "ops", "app"]}
+            self.operator = Config(**self.keys["ops"])
 
     def node(self, name: str, app: str = "workers.kv:KV", **settings: Any) -> NodeProc:
-        n = NodeProc(self, name, {**self.settings, **settings}, app)
+        n = NodeProc(self, name, {**self.settings, **self.keys.get(name, {}), **settings}, app)
         self.nodes[name] = n
         return n
 
     def client(self, *nodes: NodeProc, timeout: float = 5.0, retry_for: float = 3.0) -> Client:
-        c = Client([n.address for n in nodes], timeout=timeout, retry_for=retry_for)
+        config = Config(**self.keys["app"]) if self.keys else None
+        c = Client([n.address for n in nodes], timeout=timeout, retry_for=retry_for,
+                   config=config)
         self._clients.append(c)
         return c
 
@@ -226,7 +245,8 @@ class Cluster:
                 wait_synchronous(up)
 
     def supervisor(self, nodes: list[NodeProc], **settings: Any) -> "SupervisorProc":
-        sup = SupervisorProc(self, nodes, {**self.settings, **settings})
+        sup = SupervisorProc(self, nodes, {**self.settings, **self.keys.get("supervisor", {}),
+                                           **settings})
         self.supervisors.append(sup)
         return sup.start()
 

@@ -404,11 +404,13 @@ class Client:
 # --- status tools (zrepl status, the demo, tests) ----------------------------------
 
 
-def supervisor_view(listen: str, timeout: float = 0.5) -> dict | None:
+def supervisor_view(listen: str, timeout: float = 0.5, config: Config | None = None
+                    ) -> dict | None:
     """A running supervisor's own status (``Supervisor.status()``) from its
-    ``--listen`` endpoint; None while it does not answer."""
+    ``--listen`` endpoint; None while it does not answer.  (``config``: an
+    operator's key and trust directory, for a secured supervisor.)"""
     try:
-        with RpcClient(listen, timeout) as rpc:
+        with RpcClient(listen, timeout, security=from_config(config or Config())) as rpc:
             return rpc.call("status")
     except ReplicationError:
         return None

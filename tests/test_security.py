@@ -451,3 +451,17 @@ def test_ten_thousand_hostile_frames_change_nothing(sec, root):
     seen = sum(n.status().extra["denied_calls"] + n.status().extra["dropped_messages"]
                for n in (leader, follower))
     assert seen > 1000, seen
+
+
+def test_a_checkpoint_of_another_history_is_not_trusted():
+    from types import SimpleNamespace
+    judge = Replica._checkpoint_of_this_history
+    mine = [(1, 1), (3, 50)]
+    cp = lambda wal_id, history: SimpleNamespace(  # noqa: E731
+        wal_id=wal_id, zrepl={"epoch_history": [list(x) for x in history]})
+    assert judge(cp(80, [(1, 1), (3, 50)]), mine)
+    assert judge(cp(40, [(1, 1)]), mine)  # taken before epoch 3 began: the same log
+    assert not judge(cp(80, [(1, 1), (2, 50)]), mine)  # entries 50.. of another epoch
+    assert not judge(cp(80, [(1, 1), (3, 60)]), mine)  # 50..59 written under epoch 1 there
+    assert not judge(SimpleNamespace(wal_id=5, zrepl={"epoch_history": "junk"}), mine)
+    assert judge(cp(80, []), mine) and judge(cp(80, [(1, 1)]), [])  # nothing to judge by

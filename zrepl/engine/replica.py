@@ -52,6 +52,7 @@ import psutil
 
 from ..core import effects as fx
 from ..core.config import Config
+from ..core.epochs import divergence_point
 from ..core.errors import CorruptStorage, NotLeader, ProtocolError, ReplicationError, Timeout
 from ..core.interfaces import App, Manager, Node, Storage
 from ..core.node import NodeCore
@@ -306,6 +307,21 @@ class Replica(Node):
     # restore from checkpoint + WAL
     # ====================================================================
 
+    @staticmethod
+    def _checkpoint_of_this_history(snap: Any, history: list[tuple[int, int]]) -> bool:
+        """Does the checkpoint describe this node's log?  (Frames carry
+        checksums; this is the other half of trusting a checkpoint file: the
+        epochs it was taken under agree with this node's up to its WAL id.)
+        A checkpoint without a history, or a node without one, cannot be
+        judged and is taken."""
+        try:
+            theirs = [(int(a), int(b)) for a, b in snap.zrepl.get("epoch_history") or []]
+        except (TypeError, ValueError):
+            return False
+        if not theirs or not history:
+            return True
+        return divergence_point(history, theirs, snap.wal_id) is None
+
     def _restore(self) -> tuple[int, SessionTable]:
         app, st, cfg = self.app, self.storage, self.config
         sessions = SessionTable(cfg.session_window, cfg.max_sessions)
@@ -317,6 +333,10 @@ class Replica(Node):
                 snap = read_checkpoint(path)
             except (CorruptStorage, OSError) as exc:
                 self.log.warning("skipping unreadable checkpoint %s: %s", path.name, exc)
+                continue
+            if not self._checkpoint_of_this_history(snap, st.epoch_history()):
+                self.log.warning("skipping checkpoint %s: taken under an epoch history that is "
+                                 "not this node's", path.name)
                 continue
             loading = Progress(self.log, f"loading checkpoint {path.name}", snap.entries,
                                clock=self.clock.now, every=cfg.progress_interval)

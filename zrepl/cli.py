@@ -246,9 +246,11 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     from .metrics import open_metrics, render_supervisor
     from .engine.security import check_exposure
     from .engine.supervisor import Supervisor
+    from .node_main import raise_fd_limit
     values, config = settings(args, SUPERVISOR_KEYS, with_config=True)
     _logging(values)
     log = logging.getLogger("zrepl.supervisor")
+    raise_fd_limit()
     try:
         check_exposure(values["listen"] or "", config)
         sup = Supervisor(values["nodes"], state_path=values["state"], config=config,

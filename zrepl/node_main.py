@@ -60,6 +60,19 @@ def load_app(spec: str) -> App:
         raise SetupError(f"{spec}() failed: {type(exc).__name__}: {exc}{_where(exc)}") from None
 
 
+def raise_fd_limit() -> None:
+    """The soft limit on open files up to the hard one: every connection
+    holds a descriptor, and the node needs some of its own (WAL segments,
+    checkpoints, its clients).  Under systemd, LimitNOFILE sets both."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # (some systems cap it below the hard limit: keep the soft one)
+
+
 def run_node(app_spec: str, data: str, listen: str, config: Config,
              metrics: str | None = None) -> int:
     """Serve until stopped; exit status 0, or 1 if the engine crashed.
@@ -78,6 +91,7 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         check_exposure(listen, config)
     except (ValueError, ReplicationError) as exc:
         raise SetupError(str(exc)) from None
+    raise_fd_limit()
     app = load_app(app_spec)
     try:
         storage = FileStorage(data, config=config)

@@ -78,6 +78,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         'trust',
         'insecure',
         'max_epoch_jump',
+        'handshake_timeout',
     ),
     'limits': (
         'max_message_bytes',
@@ -392,6 +393,13 @@ class Config:
     """Let a node or supervisor listen on a TCP address other than loopback
     without keys.  Off by default: such a process refuses to start, since
     anyone who reaches its ports could then rebuild or read the cluster."""
+
+    handshake_timeout: float = 2.0
+    """Seconds a connection to a node's or supervisor's endpoint has to
+    complete its ZeroMQ (and CURVE) handshake before it is closed
+    (ZMQ_HANDSHAKE_IVL; libzmq's default is 30 s).  Idle connections from
+    strangers then hold a file descriptor for seconds, not half a minute,
+    while the node may be out of descriptors for its own clients."""
 
     max_epoch_jump: int = 1_000_000
     """The most a node's epoch (leader_id) may grow in one call: a larger

@@ -381,6 +381,8 @@ class ZmqTransport(Transport):
         s = self.context.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        if bind:  # a connection that never completes its handshake is closed soon
+            s.setsockopt(zmq.HANDSHAKE_IVL, int(config.handshake_timeout * 1000))
         for opt, value in (options or {}).items():
             s.setsockopt(opt, value)
         try:

@@ -486,3 +486,52 @@ def test_a_connection_that_never_handshakes_is_closed_soon(root):
         s.close()
     finally:
         r.stop()
+
+
+def test_an_endpoint_holds_at_most_max_connections(root):
+    """With keys, each endpoint admits at most max_connections live
+    connections; beyond that a handshake is refused and counted, and a
+    slot freed by a disconnect is taken again."""
+    s = Secured(root)
+    r = Replica(KV(), MemoryStorage(), s.addr["L"], s.config("L", **FAST, max_connections=3)
+                ).start()
+    app = Security.load(s.trust / "app.key_secret", s.trust)
+    endpoint = protocol.endpoints(r.address).client
+    ctx = zmq.Context()
+    socks = []
+    try:
+        r.set_role(NodeRole.LEADER, 1)
+
+        def connected() -> zmq.Socket:
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            app.connect_to(sock, endpoint)
+            sock.connect(endpoint)
+            socks.append(sock)
+            return sock
+
+        def answers(sock: zmq.Socket, rid: int, wait_ms: int = 5000) -> bool:
+            try:
+                sock.send_multipart([b"", protocol.submit_request(rid, kv_set("k", rid))],
+                                    zmq.NOBLOCK)
+            except zmq.Again:
+                return False  # (not connected)
+            return bool(sock.poll(wait_ms))
+
+        held = [connected() for _ in range(3)]
+        for i, sock in enumerate(held):
+            assert answers(sock, i + 1)
+        extra = connected()
+        assert not answers(extra, 10, 1000)  # the fourth is refused at the handshake
+        wait_for(lambda: r.status().extra["connections_refused"] >= 1, 10, "a refusal counted")
+        held[0].close()  # a slot frees up: a new connection gets in
+        socks.remove(held[0])
+        extra.close()
+        socks.remove(extra)
+        rid = iter(range(100, 10**6))
+        wait_for(lambda: answers(connected(), next(rid), 500), 20, "a new connection admitted")
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()
+        r.stop()

@@ -79,6 +79,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         'insecure',
         'max_epoch_jump',
         'handshake_timeout',
+        'max_connections',
     ),
     'limits': (
         'max_message_bytes',
@@ -400,6 +401,11 @@ class Config:
     (ZMQ_HANDSHAKE_IVL; libzmq's default is 30 s).  Idle connections from
     strangers then hold a file descriptor for seconds, not half a minute,
     while the node may be out of descriptors for its own clients."""
+
+    max_connections: int = 1000
+    """With keys: the most connections each endpoint of a node or
+    supervisor holds; beyond it a new handshake is refused (and counted),
+    so the process keeps file descriptors for its own work."""
 
     max_epoch_jump: int = 1_000_000
     """The most a node's epoch (leader_id) may grow in one call: a larger

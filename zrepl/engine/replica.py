@@ -462,6 +462,8 @@ class Replica(Node):
         bound = self.endpoints_bound
         if bound is not None:  # (data and acks from keys not a node's: dropped)
             extra["denied_calls"] += bound.data.denied + bound.ack.denied
+        refused = getattr(self.transport, "refused_connections", None)
+        extra["connections_refused"] = refused() if refused is not None else 0
         extra["checkpoint_error"] = self.checkpointer.last_error
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",

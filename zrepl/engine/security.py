@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from ..core import protocol
 from ..core.errors import ReplicationError
@@ -186,12 +188,13 @@ class Security:
             raise KeyFileError(f"no key in the trust directory serves {endpoint} (make one with "
                             f"'zrepl keygen --endpoint ...')") from None
 
-    def serve(self, sock: zmq.Socket) -> None:
-        """Make ``sock`` (before it binds) a CURVE server of this member."""
+    def serve(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
+        """Make ``sock`` (before it binds) a CURVE server of this member;
+        its handshakes go to the ZAP handler under ``domain``."""
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.me.public
         sock.curve_server = True
-        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.zap_domain = domain.encode()
 
     def connect_to(self, sock: zmq.Socket, endpoint: str) -> None:
         """Make ``sock`` (before it connects) a CURVE client of ``endpoint``."""
@@ -231,18 +234,85 @@ def check_exposure(listen: str, config: Any) -> None:
 
 class Gatekeeper(ThreadAuthenticator):
     """The ZAP handler of one context: admits keys of the trust directory
-    and labels each connection ``ROLE:NAME`` (its User-Id)."""
+    and labels each connection ``ROLE:NAME`` (its User-Id).
+
+    Each watched endpoint has its own ZAP domain and a cap on the
+    connections it holds: a socket monitor counts the open ones (accepted,
+    not yet disconnected), and beyond the cap a handshake is refused, so
+    the node keeps descriptors for its own work.  (A connection that never
+    handshakes is closed after handshake_timeout, and then no longer
+    counts.)"""
 
     def __init__(self, context: zmq.Context, security: Security):
         super().__init__(context)
         self.security = security
+        self._caps: dict[str, int] = {}
+        self._live: dict[str, set[int]] = {}
+        self.refused: dict[str, int] = {}  # domain -> handshakes refused at the cap
+        self._monitors: dict[zmq.Socket, str] = {}
+        self._halt = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         super().start()
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
+    def watch(self, sock: zmq.Socket, domain: str, cap: int) -> None:
+        """Admit at most ``cap`` live connections to ``sock`` (served under
+        ``domain``); call once it is bound."""
+        self.configure_curve_callback(domain, self)
+        self._caps[domain] = cap
+        self._live[domain] = set()
+        self.refused[domain] = 0
+        mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        if self._watcher is not None:  # (sockets are watched before the thread starts)
+            raise RuntimeError("watch() after the watcher started")
+        self._monitors[mon] = domain
+
+    def run_watcher(self) -> None:
+        """Start counting (after every watch())."""
+        if self._monitors and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
+                                             name="zrepl-connections")
+            self._watcher.start()
+
+    def _watch_loop(self) -> None:
+        poller = zmq.Poller()
+        for mon in self._monitors:
+            poller.register(mon, zmq.POLLIN)
+        while not self._halt.is_set():
+            for mon, _ in poller.poll(100):
+                try:
+                    event = recv_monitor_message(mon, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    continue
+                live = self._live[self._monitors[mon]]
+                if event["event"] == zmq.EVENT_ACCEPTED:  # (its value is the descriptor)
+                    live.add(event["value"])
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    live.discard(event["value"])
+
+    def live(self, domain: str) -> int:
+        return len(self._live.get(domain, ()))
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for mon in self._monitors:
+            mon.close(linger=0)
+        self._monitors.clear()
+        super().stop()
+
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.security.members
+        if key not in self.security.members:
+            return False
+        cap = self._caps.get(domain)
+        # (the connection asking is already counted: it was accepted first)
+        if cap is not None and len(self._live[domain]) > cap:
+            self.refused[domain] += 1
+            return False
+        return True
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         m = self.security.members.get(zmq.utils.z85.encode(client_public_key))

@@ -386,9 +386,10 @@ class ZmqTransport(Transport):
         for opt, value in (options or {}).items():
             s.setsockopt(opt, value)
         try:
+            domain = f"zrepl {endpoint}"  # (each endpoint its own ZAP domain and cap)
             if self.security is not None:
                 if bind:
-                    self.security.serve(s)
+                    self.security.serve(s, domain)
                 else:
                     self.security.connect_to(s, endpoint)
             if bind:
@@ -396,6 +397,8 @@ class ZmqTransport(Transport):
                 if endpoint.startswith("ipc://"):
                     # only this user's processes may connect, whatever the umask
                     os.chmod(endpoint[len("ipc://"):], 0o600)
+                if self._gate is not None:
+                    self._gate.watch(s, domain, config.max_connections)
             else:
                 s.connect(endpoint)
         except (zmq.ZMQError, KeyFileError, OSError) as exc:
@@ -436,6 +439,8 @@ class ZmqTransport(Transport):
             for s in socks:
                 s.close(linger=0)
             raise
+        if self._gate is not None:
+            self._gate.run_watcher()
         control, data, ack, client = socks
         receiver = _ZmqReceiver if self.security is None else _SecureReceiver
         # (which control calls each role may make is the control server's
@@ -446,8 +451,11 @@ class ZmqTransport(Transport):
 
 
     def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
-        return self._router(self._sock(zmq.ROUTER, endpoint, True, config,
-                                       {zmq.MAXMSGSIZE: max_message_bytes}), ROLES)
+        router = self._router(self._sock(zmq.ROUTER, endpoint, True, config,
+                                         {zmq.MAXMSGSIZE: max_message_bytes}), ROLES)
+        if self._gate is not None:
+            self._gate.run_watcher()
+        return router
 
     def pusher(self, endpoint: str, config: Config, hwm: int, immediate: bool = False
                ) -> Pusher:
@@ -463,6 +471,10 @@ class ZmqTransport(Transport):
 
     def poller(self) -> Poller:
         return _ZmqPoller()
+
+    def refused_connections(self) -> int:
+        """Handshakes refused because an endpoint held max_connections."""
+        return sum(self._gate.refused.values()) if self._gate is not None else 0
 
     def close(self) -> None:
         if self._gate is not None:

@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from workers.kv import KV
-from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, MemoryStorage,
-                   NodeRole, NotLeader, ProtocolError, RemoteFollower, Replica, StaleLeader,
-                   Timeout, WALEntry, WALGap)
+from zrepl import (Config, FileStorage, FollowerMismatch, FollowerState, NodeRole, NotLeader,
+                   ProtocolError, RemoteFollower, StaleLeader, Timeout, WALEntry, WALGap)
 from zrepl.storage.snapshot import list_checkpoints
 
 from .helpers import wait_for
-
-FAST = dict(fsync="off", ack_timeout=0.3, rpc_timeout=0.3, sync_wait_timeout=0.3,
-            checkpoint_entries=0, checkpoint_interval=0)
+from .helpers.inproc import Nodes
 
 
 @pytest.fixture
@@ -26,24 +23,6 @@ def tmp():
     d = Path(tempfile.mkdtemp(prefix="zr-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-class Nodes:
-    def __init__(self, root: Path):
-        self.root = root
-        self.started: list[Replica] = []
-
-    def make(self, name: str, app=None, storage=None, **settings) -> Replica:
-        cfg = Config(**{**FAST, **settings})
-        storage = storage or MemoryStorage()
-        r = Replica(app or KV(), storage, f"ipc://{self.root}/{name}.sock", cfg).start()
-        self.started.append(r)
-        return r
-
-    def close(self):
-        for r in self.started:
-            r.stop()
-            r.storage.close()
 
 
 @pytest.fixture

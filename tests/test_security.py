@@ -21,9 +21,7 @@ from zrepl.core import protocol
 from zrepl.engine.security import KeyFileError, Security, keygen
 
 from .helpers import wait_for
-
-FAST = dict(fsync="off", ack_timeout=0.3, rpc_timeout=0.3, sync_wait_timeout=0.3,
-            checkpoint_entries=0, checkpoint_interval=0)
+from .helpers.inproc import FAST, Nodes
 
 
 @pytest.fixture
@@ -52,21 +50,30 @@ class Secured:
         keygen(self.trust, "app", "client")
         keygen(self.trust, "other", "node", f"ipc://{root}/other.sock")  # never started
         keygen(root / "elsewhere", "stranger", "operator")
-        self.started: list[Replica] = []
+        self.nodes = Nodes(root)
+
+    def keys(self, name: str) -> dict:
+        return {"key": str(self.trust / f"{name}.key_secret"), "trust": str(self.trust)}
 
     def config(self, name: str, **settings) -> Config:
-        return Config(key=str(self.trust / f"{name}.key_secret"), trust=str(self.trust),
-                      **settings)
+        return Config(**self.keys(name), **settings)
+
+    def security(self, name: str) -> Security:
+        return Security.load(self.trust / f"{name}.key_secret", self.trust)
+
+    def socket(self, ctx: zmq.Context, kind: int, name: str, endpoint: str) -> zmq.Socket:
+        """A socket of ``kind`` connected to ``endpoint`` with ``name``'s key."""
+        s = ctx.socket(kind)
+        s.linger = 0
+        self.security(name).connect_to(s, endpoint)
+        s.connect(endpoint)
+        return s
 
     def node(self, name: str) -> Replica:
-        r = Replica(KV(), MemoryStorage(), self.addr[name], self.config(name, **FAST)).start()
-        self.started.append(r)
-        return r
+        return self.nodes.make(name, **self.keys(name))
 
     def close(self) -> None:
-        for r in self.started:
-            r.stop()
-            r.storage.close()
+        self.nodes.close()
 
 
 @pytest.fixture
@@ -170,8 +177,7 @@ def test_no_key_or_a_stranger_key_gets_nothing_through(sec, root):
             s.linger = 0
             if curve:
                 s.curve_publickey, s.curve_secretkey = pub, secret
-                s.curve_serverkey = Security.load(sec.trust / "op.key_secret",
-                                                  sec.trust).server_key(eps.control)
+                s.curve_serverkey = sec.security("op").server_key(eps.control)
             s.connect(eps.control)
             s.send_multipart([b"", protocol.control_request("set_role",
                                                             {"role": 2, "leader_id": 99})])
@@ -187,14 +193,9 @@ def test_no_key_or_a_stranger_key_gets_nothing_through(sec, root):
 
 def test_data_from_a_key_that_is_not_a_nodes_is_dropped(sec):
     leader, follower = secured_pair(sec)
-    op = Security.load(sec.trust / "op.key_secret", sec.trust)
     ctx = zmq.Context()
     try:
-        eps = protocol.endpoints(follower.address)
-        s = ctx.socket(zmq.PUSH)
-        s.linger = 0
-        op.connect_to(s, eps.data)
-        s.connect(eps.data)
+        s = sec.socket(ctx, zmq.PUSH, "op", protocol.endpoints(follower.address).data)
         for _ in range(5):
             s.send(protocol.wal_message(1, 7, 1, [kv_set("evil", 1)]))
         wait_for(lambda: follower.status().extra["denied_calls"] >= 5, 5,
@@ -316,14 +317,9 @@ def test_only_the_handshakes_key_may_send_state_and_data(sec):
     with NodeClient(follower.address, 2, sec.config("other")) as nc:
         with pytest.raises(PermissionDenied, match="upstream"):
             nc.call("clear_state", leader_id=1)
-    other = Security.load(sec.trust / "other.key_secret", sec.trust)
     ctx = zmq.Context()
     try:
-        eps = protocol.endpoints(follower.address)
-        s = ctx.socket(zmq.PUSH)
-        s.linger = 0
-        other.connect_to(s, eps.data)
-        s.connect(eps.data)
+        s = sec.socket(ctx, zmq.PUSH, "other", protocol.endpoints(follower.address).data)
         before = follower.status().extra["denied_calls"]
         stream = 0  # (the stream token is not even needed to be refused)
         s.send(protocol.wal_message(1, stream, 2, [kv_set("evil", 1)]))
@@ -410,17 +406,14 @@ def test_ten_thousand_hostile_frames_change_nothing(sec, root):
             eps = protocol.endpoints(node.address)
             for endpoint, kind in ((eps.control, zmq.DEALER), (eps.client, zmq.DEALER),
                                    (eps.data, zmq.PUSH), (eps.ack, zmq.PUSH)):
-                for who in ("plain", "stranger", "app", "F", "op"):
+                for who in ("app", "F", "op"):
+                    senders.append((sec.socket(ctx, kind, who, endpoint), kind))
+                for who in ("plain", "stranger"):
                     s = ctx.socket(kind)
                     s.linger = 0
-                    s.sndhwm = 0
                     if who == "stranger":
                         s.curve_publickey, s.curve_secretkey = stranger_pub, stranger_secret
-                        s.curve_serverkey = Security.load(
-                            sec.trust / "op.key_secret", sec.trust).server_key(endpoint)
-                    elif who != "plain":
-                        Security.load(sec.trust / f"{who}.key_secret",
-                                      sec.trust).connect_to(s, endpoint)
+                        s.curve_serverkey = sec.security("op").server_key(endpoint)
                     s.connect(endpoint)
                     senders.append((s, kind))
         while sent < 10_000:
@@ -493,9 +486,7 @@ def test_an_endpoint_holds_at_most_max_connections(root):
     connections; beyond that a handshake is refused and counted, and a
     slot freed by a disconnect is taken again."""
     s = Secured(root)
-    r = Replica(KV(), MemoryStorage(), s.addr["L"], s.config("L", **FAST, max_connections=3)
-                ).start()
-    app = Security.load(s.trust / "app.key_secret", s.trust)
+    r = s.nodes.make("L", **s.keys("L"), max_connections=3)
     endpoint = protocol.endpoints(r.address).client
     ctx = zmq.Context()
     socks = []
@@ -503,12 +494,8 @@ def test_an_endpoint_holds_at_most_max_connections(root):
         r.set_role(NodeRole.LEADER, 1)
 
         def connected() -> zmq.Socket:
-            sock = ctx.socket(zmq.DEALER)
-            sock.linger = 0
-            app.connect_to(sock, endpoint)
-            sock.connect(endpoint)
-            socks.append(sock)
-            return sock
+            socks.append(s.socket(ctx, zmq.DEALER, "app", endpoint))
+            return socks[-1]
 
         def answers(sock: zmq.Socket, rid: int, wait_ms: int = 5000) -> bool:
             try:
@@ -534,4 +521,4 @@ def test_an_endpoint_holds_at_most_max_connections(root):
         for sock in socks:
             sock.close()
         ctx.term()
-        r.stop()
+        s.close()

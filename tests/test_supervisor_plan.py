@@ -353,7 +353,9 @@ def test_a_follower_rebooted_since_it_was_seen_synchronous_is_not_promoted():
     assert dead_leader(mem, obs, now=100).memory.leader == B
 
 
-def test_a_leader_whose_epoch_is_spent_is_replaced_at_once():
+def spent_leader() -> tuple[Memory, dict]:
+    """A -> B -> C seen synchronous on machines a1, b1, c1; A then restarted
+    (same machine) and reports its epoch spent."""
     mem = steady_memory()
     mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
     obs = dict(steady())
@@ -361,6 +363,11 @@ def test_a_leader_whose_epoch_is_spent_is_replaced_at_once():
     obs[C] = with_extra(obs[C], boot="c1")
     obs[A] = with_extra(s(A, L, 1, 100, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
                         boot="a1", require_sync=True)
+    return mem, obs
+
+
+def test_a_leader_whose_epoch_is_spent_is_replaced_at_once():
+    mem, obs = spent_leader()
     p = plan(ORDER, obs, mem, CFG, now=10)  # the same boot: it lost nothing, it leads again
     assert p.new_epoch == 2 and p.memory.leader == A
     obs[A] = with_extra(s(A, L, 1, 90, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
@@ -373,13 +380,7 @@ def test_a_lost_promotion_is_not_said_again_to_a_leader_that_rebooted_since():
     # (sim seed 30001) A restarted, reported its epoch spent and was chosen
     # for epoch 2 itself; the promotion was lost in a power loss that took
     # A's unsynced tail, entries B and C acknowledged.
-    mem = steady_memory()
-    mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
-    obs = dict(steady())
-    obs[B] = with_extra(obs[B], boot="b1")
-    obs[C] = with_extra(obs[C], boot="c1")
-    obs[A] = with_extra(s(A, L, 1, 100, B, FollowerState.NOT_CONNECTED), epoch_spent=True,
-                        boot="a1", require_sync=True)
+    mem, obs = spent_leader()
     p = plan(ORDER, obs, mem, CFG, now=10)
     assert p.new_epoch == 2 and p.memory.leader == A
     obs[A] = with_extra(s(A, L, 1, 90), boot="a2", require_sync=True)  # never heard of epoch 2

@@ -46,6 +46,21 @@ def divergence_point(upstream: History, follower: History, position: int) -> int
     return None
 
 
+def not_held(upstream: History, up_position: int, follower: History, position: int) -> str:
+    """Why the upstream's log (to ``up_position``) does not hold all of the
+    follower's (to ``position``): "" when it does.  The follower must then
+    be rebuilt - decided by the upstream in :func:`plan_sync`, foreseen by
+    the follower at the handshake."""
+    d = divergence_point(upstream, follower, min(position, up_position))
+    if d is not None:
+        return (f"logs diverge at WAL id {d} (the follower holds entries of another epoch "
+                "from there)")
+    if position > up_position:
+        return f"follower is ahead ({position} > {up_position}): its extra entries were " \
+            "never committed here"
+    return ""
+
+
 @dataclass
 class FollowerInfo:
     """What a follower reports in the handshake."""
@@ -90,15 +105,9 @@ class SyncPlan:
 def plan_sync(up: UpstreamView, f: FollowerInfo) -> SyncPlan:
     """Decide how to bring a follower up to date after a handshake."""
     pos = f.position
-    d = divergence_point(up.epoch_history, f.epoch_history, min(pos, up.position))
-    if d is not None:
-        return SyncPlan(FollowerState.SYNCING_STATE, 0,
-                        f"logs diverge at WAL id {d} (the follower holds entries of another "
-                        f"epoch from there)")
-    if pos > up.position:
-        return SyncPlan(FollowerState.SYNCING_STATE, 0,
-                        f"follower is ahead ({pos} > {up.position}): its extra entries were "
-                        "never committed here")
+    why = not_held(up.epoch_history, up.position, f.epoch_history, pos)
+    if why:
+        return SyncPlan(FollowerState.SYNCING_STATE, 0, why)
     need = pos + 1
     if need == up.position + 1:
         return SyncPlan(FollowerState.SYNCING_LOG, need, "follower is up to date")

@@ -118,7 +118,7 @@ from .config import Config
 from .effects import (ERROR, INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
                       CloseLink, ConnectUpstream, Effect, EndStateIn, Failure, FailPending, Log,
                       OpenLink, Persist, ReadsReady, Resolve, SendAck, StartSnapshot, Wake)
-from .epochs import FollowerInfo, UpstreamView, divergence_point, epoch_at, plan_sync
+from .epochs import FollowerInfo, UpstreamView, epoch_at, not_held, plan_sync
 from .errors import (FollowerMismatch, NotLeader, ProtocolError, ReplicationError, StaleLeader,
                      StaleUpstream, Timeout, WALGap, WALTruncated, WrongUpstream)
 from .link import FATAL, Link, PendingCall, SnapshotOut
@@ -386,16 +386,14 @@ class NodeCore:
         self.leader_address = address
         # Does the upstream's log hold all of this node's?  If not, it will
         # rebuild this node; until then, nothing of it goes further down.
+        # (an older peer sends no position: then only the histories can tell)
         up_pos = upstream_position if isinstance(upstream_position, int) and \
-            not isinstance(upstream_position, bool) else None
+            not isinstance(upstream_position, bool) else self.position
         try:
-            up_history = [(int(a), int(b)) for a, b in history] if history else None
+            up_history = [(int(a), int(b)) for a, b in history] if history else self.history
         except (TypeError, ValueError):
-            up_history = None
-        suspect = up_pos is not None and up_pos < self.position or \
-            up_history is not None and divergence_point(
-                up_history, self.history, min(self.position, up_pos if up_pos is not None
-                                              else self.position)) is not None
+            up_history = self.history
+        suspect = bool(not_held(up_history, up_pos, self.history, self.position))
         was_checked = self.serves_follower()
         self.checked_by = None if suspect else (address, self.leader_id)
         old_depth = self.depth

@@ -167,6 +167,14 @@ def log_rank(st: NodeStatus) -> tuple[int, int]:
     return epoch_at(st.epoch_history, st.position), st.position
 
 
+def rebooted_since(mem: Memory, address: str, st: NodeStatus) -> bool:
+    """Did the machine of ``address`` reboot since its boot was recorded?
+    (Only what a node fsynced before acknowledging survives a power loss,
+    so a node that fsyncs every write never counts as rebooted.)"""
+    was = mem.sync_boot.get(address, "")
+    return bool(was) and not st.extra.get("acks_durable") and was != st.extra.get("boot", "")
+
+
 def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
                ) -> list[tuple[int, int, str]]:
     """The nodes that surely hold every acknowledged write, as (WAL id
@@ -188,9 +196,7 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
     def valid(i: int) -> bool:
         a, pos = mem.sync_chain[i]
         return a in alive and a not in dead and alive[a].leader_id == mem.leader_id and \
-            alive[a].position >= pos and \
-            (alive[a].extra.get("acks_durable") or
-             mem.sync_boot.get(a, "") in ("", alive[a].extra.get("boot")))
+            alive[a].position >= pos and not rebooted_since(mem, a, alive[a])
     if not mem.sync_chain or not valid(0):
         return []
     first = alive[mem.sync_chain[0][0]].position
@@ -204,8 +210,7 @@ def promotable(mem: Memory, alive: dict[str, NodeStatus], dead: set[str]
             continue  # never joined this epoch: it acknowledged nothing in it
         if a not in alive or a in dead or alive[a].leader_id != mem.leader_id:
             return []
-        if not alive[a].extra.get("acks_durable") and \
-                mem.sync_boot.get(a, "") not in ("", alive[a].extra.get("boot")):
+        if rebooted_since(mem, a, alive[a]):
             return []  # rebooted since: it may have lost what it acknowledged
         if alive[a].position >= first:
             out.append((alive[a].position, -len(mem.sync_chain), a))
@@ -387,9 +392,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         # upstream re-links it (a handshake), so the next claim is fresh.
         prev = leader
         for i, (a, _) in enumerate(chain_now):
-            was = mem.sync_boot.get(a, "")
             st = alive[a]
-            if was and not st.extra.get("acks_durable") and was != st.extra.get("boot", ""):
+            if rebooted_since(mem, a, st):
                 chain_now = chain_now[:i]
                 mem.sync_boot[a] = str(st.extra.get("boot", ""))
                 calls.append(Call("set_follower", prev, target=a))
@@ -417,7 +421,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     # above: the node moves up, one place a tick, until the leader is its
     # upstream.
     for i in range(1, len(chain)):
-        above = alive.get(([leader] + chain)[i - 1])
+        above = alive.get(leader if i == 1 else chain[i - 2])
         up, down = alive.get(chain[i - 1]), alive.get(chain[i])
         if above is not None and up is not None and down is not None and \
                 above.follower == chain[i - 1] and above.follower_sync and \

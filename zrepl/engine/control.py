@@ -154,14 +154,16 @@ class ControlServer:
             node.run(effects)
             info["max_wal"] = node.storage.max_wal()
             info["min_wal"] = node.storage.min_wal()
-        # on a secured node, only this key may now send data and state
-        node.upstream_user = self._caller
+        if self._caller is not None:
+            # with keys, only this one may now send data and state
+            node.endpoints_bound.data.only_from = self._caller
         return info
 
     def _from_upstream(self, op: str) -> None:
-        """On a secured node, only the key of the last accepted handshake
-        may change the state."""
-        if self._caller is not None and self._caller != self.node.upstream_user:
+        """With keys, only the key of the last accepted handshake may change
+        the state."""
+        upstream = self.node.endpoints_bound.data.only_from
+        if self._caller is not None and self._caller != upstream:
             self.node.core.counters["denied_calls"] += 1
             raise PermissionDenied(f"{op} only from this node's upstream (the key of its "
                                    f"handshake), not {self._caller}")

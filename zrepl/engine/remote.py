@@ -31,7 +31,7 @@ class NodeClient(Node):
     def __init__(self, address: str, timeout: float = 1.0, config: Config | None = None):
         self.address = address
         self._rpc = RpcClient(protocol.endpoints(address).control, timeout,
-                              security=from_config(config or Config()))
+                              security=from_config(config))
         self._lock = threading.Lock()
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
@@ -152,7 +152,7 @@ class Client:
         self.retry_for = retry_for
         # longest pause between rounds of attempts (Config.client_max_pause)
         self.max_pause = (config or Config()).client_max_pause
-        self.security = from_config(config or Config())  # CURVE keys, if configured
+        self.security = from_config(config)  # CURVE keys, if configured
         self.client_id = os.urandom(16)
         self._seq = itertools.count(1)
         self._ids = itertools.count(1)
@@ -410,7 +410,7 @@ def supervisor_view(listen: str, timeout: float = 0.5, config: Config | None = N
     ``--listen`` endpoint; None while it does not answer.  (``config``: an
     operator's key and trust directory, for a secured supervisor.)"""
     try:
-        with RpcClient(listen, timeout, security=from_config(config or Config())) as rpc:
+        with RpcClient(listen, timeout, security=from_config(config)) as rpc:
             return rpc.call("status")
     except ReplicationError:
         return None
@@ -458,7 +458,7 @@ def poll_statuses(addresses: list[str], timeout: float = 1.0, config: Config | N
     nodes at once: a NodeStatus or the error that stood in its way.  The
     whole poll takes at most ``timeout``, however many nodes are down."""
     ctx = new_context()
-    security = from_config(config or Config())
+    security = from_config(config)
     out: dict[str, NodeStatus | ReplicationError] = {}
     requests = {}
     try:

@@ -167,10 +167,6 @@ class Replica(Node):
         self.core_lock = threading.Lock()
         self.core: NodeCore = None  # type: ignore[assignment]  # built by start()
         self.endpoints_bound: NodeEndpoints = None  # type: ignore[assignment]
-        # with CURVE keys: the key (ROLE:NAME) of the last accepted handshake,
-        # the only one whose data and state this node takes
-        self.upstream_user: str | None = None
-        self.transport_secured = False
         self.pipeline = CommitPipeline(self)
         self.downstream = DownstreamLink(self)
         self.upstream = UpstreamLink(self)
@@ -233,7 +229,6 @@ class Replica(Node):
             self.transport = ZmqTransport(security=from_config(self.config))
         try:
             self.endpoints_bound = self.transport.bind(self.endpoints, self.config)
-            self.transport_secured = getattr(self.transport, "security", None) is not None
         except BaseException:
             if self._own_transport:
                 self.transport.close()
@@ -462,8 +457,7 @@ class Replica(Node):
         bound = self.endpoints_bound
         if bound is not None:  # (data and acks from keys not a node's: dropped)
             extra["denied_calls"] += bound.data.denied + bound.ack.denied
-        refused = getattr(self.transport, "refused_connections", None)
-        extra["connections_refused"] = refused() if refused is not None else 0
+        extra["connections_refused"] = self.transport.refused_connections()
         extra["checkpoint_error"] = self.checkpointer.last_error
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",

@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from ..core.config import Config
-from ..core.errors import ReplicationError, Timeout
+from ..core.errors import Timeout
 from ..core.protocol import control_request, parse_control_reply
 from .security import KeyFileError, Security
 
@@ -42,9 +42,9 @@ class RpcClient:
             if self.security is not None:
                 try:
                     self.security.connect_to(s, self.endpoint)
-                except KeyFileError as exc:
+                except KeyFileError:
                     s.close(linger=0)
-                    raise ReplicationError(str(exc)) from None
+                    raise
             s.connect(self.endpoint)
             self._sock = s
         return self._sock

@@ -39,6 +39,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..core import protocol
 from ..core.errors import ReplicationError
+from ..storage.fsutil import create, make_dir
 
 ROLES = ("node", "supervisor", "operator", "client")
 # roles whose key files name the endpoint they serve
@@ -47,7 +48,7 @@ ZAP_DOMAIN = "zrepl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class KeyFileError(ValueError):
+class KeyFileError(ReplicationError):
     """A key file or trust directory that cannot be used (one line why)."""
 
 
@@ -72,10 +73,8 @@ def _write_cert(path: Path, public: bytes, secret: bytes | None, metadata: dict[
     lines += ["curve", f'    public-key = "{public.decode()}"']
     if secret is not None:
         lines.append(f'    secret-key = "{secret.decode()}"')
-    mode = 0o600 if secret is not None else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = create(path, os.O_WRONLY | os.O_EXCL, 0o600 if secret is not None else 0o644)
     try:
-        os.fchmod(fd, mode)  # (the umask may have taken bits away)
         os.write(fd, ("\n".join(lines) + "\n").encode())
         os.fsync(fd)
     finally:
@@ -99,7 +98,7 @@ def keygen(out: str | os.PathLike, name: str, role: str, endpoint: str = ""
     elif endpoint:
         raise KeyFileError(f"a {role} serves nothing: no --endpoint")
     out = Path(out)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dir(out)
     public_path, secret_path = out / f"{name}.key", out / f"{name}.key_secret"
     for p in (public_path, secret_path):
         if p.exists():
@@ -138,7 +137,7 @@ def load_member(path: str | os.PathLike) -> Member:
     role = meta.get("role", "")
     if role not in ROLES:
         raise KeyFileError(f"{path}: no zrepl role in its metadata (make keys with "
-                        "'python3 -m zrepl keygen')")
+                           "'python3 -m zrepl keygen')")
     return Member(meta.get("name", path.stem), role, public, meta.get("endpoint", ""))
 
 
@@ -178,15 +177,15 @@ class Security:
                     sec.servers[ep] = m.public
         if me.public not in sec.members:
             raise KeyFileError(f"{trust} does not hold this member's own public key "
-                            f"({me.name}.key)")
+                               f"({me.name}.key)")
         return sec
 
     def server_key(self, endpoint: str) -> bytes:
         try:
             return self.servers[endpoint]
         except KeyError:
-            raise KeyFileError(f"no key in the trust directory serves {endpoint} (make one with "
-                            f"'zrepl keygen --endpoint ...')") from None
+            raise KeyFileError(f"no key in the trust directory serves {endpoint} (make one "
+                               "with 'zrepl keygen --endpoint ...')") from None
 
     def serve(self, sock: zmq.Socket, domain: str = ZAP_DOMAIN) -> None:
         """Make ``sock`` (before it binds) a CURVE server of this member;
@@ -203,16 +202,13 @@ class Security:
         sock.curve_serverkey = self.server_key(endpoint)
 
 
-def from_config(config: Any) -> Security | None:
+def from_config(config: Any | None) -> Security | None:
     """The Security of a process configured with ``key`` and ``trust``
-    (``zrepl.Config``), or None when it runs without keys.  A key that
-    cannot be used is a ReplicationError naming why."""
-    if not config.key:
+    (``zrepl.Config``), or None when it runs without keys (or without a
+    config).  A key that cannot be used is a KeyFileError naming why."""
+    if config is None or not config.key:
         return None
-    try:
-        return Security.load(config.key, config.trust)
-    except KeyFileError as exc:
-        raise ReplicationError(str(exc)) from None
+    return Security.load(config.key, config.trust)
 
 
 def check_exposure(listen: str, config: Any) -> None:

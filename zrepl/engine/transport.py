@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import os
+from functools import partial
 from typing import Any, Iterator
 
 import zmq
@@ -64,6 +65,9 @@ class Router(abc.ABC):
 
 class Receiver(abc.ABC):
     denied = 0  # messages from a key that is not a node's (dropped)
+    # with keys: the one key (ROLE:NAME) whose messages are taken (None: any node's)
+    only_from: str | None = None
+
     @abc.abstractmethod
     def drain(self, limit: int) -> Iterator[bytes]:
         """Messages waiting, at most ``limit``, without blocking."""
@@ -162,6 +166,10 @@ class Transport(abc.ABC):
     def poller(self) -> Poller:
         raise NotImplementedError(f"{type(self).__name__} is driven step by step")
 
+    def refused_connections(self) -> int:
+        """Handshakes refused because an endpoint held max_connections."""
+        return 0
+
     def close(self) -> None:
         """Release what the transport holds (its endpoints are closed by
         their owners first)."""
@@ -170,10 +178,12 @@ class Transport(abc.ABC):
 # --- ZeroMQ ------------------------------------------------------------------------
 
 
-def _drain(sock: zmq.Socket, multipart: bool, limit: int) -> Iterator:
+def _drain(sock: zmq.Socket, multipart: bool, limit: int, frames: bool = False) -> Iterator:
     """Messages waiting on ``sock`` (at most ``limit``), without paying for
-    a zmq.Again exception at the end of every burst."""
-    recv = sock.recv_multipart if multipart else sock.recv
+    a zmq.Again exception at the end of every burst; as zmq.Frames (which
+    carry the sender's User-Id) with ``frames``."""
+    recv = partial(sock.recv_multipart, copy=False) if frames else \
+        sock.recv_multipart if multipart else sock.recv
     getsockopt = sock.getsockopt
     for _ in range(limit):
         try:
@@ -243,7 +253,7 @@ class _SecureRouter(_ZmqRouter):
         self.denied_reply = denied
 
     def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
-        for frames in _drain_frames(self.socket, limit):
+        for frames in _drain(self.socket, True, limit, frames=True):
             if len(frames) < 2:
                 self.dropped += 1
                 continue
@@ -256,18 +266,6 @@ class _SecureRouter(_ZmqRouter):
                     self.reply(handle, self.denied_reply(handle.role))
                 continue
             yield handle, frames[-1].bytes
-
-
-def _drain_frames(sock: zmq.Socket, limit: int) -> Iterator[list]:
-    """Like _drain, as zmq.Frames (which carry the sender's User-Id)."""
-    getsockopt = sock.getsockopt
-    for _ in range(limit):
-        try:
-            yield sock.recv_multipart(NOBLOCK, copy=False)
-        except zmq.Again:
-            return
-        if not getsockopt(EVENTS) & POLLIN:
-            return
 
 
 class _ZmqReceiver(_ZmqSocket, Receiver):
@@ -293,20 +291,21 @@ class _ZmqReceiver(_ZmqSocket, Receiver):
 
 
 class _SecureReceiver(_ZmqReceiver):
-    """A CURVE pull socket that takes messages from node keys only (the
-    others are dropped and counted); ``last_user`` is the key (ROLE:NAME)
-    of the message it yielded last."""
+    """A CURVE pull socket that takes messages from node keys only, and
+    with ``only_from`` set, from that one key (ROLE:NAME) only; the others
+    are dropped and counted."""
 
-    last_user = ""
+    def __init__(self, sock: zmq.Socket, only_from: str | None = None):
+        super().__init__(sock)
+        self.only_from = only_from
 
     def drain(self, limit: int) -> Iterator[bytes]:
-        for frames in _drain_frames(self.socket, limit):
+        for frames in _drain(self.socket, True, limit, frames=True):
             frame = frames[-1]
             user = frame.get("User-Id") or ""
-            if role_of(user) != "node":
+            if role_of(user) != "node" or self.only_from is not None and user != self.only_from:
                 self.denied += 1
                 continue
-            self.last_user = user
             yield frame.bytes
 
     def recv(self) -> bytes | None:
@@ -442,13 +441,15 @@ class ZmqTransport(Transport):
         if self._gate is not None:
             self._gate.run_watcher()
         control, data, ack, client = socks
-        receiver = _ZmqReceiver if self.security is None else _SecureReceiver
         # (which control calls each role may make is the control server's
-        # to say; the client endpoint takes clients and operators only)
-        return NodeEndpoints(self._router(control, ROLES, denied_control), receiver(data),
-                             receiver(ack),
+        # to say; the client endpoint takes clients and operators only; data
+        # only from the key of the upstream's handshake, none before one)
+        if self.security is None:
+            data_in, ack_in = _ZmqReceiver(data), _ZmqReceiver(ack)
+        else:
+            data_in, ack_in = _SecureReceiver(data, only_from=""), _SecureReceiver(ack)
+        return NodeEndpoints(self._router(control, ROLES, denied_control), data_in, ack_in,
                              self._router(client, ("client", "operator")))
-
 
     def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
         router = self._router(self._sock(zmq.ROUTER, endpoint, True, config,
@@ -473,7 +474,6 @@ class ZmqTransport(Transport):
         return _ZmqPoller()
 
     def refused_connections(self) -> int:
-        """Handshakes refused because an endpoint held max_connections."""
         return sum(self._gate.refused.values()) if self._gate is not None else 0
 
     def close(self) -> None:

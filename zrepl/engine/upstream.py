@@ -77,13 +77,7 @@ class UpstreamLink:
         the upstream then waits (backpressure through the acks)."""
         node = self.node
         window_full = node.core.window_full
-        data = node.endpoints_bound.data
-        secured = node.transport_secured
-        for raw in data.drain(node.config.messages_per_turn):
-            if secured and data.last_user != node.upstream_user:
-                # another node's key: only the upstream of the last handshake sends data
-                data.denied += 1
-                continue
+        for raw in node.endpoints_bound.data.drain(node.config.messages_per_turn):
             self.handle(raw)
             if window_full():
                 return

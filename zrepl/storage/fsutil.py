@@ -42,11 +42,12 @@ def make_dir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def create(path: str | os.PathLike, flags: int) -> int:
-    """``os.open`` with O_CREAT: a new file gets FILE_MODE exactly."""
-    fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
+def create(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> int:
+    """``os.open`` with O_CREAT: a new file gets ``mode`` exactly, whatever
+    the umask."""
+    fd = os.open(path, flags | os.O_CREAT, mode)
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, mode)
     except BaseException:
         os.close(fd)
         raise

@@ -233,11 +233,13 @@ class Gatekeeper(ThreadAuthenticator):
     and labels each connection ``ROLE:NAME`` (its User-Id).
 
     Each watched endpoint has its own ZAP domain and a cap on the
-    connections it holds: a socket monitor counts the open ones (accepted,
-    not yet disconnected), and beyond the cap a handshake is refused, so
-    the node keeps descriptors for its own work.  (A connection that never
-    handshakes is closed after handshake_timeout, and then no longer
-    counts.)"""
+    connections it holds: a socket monitor reports each connection
+    accepted (with its descriptor) and each one closed, and beyond the cap
+    a handshake is refused, so the node keeps descriptors for its own work.
+    The monitors are read by the ZAP handler itself, just before it judges
+    a handshake: libzmq reports a connection accepted before its handshake
+    asks, so the count then includes the connection asking.  (A connection
+    that never handshakes is closed after handshake_timeout.)"""
 
     def __init__(self, context: zmq.Context, security: Security):
         super().__init__(context)
@@ -246,68 +248,60 @@ class Gatekeeper(ThreadAuthenticator):
         self._live: dict[str, set[int]] = {}
         self.refused: dict[str, int] = {}  # domain -> handshakes refused at the cap
         self._monitors: dict[zmq.Socket, str] = {}
-        self._halt = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()  # the monitor sockets: watch(), the ZAP thread, live()
 
     def start(self) -> None:
         super().start()
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
     def watch(self, sock: zmq.Socket, domain: str, cap: int) -> None:
-        """Admit at most ``cap`` live connections to ``sock`` (served under
+        """Admit at most ``cap`` open connections to ``sock`` (served under
         ``domain``); call once it is bound."""
-        self.configure_curve_callback(domain, self)
-        self._caps[domain] = cap
-        self._live[domain] = set()
-        self.refused[domain] = 0
         mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        if self._watcher is not None:  # (sockets are watched before the thread starts)
-            raise RuntimeError("watch() after the watcher started")
-        self._monitors[mon] = domain
+        with self._lock:
+            self._caps[domain] = cap
+            self._live[domain] = set()
+            self.refused[domain] = 0
+            self._monitors[mon] = domain
+        self.configure_curve_callback(domain, self)
 
-    def run_watcher(self) -> None:
-        """Start counting (after every watch())."""
-        if self._monitors and self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
-                                             name="zrepl-connections")
-            self._watcher.start()
-
-    def _watch_loop(self) -> None:
-        poller = zmq.Poller()
-        for mon in self._monitors:
-            poller.register(mon, zmq.POLLIN)
-        while not self._halt.is_set():
-            for mon, _ in poller.poll(100):
+    def _catch_up(self) -> None:
+        """Apply the monitors' waiting events (the lock held)."""
+        for mon, domain in self._monitors.items():
+            live = self._live[domain]
+            while True:
                 try:
                     event = recv_monitor_message(mon, zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    continue
-                live = self._live[self._monitors[mon]]
+                except zmq.Again:
+                    break
                 if event["event"] == zmq.EVENT_ACCEPTED:  # (its value is the descriptor)
                     live.add(event["value"])
                 elif event["event"] == zmq.EVENT_DISCONNECTED:
                     live.discard(event["value"])
 
     def live(self, domain: str) -> int:
-        return len(self._live.get(domain, ()))
+        with self._lock:
+            self._catch_up()
+            return len(self._live.get(domain, ()))
 
     def stop(self) -> None:
-        self._halt.set()
-        if self._watcher is not None:
-            self._watcher.join()
-        for mon in self._monitors:
-            mon.close(linger=0)
-        self._monitors.clear()
         super().stop()
+        with self._lock:
+            for mon in self._monitors:
+                mon.close(linger=0)
+            self._monitors.clear()
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key not in self.security.members:
             return False
         cap = self._caps.get(domain)
-        # (the connection asking is already counted: it was accepted first)
-        if cap is not None and len(self._live[domain]) > cap:
-            self.refused[domain] += 1
-            return False
+        if cap is None:
+            return True
+        with self._lock:
+            self._catch_up()
+            if len(self._live[domain]) > cap:  # (the connection asking is counted)
+                self.refused[domain] += 1
+                return False
         return True
 
     def curve_user_id(self, client_public_key: bytes) -> str:

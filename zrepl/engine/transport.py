@@ -438,8 +438,6 @@ class ZmqTransport(Transport):
             for s in socks:
                 s.close(linger=0)
             raise
-        if self._gate is not None:
-            self._gate.run_watcher()
         control, data, ack, client = socks
         # (which control calls each role may make is the control server's
         # to say; the client endpoint takes clients and operators only; data
@@ -452,11 +450,8 @@ class ZmqTransport(Transport):
                              self._router(client, ("client", "operator")))
 
     def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
-        router = self._router(self._sock(zmq.ROUTER, endpoint, True, config,
-                                         {zmq.MAXMSGSIZE: max_message_bytes}), ROLES)
-        if self._gate is not None:
-            self._gate.run_watcher()
-        return router
+        return self._router(self._sock(zmq.ROUTER, endpoint, True, config,
+                                       {zmq.MAXMSGSIZE: max_message_bytes}), ROLES)
 
     def pusher(self, endpoint: str, config: Config, hwm: int, immediate: bool = False
                ) -> Pusher:

@@ -14,6 +14,7 @@ from .core.interfaces import App, Follower, Manager, Node, Storage
 from .engine.remote import Client, NodeClient, RemoteFollower
 from .engine.replica import Replica
 from .storage.base import MemoryStorage
+from .storage.shared import SharedReader, SharedStore
 from .engine.supervisor import Supervisor
 from .core.types import FollowerState, NodeRole, NodeStatus, WALEntry
 
@@ -23,7 +24,7 @@ __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",
     "FollowerState", "Manager", "MemoryStorage", "Node", "NodeClient", "NodeRole", "NodeStatus",
     "NotLeader", "PermissionDenied", "ProtocolError", "RemoteFollower", "Replica",
-    "ReplicationError", "SessionExpired", "StaleLeader", "StaleUpstream", "Storage",
+    "ReplicationError", "SessionExpired", "SharedReader", "SharedStore", "StaleLeader", "StaleUpstream", "Storage",
     "StorageError", "StorageLocked", "Supervisor",
     "Timeout", "WALEntry", "WALGap", "WALTruncated", "WrongUpstream", "__version__",
 ]

@@ -111,7 +111,7 @@ def test_ledger_total_never_changes_across_failovers():
 
 
 def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
-    from zrepl import App, Client, MemoryStorage, NodeRole, Replica
+    from zrepl import App, Client, MemoryStorage, NodeRole, Replica, SharedStore
 
     class NoReads(App):  # the App interface's default query()
         encode_cmd = KV.encode_cmd
@@ -121,7 +121,7 @@ def test_a_query_an_app_does_not_serve_is_refused_cleanly(data_dir):
         iter_state = KV.iter_state
 
         def __init__(self):
-            self.data = {}
+            self.store = SharedStore()
 
     node = Replica(NoReads(), MemoryStorage(), f"ipc://{data_dir}/n.sock").start()
     try:

@@ -2,20 +2,25 @@
 
 Commands (tuples, msgpack-encoded on the wire and in the WAL):
 
-    ("set", key, value)            -> OK
+    ("set", key, value)            -> OK, TOO_LARGE (the value packs to over 16 MiB)
     ("delete", key)                -> OK, NOT_FOUND
     ("incr", key, n)               -> OK (a missing key counts as 0), WRONG_TYPE,
                                       OUT_OF_RANGE (the sum would leave the signed 64-bit
                                       range; nothing changes)
-    ("cas", key, expected, new)    -> OK, NOT_FOUND, COMPARE_FAILED
+    ("cas", key, expected, new)    -> OK, NOT_FOUND, COMPARE_FAILED, TOO_LARGE
                                       (expected None means "the key is absent")
 
-Keys are str or bytes; values anything msgpack encodes.
+Keys are str or bytes of at most 510 bytes (UTF-8 for str: a longer key is
+refused when the command is encoded); values anything msgpack encodes.  The
+state lives in a ``zrepl.SharedStore`` (``docs/shared.md``).
 
-Reads: ``KV.get`` in the node's process, or remotely ``KVClient.get``
-(``App.query``): from any node (a follower's answer may be stale) or, with
-``leader=True``, from the leader holding a valid lease, answered once it
-holds exactly the acknowledged writes (``docs/reads.md``).
+Reads: ``KV.get`` in the node's process; ``LocalReader(data_dir)`` in any
+process on the node's host, from shared memory; remotely ``KVClient.get``
+and ``KVClient.scan`` (``App.query``): from any node - answered by its reader
+processes when it runs some (``--readers N``) - where a follower's answer
+may be stale, or, with ``leader=True``, from the leader holding a valid
+lease, answered once it holds exactly the acknowledged writes
+(``docs/reads.md``).
 
     kv = KVClient(["tcp://127.0.0.1:7400", "tcp://127.0.0.1:7410"])
     kv.set("k", "v"); kv.incr("n", 2); kv.get("k"); kv.get("n", leader=True)
@@ -25,7 +30,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from zrepl import App
+import msgpack
+
+from zrepl import App, SharedStore
+from zrepl.storage.shared import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
 from ._tuples import ServiceClient, packb, tuple_codec, unpack
 
@@ -34,6 +42,7 @@ NOT_FOUND = 1
 COMPARE_FAILED = 2
 WRONG_TYPE = 3
 OUT_OF_RANGE = 4
+TOO_LARGE = 5
 
 # Integers msgpack - the WAL, checkpoints and state syncs - can carry both
 # ways: a counter that left this range could be stored but never written
@@ -54,70 +63,160 @@ def check(cmd: Any) -> None:
         raise ValueError(f"KV {cmd[0]!r} takes {_ARITY[cmd[0]] - 1} arguments; got {cmd!r:.80}")
     if not isinstance(cmd[1], (str, bytes)):
         raise ValueError(f"KV keys are str or bytes; got {type(cmd[1]).__name__}")
+    if len(cmd[1]) >= MAX_KEY_BYTES // 4 and len(store_key(cmd[1])) > MAX_KEY_BYTES:
+        raise ValueError(f"KV keys are at most {MAX_KEY_BYTES - 1} bytes (UTF-8 for str); got "
+                         f"{len(store_key(cmd[1])) - 1}")
     if cmd[0] == "incr" and (type(cmd[2]) is not int or not INT_MIN <= cmd[2] <= INT_MAX):
         raise ValueError("KV incr takes an int in the signed 64-bit range")
 
 
 class KV(App):
+    """The state lives in a ``zrepl.SharedStore`` (``self.store``): in the
+    node's data directory when a node runs it, readable by reader processes
+    and ``LocalReader``; in memory when the App is used on its own."""
+
     encode_cmd, decode_cmd = tuple_codec(check, "KV command")
 
-    def __init__(self) -> None:
-        self.data: dict[Any, Any] = {}
+    def __init__(self, store: SharedStore | None = None) -> None:
+        self.store = store if store is not None else SharedStore()
 
     # --- App -------------------------------------------------------------------
 
     def apply(self, cmds: list) -> list[int]:
-        data = self.data
+        store = self.store
+        get, put = store.get, store.put
         codes = []
         for cmd in cmds:
             op = cmd[0]
+            key = store_key(cmd[1])
             if op == "set":
-                data[cmd[1]] = cmd[2]
+                value = packb(cmd[2])
+                if len(value) > MAX_VALUE_BYTES:
+                    codes.append(TOO_LARGE)
+                    continue
+                put(key, value)
                 codes.append(OK)
             elif op == "delete":
-                codes.append(OK if data.pop(cmd[1], _MISSING) is not _MISSING else NOT_FOUND)
+                codes.append(OK if store.delete(key) else NOT_FOUND)
             elif op == "incr":
-                cur = data.get(cmd[1], 0)
+                raw = get(key)
+                cur = 0 if raw is None else unpackb(raw)
                 if type(cur) is not int:
                     codes.append(WRONG_TYPE)
                 elif not INT_MIN <= cur + cmd[2] <= INT_MAX:
                     codes.append(OUT_OF_RANGE)
                 else:
-                    data[cmd[1]] = cur + cmd[2]
+                    put(key, packb(cur + cmd[2]))
                     codes.append(OK)
             else:  # cas
-                key, expected, new = cmd[1], cmd[2], cmd[3]
-                cur = data.get(key, _MISSING)
-                if cur is _MISSING and expected is not None:
+                expected, new = cmd[2], cmd[3]
+                raw = get(key)
+                if raw is None and expected is not None:
                     codes.append(NOT_FOUND)
-                elif (cur is _MISSING and expected is None) or cur == expected:
-                    data[key] = new
+                elif raw is None or unpackb(raw) == expected:
+                    value = packb(new)
+                    if len(value) > MAX_VALUE_BYTES:
+                        codes.append(TOO_LARGE)
+                        continue
+                    put(key, value)
                     codes.append(OK)
                 else:
                     codes.append(COMPARE_FAILED)
         return codes
 
     def clear_state(self) -> None:
-        self.data.clear()
+        self.store.clear()
 
     def iter_state(self) -> Iterator[Any]:
-        for key, value in self.data.items():
-            yield ("set", key, value)
+        # a generator expression: store.items() (the snapshot) is taken now
+        return (("set", user_key(k), unpackb(v)) for k, v in self.store.items())
 
     # --- reads -------------------------------------------------------------------
     def get(self, key: Any, default: Any = None) -> Any:
-        return self.data.get(key, default)
+        raw = self.store.get(store_key(key))
+        return default if raw is None else unpackb(raw)
+
+    @property
+    def data(self) -> dict[Any, Any]:
+        """The whole state as a dict (a copy: for tests and small states)."""
+        return {user_key(k): unpackb(v) for k, v in self.store.items()}
 
     def query(self, request: bytes) -> bytes:
-        """("get", key) -> msgpack [found, value]."""
-        try:
-            op, key = unpack(request, "KV query")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"KV query must be ('get', key): {exc}") from None
-        if op != "get":
-            raise ValueError(f"unknown KV query {op!r}")
-        value = self.data.get(key, _MISSING)
-        return packb([value is not _MISSING, None if value is _MISSING else value])
+        """("get", key) -> msgpack [found, value];
+        ("scan", prefix, limit) -> msgpack [[key, value], ...] in key order
+        (str keys first, then bytes keys; ``limit`` None for all)."""
+        return answer_query(request, self.store.get, self.store.scan)
+
+
+def answer_query(request: bytes, get: Any, scan: Any) -> bytes:
+    """A KV query answered with ``get(store_key)`` and ``scan(prefix,
+    limit)`` (the App's store, or a reader's snapshot)."""
+    try:
+        req = unpack(request, "KV query")
+        op = req[0]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"KV query must be ('get', key) or ('scan', prefix, limit): {exc}") \
+            from None
+    if op == "get" and len(req) == 2 and isinstance(req[1], (str, bytes)):
+        raw = get(store_key(req[1]))
+        return packb([raw is not None, None if raw is None else unpackb(raw)])
+    if op == "scan" and len(req) == 3 and isinstance(req[1], (str, bytes)) and \
+            (req[2] is None or (type(req[2]) is int and req[2] >= 0)):
+        pairs = scan(store_key(req[1]), req[2])
+        return packb([[user_key(k), unpackb(v)] for k, v in pairs])
+    raise ValueError(f"unknown KV query {req!r:.80} (('get', key) or ('scan', prefix, limit))")
+
+
+def store_key(key: str | bytes) -> bytes:
+    """A KV key in the store: str and bytes keys stay distinct."""
+    return b"s" + key.encode() if type(key) is str else b"b" + key  # type: ignore[operator]
+
+
+def user_key(raw: bytes) -> str | bytes:
+    return raw[1:].decode() if raw[:1] == b"s" else raw[1:]
+
+
+def unpackb(raw: bytes) -> Any:
+    return _unpackb(raw, raw=False, use_list=False)
+
+
+class LocalReader:
+    """Reads a local node's KV state in this process, from shared memory,
+    with no message at all: ``get(key)`` returns the value, and
+    ``wal_id`` the WAL id the last read reflects.  ``min_wal_id`` waits
+    (at most ``wait_timeout`` s) until the node has applied that WAL id:
+    read-your-writes across processes.
+
+        reader = LocalReader("/var/lib/zrepl/n1")
+        reader.get("k"); reader.wal_id
+    """
+
+    def __init__(self, data_dir: str, wait_timeout: float = 1.0):
+        self.reader = SharedStore.open_reader(data_dir, wait_timeout=wait_timeout)
+
+    @property
+    def wal_id(self) -> int:
+        return self.reader.wal_id
+
+    def get(self, key: Any, default: Any = None, min_wal_id: int = 0) -> Any:
+        raw, _ = self.reader.get(store_key(key), min_wal_id)
+        return default if raw is None else unpackb(raw)
+
+    def scan(self, prefix: str | bytes = "", limit: int | None = None, min_wal_id: int = 0
+             ) -> list[tuple[Any, Any]]:
+        """(key, value) pairs whose key starts with ``prefix``, from one
+        snapshot."""
+        pairs, _ = self.reader.scan(store_key(prefix), limit, min_wal_id)
+        return [(user_key(k), unpackb(v)) for k, v in pairs]
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> "LocalReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class KVClient(ServiceClient):
@@ -138,9 +237,20 @@ class KVClient(ServiceClient):
     def cas(self, key: Any, expected: Any, new: Any) -> int:
         return self._apply("cas", key, expected, new)
 
-    def get(self, key: Any, default: Any = None, leader: bool = False) -> Any:
-        found, value = self._query(leader, "get", key)
+    def get(self, key: Any, default: Any = None, leader: bool = False,
+            min_wal_id: int = 0) -> Any:
+        """``min_wal_id``: from a state that applied at least that WAL id
+        (``self.client.last_wal_id`` after a write: read your own write
+        from any node)."""
+        found, value = self._query(leader, "get", key, min_wal_id=min_wal_id)
         return value if found else default
 
+    def scan(self, prefix: str | bytes = "", limit: int | None = None, leader: bool = False,
+             min_wal_id: int = 0) -> list[tuple[Any, Any]]:
+        """(key, value) pairs whose key starts with ``prefix`` (str keys for
+        a str prefix), in key order, from one snapshot."""
+        pairs = self._query(leader, "scan", prefix, limit, min_wal_id=min_wal_id)
+        return [(k, v) for k, v in pairs]
 
-_MISSING = object()
+
+_unpackb = msgpack.unpackb

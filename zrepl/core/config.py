@@ -62,6 +62,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
         'snapshot_child_nice',
         'progress_interval',
     ),
+    'shared': (
+        'shared_dir',
+        'shared_map_bytes',
+        'readers',
+        'read_wait_timeout',
+    ),
     'supervisor': (
         'heartbeat_interval',
         'missed_heartbeats',
@@ -94,7 +100,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-ZERO_DISABLES = frozenset({"checkpoint_entries", "checkpoint_interval"})
+ZERO_DISABLES = frozenset({"checkpoint_entries", "checkpoint_interval", "readers"})
 
 # (smaller, larger, why): cross-field rules checked by Config.validate.
 _ORDER = [
@@ -295,6 +301,30 @@ class Config:
     """Seconds between two progress lines of long work (restart replay,
     checkpoint load, state syncs): an operator watching a node that takes
     minutes to come back sees it moving, without a line per batch."""
+
+    # --- shared state (docs/shared.md) -------------------------------------
+
+    shared_dir: str = ""
+    """Where an App keeping its state in ``zrepl.SharedStore`` has it: an
+    LMDB directory written only by the node.  Empty (default): ``DATA/shared``.
+    The store is rebuilt from checkpoint + WAL at every start, so a tmpfs
+    (``/dev/shm/...``) is a good place: it costs no durability."""
+
+    shared_map_bytes: int = 1 << 30
+    """The shared store's initial LMDB map: address space, not memory or
+    disk (the file grows as pages are used).  Doubled whenever a batch
+    fills it."""
+
+    readers: int = 0
+    """Reader processes serving ``get``/``scan``/``App.query`` from the
+    shared store on the node's read endpoint (``PORT+4`` or ``PATH.read``),
+    never through the engine thread.  0: none (reads go to the engine).
+    Needs a store-backed App."""
+
+    read_wait_timeout: float = 1.0
+    """Longest a read carrying ``min_wal_id`` waits for the store to catch
+    up before it fails with ``Timeout`` (read-your-writes across
+    processes)."""
 
     # --- supervisor --------------------------------------------------------
 

@@ -18,6 +18,7 @@ from ..core.protocol import codes_to_bytes
 from ..core.types import WALEntry
 from ..core.session import unwrap
 from ..storage.base import entries_from
+from ..storage.shared import shared_store_of
 
 
 class LoggedDespiteError(StorageError):
@@ -38,17 +39,55 @@ class Applier:
         self.app = app
         self.storage = storage
         self.lock = threading.Lock()
+        # an App keeping its state in a SharedStore: each batch is one write
+        # transaction recording its last WAL id (docs/shared.md)
+        self.store = shared_store_of(app)
+
+    def apply(self, cmds: list, last: int | None) -> list[int]:
+        """``App.apply(cmds)``; ``last``: the WAL id of the last command
+        (None for state entries)."""
+        store = self.store
+        if store is None:
+            return self.app.apply(cmds)
+        if last is not None and store._held and not self.rebuilding:
+            store.publish(last - len(cmds))  # the cleared state is complete: a live batch follows
+        try:
+            return store.run_batch(lambda: self.app.apply(cmds), last)
+        except StorageError as exc:
+            if store.broken:
+                self.on_broken(exc)
+            raise
+
+    # the shared store could not be written (disk full, I/O error): the
+    # Replica stops (its WAL holds every entry; a restart rebuilds the store)
+    on_broken: Callable[[BaseException], None] = staticmethod(lambda exc: None)
+
+    rebuilding = False  # a restart's restore is running: publish at its end only
+
+    def begin_rebuild(self) -> None:
+        """The App's state is about to be rebuilt (restore, state sync):
+        readers of a shared store keep the state they have until
+        :meth:`publish`."""
+        if self.store is not None:
+            self.store.hold()
+        self.app.clear_state()
+
+    def publish(self, wal_id: int) -> None:
+        """The rebuilt state is complete at ``wal_id``."""
+        if self.store is not None:
+            self.store.publish(wal_id)
 
     def apply_state(self, datas: list[bytes]) -> None:
         """App commands of a checkpoint or a state sync (the App's
         encodings, not WAL envelopes; their codes mean nothing)."""
         app = self.app
-        app.apply([app.decode_cmd(e) for e in entries_from(1, datas)])
+        self.apply([app.decode_cmd(e) for e in entries_from(1, datas)], None)
 
     def apply_app_datas(self, first: int, app_datas: list[bytes]) -> list[int]:
         """Decode and apply unwrapped WAL entries ``first..``."""
         app = self.app
-        codes = app.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)])
+        codes = self.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)],
+                           first + len(app_datas) - 1)
         if len(codes) != len(app_datas):
             raise ValueError(f"App.apply returned {len(codes)} codes for {len(app_datas)} "
                              "commands")
@@ -89,7 +128,7 @@ class Applier:
                                  "applied)", codes, sessions) from exc
 
     def clear(self) -> None:
-        self.app.clear_state()
+        self.begin_rebuild()
         self.storage.clear_wal()
         self.storage.set_max_applied_wal(0)
 

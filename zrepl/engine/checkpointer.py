@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from ..core.errors import ReplicationError
 from ..storage.snapshot import FileCheckpoints, write_checkpoint
 from .snapshots import fork_checkpoint
 
@@ -72,16 +74,25 @@ class Checkpointer:
         if self.store is None:
             return 1.0
         if self.child is not None:
-            pid, wal_id = self.child
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if not done:
-                return 0.02
-            self.child = None
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                self._written(wal_id, now)
+            child, wal_id = self.child
+            if isinstance(child, CheckpointThread):
+                if child.is_alive():
+                    return 0.02
+                self.child = None
+                if child.error:
+                    self._failed(wal_id, child.error)
+                else:
+                    self._written(wal_id, now)
             else:
-                self._failed(wal_id, f"the checkpoint process exited with status {status} "
-                                     "(its error is in the node's log)")
+                done, status = os.waitpid(child, os.WNOHANG)
+                if not done:
+                    return 0.02
+                self.child = None
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    self._written(wal_id, now)
+                else:
+                    self._failed(wal_id, f"the checkpoint process exited with status {status} "
+                                         "(its error is in the node's log)")
         due = self.requested
         if cfg.checkpoint_interval and now - self.time >= cfg.checkpoint_interval and \
                 node.core.position > self.position:
@@ -95,6 +106,12 @@ class Checkpointer:
                 sessions = core.sessions
                 section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
                                    "sessions": sessions.to_section()}
+                if isinstance(self.store, FileCheckpoints) and node.applier.store is not None:
+                    # one read snapshot of the shared store, written by a thread
+                    self.child = (CheckpointThread(self.store.directory, node.applier.app,
+                                                   wal_id, core.leader_id, section,
+                                                   cfg.snapshot_batch_entries), wal_id)
+                    return 0.02
                 if isinstance(self.store, FileCheckpoints) and node.snapshot_mode == "fork":
                     pid = fork_checkpoint(self.store.directory, node.applier.app, wal_id,
                                           core.leader_id, section, cfg.snapshot_batch_entries,
@@ -173,10 +190,64 @@ class Checkpointer:
 
     def kill(self) -> None:
         if self.child is not None:
-            pid, _ = self.child
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
+            child, _ = self.child
+            if isinstance(child, CheckpointThread):
+                child.cancel()
+            else:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(child, 0)
             self.child = None
+
+
+class CheckpointThread(threading.Thread):
+    """A checkpoint of an App whose ``iter_state`` takes its own snapshot
+    when called (a ``SharedStore``): the snapshot is taken here, with the
+    App lock held; the file is written by this thread while the node
+    applies on (``encode_cmd`` must be a pure function: it runs beside
+    ``apply``)."""
+
+    def __init__(self, directory: Path, app: Any, wal_id: int, leader_id: int,
+                 section: Any, batch_entries: int):
+        super().__init__(name=f"zrepl-checkpoint {wal_id}", daemon=True)
+        self.error = ""
+        self._stop_now = threading.Event()
+        self._snapshot = _Pinned(app, self._stop_now)
+        self._args = (directory, self._snapshot, wal_id, leader_id, section, batch_entries)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            write_checkpoint(*self._args)
+        except BaseException as exc:  # noqa: BLE001 - reported by the checkpointer
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._snapshot.close()
+
+    def cancel(self) -> None:
+        """Stop at the next entry (the temporary file is removed) and wait."""
+        self._stop_now.set()
+        self.join()
+
+
+class _Pinned:
+    """What ``write_checkpoint`` asks of an App, over a snapshot taken at
+    construction."""
+
+    def __init__(self, app: Any, stop: threading.Event):
+        self.encode_cmd = app.encode_cmd
+        self._it = iter(app.iter_state())
+        self._stop = stop
+
+    def iter_state(self) -> Any:
+        for n, cmd in enumerate(self._it):
+            if not n & 1023 and self._stop.is_set():
+                raise ReplicationError("checkpoint cancelled: the node is stopping")
+            yield cmd
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()

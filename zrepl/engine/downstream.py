@@ -25,7 +25,7 @@ from ..core.errors import ReplicationError, Timeout, WALTruncated
 from ..core.protocol import STATE, STATE_BEGIN, STATE_ZREPL, endpoints
 from ..core.types import FollowerState
 from .progress import Progress
-from .snapshots import CopiedSnapshot, ForkedSnapshot, Source
+from .snapshots import CopiedSnapshot, StreamedSnapshot, ForkedSnapshot, Source
 from .transport import Pusher, Requester
 
 if TYPE_CHECKING:
@@ -137,7 +137,9 @@ class DownstreamLink:
         args = (node.applier.app, e.wal_id, leader_id,
                 lambda: {**section, "sessions": sessions.to_section()},
                 cfg.snapshot_batch_entries, message, section_message)
-        if node.snapshot_mode == "fork":
+        if node.applier.store is not None:
+            self.source = StreamedSnapshot(*args)  # one read snapshot of the shared store
+        elif node.snapshot_mode == "fork":
             self.source = ForkedSnapshot(*args, nice=cfg.snapshot_child_nice)
         else:
             self.source = CopiedSnapshot(*args)

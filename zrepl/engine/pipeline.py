@@ -216,7 +216,7 @@ class CommitPipeline:
             applied = None
             try:
                 node.applier.follow_the_log(exc, first, len(datas),
-                                            lambda: node.applier.app.apply(cmds), sessions)
+                                            lambda: node.applier.apply(cmds, last), sessions)
             except LoggedDespiteError as logged:
                 exc, applied = logged, (logged.codes, logged.sessions)
             with lock:
@@ -224,7 +224,7 @@ class CommitPipeline:
             node.run(effects)
             return
         try:
-            codes = node.applier.app.apply(cmds)
+            codes = node.applier.apply(cmds, last)
             if len(codes) != len(cmds):
                 raise ValueError(f"App.apply returned {len(codes)} codes for {len(cmds)} commands")
             cb = codes_to_bytes(codes)

@@ -46,6 +46,7 @@ import logging
 import os
 import random
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -59,6 +60,7 @@ from ..core.node import NodeCore
 from ..core.protocol import endpoints
 from ..core.session import SessionTable, unwrap
 from ..core.types import FollowerState, NodeRole, NodeStatus
+from ..storage import fsutil
 from ..storage.base import check_role
 from ..storage.snapshot import iter_app_batches, read_checkpoint
 from .applier import Applier
@@ -164,6 +166,7 @@ class Replica(Node):
         self.manager = ReplicaManager(self)
         self.log = _Log(log, {"address": address})
         self.applier = Applier(app, storage)
+        self.applier.on_broken = self._store_broken  # type: ignore[method-assign]
         self.core_lock = threading.Lock()
         self.core: NodeCore = None  # type: ignore[assignment]  # built by start()
         self.endpoints_bound: NodeEndpoints = None  # type: ignore[assignment]
@@ -206,6 +209,7 @@ class Replica(Node):
         self.stopped = threading.Event()
         self.crashed: BaseException | None = None
         self.loop_alive_at = 0.0  # the clock's time the engine loop last came round
+        self.read_endpoint = ""  # where this node's reader processes answer ("" if none)
 
     # ====================================================================
     # lifecycle
@@ -215,8 +219,14 @@ class Replica(Node):
         if self._started:
             raise ReplicationError("replica already started")
         self._started = True
+        self._open_store()
         with self.applier.lock:
-            position, sessions = self._restore()
+            try:
+                self.applier.rebuilding = True
+                position, sessions = self._restore()
+                self.applier.publish(position)
+            finally:
+                self.applier.rebuilding = False
         st = self.storage
         if st.address() != self.address:
             st.set_address(self.address)
@@ -246,6 +256,31 @@ class Replica(Node):
         self.log.info("serving: role %s, leader_id %d, WAL %d..%d, applied %d",
                       st.role().name, st.leader_id(), st.min_wal(), st.max_wal(), position)
         return self
+
+    def _open_store(self) -> None:
+        """Open the App's SharedStore, if it keeps its state in one that is
+        not open yet: in ``shared_dir``, or DATA/shared beside a file
+        storage, or in memory (``docs/shared.md``)."""
+        store = self.applier.store
+        if store is None or store.opened:
+            return
+        data = getattr(self.storage, "path", None)
+        root = self.config.shared_dir or (str(Path(data) / "shared") if data else "")
+        if not root:
+            store.open_memory()
+        else:
+            store.open(root, self.config.shared_map_bytes)
+            if data:  # where LocalReader finds it (shared_root)
+                named = Path(data) / "shared.path"
+                if self.config.shared_dir:
+                    fsutil.atomic_write(named, (str(Path(root).resolve()) + "\n").encode())
+                else:
+                    named.unlink(missing_ok=True)
+        self._own_store = True
+
+    _own_store = False  # opened by start(), closed by stop()
+
+    readers_alive: Callable[[], int] = staticmethod(lambda: 0)  # set by whoever runs readers
 
     def request_stop(self) -> None:
         """Stop at the engine's next turn (signal handlers, the stop call)."""
@@ -285,6 +320,9 @@ class Replica(Node):
         self.endpoints_bound.close()
         if self._own_transport:
             self.transport.close()
+        if self._own_store:
+            with self.applier.lock:
+                self.applier.store.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -318,10 +356,10 @@ class Replica(Node):
         return divergence_point(history, theirs, snap.wal_id) is None
 
     def _restore(self) -> tuple[int, SessionTable]:
-        app, st, cfg = self.app, self.storage, self.config
+        st, cfg = self.storage, self.config
         sessions = SessionTable(cfg.session_window, cfg.max_sessions)
         position = 0
-        app.clear_state()
+        self.applier.begin_rebuild()
         store = self.checkpointer.store
         for wal_id, path in reversed(store.list() if store is not None else []):
             try:
@@ -408,6 +446,16 @@ class Replica(Node):
             self.request_stop()
             raise
 
+    def _store_broken(self, exc: BaseException) -> None:
+        """The App's shared store could not take a batch: this node's state
+        would have a hole, so it stops (readers keep the last whole state)."""
+        if self.crashed is None:
+            self.log.critical("%s: stopping (the WAL holds every entry: a restart rebuilds the "
+                              "store once there is room)", exc)
+            self.crashed = exc
+            self.report_failed(str(exc))
+        self.request_stop()
+
     def _log_effect(self, e: fx.Log) -> None:
         self.log.log(e.level, "%s", e.text)
 
@@ -459,6 +507,8 @@ class Replica(Node):
             extra["denied_calls"] += bound.data.denied + bound.ack.denied
         extra["connections_refused"] = self.transport.refused_connections()
         extra["checkpoint_error"] = self.checkpointer.last_error
+        extra["read_endpoint"] = self.read_endpoint
+        extra["readers"] = self.readers_alive()
         extra.update({"failures": self.failure_count,
                       "last_failure": self.failures[-1] if self.failures else "",
                       "pending": len(self.pipeline.pending),

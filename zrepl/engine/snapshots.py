@@ -9,6 +9,9 @@ go on.  Two ways to freeze it, behind one interface (:class:`Source`):
   parent keeps applying.  The child never touches the parent's sockets or
   locks: it iterates the state, writes ready-to-send messages into a pipe,
   and leaves with ``os._exit``.  The default where ``os.fork`` exists.
+* :class:`StreamedSnapshot` reads an App whose ``iter_state`` takes its
+  own snapshot when called (one LMDB read transaction of a
+  ``SharedStore``): no fork, no copy, encoded a few batches at a time.
 * :class:`CopiedSnapshot` copies the encoded state in-process at that
   point.  It costs the copy's memory and the time to encode it on the
   engine's thread; the in-memory simulation uses it (a fork there would
@@ -20,6 +23,7 @@ Checkpoint files are written by a forked child too (:func:`fork_checkpoint`).
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import struct
@@ -208,21 +212,27 @@ def _unpack_count(payload: bytes) -> int | None:
         return None
 
 
-class CopiedSnapshot(Source):
-    """The state encoded now, in this process; messages are made as they
-    are asked for."""
+class StreamedSnapshot(Source):
+    """The state of an App whose ``iter_state`` captures its snapshot when
+    called (a ``SharedStore``-backed App iterates one LMDB read
+    transaction): encoded lazily, a few messages per pump, in this process
+    - no fork and no copy."""
 
     def __init__(self, app: Any, wal_id: int, leader_id: int,
                  zrepl_section: dict | Callable[[], dict], batch_entries: int,
                  make_message: MakeMessage, make_section: MakeSection):
-        encode = app.encode_cmd
-        self._datas = [encode(cmd, WALEntry(0)).data for cmd in app.iter_state()]
+        self._it = iter(app.iter_state())  # the snapshot is taken here (App lock held)
+        self._encode = app.encode_cmd
         self._section = zrepl_section() if callable(zrepl_section) else zrepl_section
         self._batch = batch_entries
         self._make, self._make_section = make_message, make_section
         self._seq = 0
-        self._next = 0  # index of the next entry to send
+        self._count = 0
         self._per_pump = 16  # messages per pump: the engine interleaves other work
+
+    def _next_datas(self) -> list[bytes]:
+        encode = self._encode
+        return [encode(cmd, WALEntry(0)).data for cmd in itertools.islice(self._it, self._batch)]
 
     def pump(self) -> list[bytes]:
         out: list[bytes] = []
@@ -231,16 +241,36 @@ class CopiedSnapshot(Source):
         if self._seq == 0:
             self._seq = 1
             out.append(self._make_section(1, self._section))
-        while len(out) < self._per_pump and self._next < len(self._datas):
-            chunk = self._datas[self._next:self._next + self._batch]
-            self._next += len(chunk)
+        while len(out) < self._per_pump:
+            datas = self._next_datas()
+            if not datas:
+                self.count = self._count
+                self.finished = True
+                self.close()
+                break
+            self._count += len(datas)
             self._seq += 1
-            out.append(self._make(self._seq, chunk))
-        if self._next >= len(self._datas):
-            self.count = len(self._datas)
-            self.finished = True
-            self._datas = []
+            out.append(self._make(self._seq, datas))
         return out
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()  # ends the read transaction
+
+
+class CopiedSnapshot(StreamedSnapshot):
+    """Any App's state, encoded now in this process (it costs the copy's
+    memory and the time to encode it on the engine's thread); messages are
+    made as they are asked for."""
+
+    def __init__(self, app: Any, *args: Any):
+        super().__init__(app, *args)
+        encode = app.encode_cmd
+        self._it = iter([encode(cmd, WALEntry(0)).data for cmd in self._it])
+
+    def _next_datas(self) -> list[bytes]:
+        return list(itertools.islice(self._it, self._batch))
 
 
 def fork_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,

@@ -204,6 +204,8 @@ class UpstreamLink:
             self.writer.write_raw_frame(["section", "app"])
 
     def end_state_in(self, e: EndStateIn) -> None:
+        if e.ok:
+            self.node.applier.publish(e.wal_id)  # readers of a shared store move to it now
         if not e.ok or self.writer is None:
             self.abort_state_in()
             return

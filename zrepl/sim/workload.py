@@ -105,7 +105,7 @@ class KVWorkload(Workload):
         return Planned(_pack(("set", ukey, i)), meta=("unique", ukey), unique_key=ukey)
 
     def holds(self, app: App, key: Any) -> bool:
-        return key in app.data  # type: ignore[attr-defined]
+        return app.get(key, ABSENT) is not ABSENT  # type: ignore[attr-defined]
 
     def saw(self, client: int, planned: Planned, op: Any) -> None:
         kind = planned.meta[0] if planned.meta else ""

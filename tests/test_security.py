@@ -186,7 +186,7 @@ def test_no_key_or_a_stranger_key_gets_nothing_through(sec, root):
             assert not s.poll(500), "an unauthenticated caller got a reply"
             s.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
     st = leader.status()
     assert (st.role, st.leader_id, st.max_wal) == (NodeRole.LEADER, 1, 1)
 
@@ -202,7 +202,7 @@ def test_data_from_a_key_that_is_not_a_nodes_is_dropped(sec):
                  "the operator's data frames counted as denied")
         s.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
     assert follower.status().max_wal == 0
 
 
@@ -303,7 +303,7 @@ def test_an_oversized_frame_never_reaches_the_engine(root):
         for s in (big, small):
             s.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
         r.stop()
 
 
@@ -327,7 +327,7 @@ def test_only_the_handshakes_key_may_send_state_and_data(sec):
                  "the other node's data refused")
         s.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
     assert follower.status().max_applied_wal == 1 and "evil" not in follower.applier.app.data
     assert follower.applier.app.data["x"] == 1
 
@@ -435,7 +435,7 @@ def test_ten_thousand_hostile_frames_change_nothing(sec, root):
     finally:
         for s, _ in senders:
             s.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
     assert sent == 10_000
     after = {n.address: (n.status().max_wal, n.applier.app.data) for n in (leader, follower)}
     assert after == before
@@ -520,5 +520,5 @@ def test_an_endpoint_holds_at_most_max_connections(root):
     finally:
         for sock in socks:
             sock.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # (closes what a failed assertion left open)
         s.close()

@@ -123,4 +123,4 @@ def test_supervisor_survives_hostile_status_replies():
             stop.set()
             t.join(timeout=5)
             sock.close(linger=0)
-            ctx.term()
+            ctx.destroy(linger=0)  # (closes what a failed assertion left open)

@@ -57,8 +57,9 @@ class ServiceClient:
     def _apply(self, *cmd: Any) -> int:
         return self.client.apply(self.encode(cmd))
 
-    def _query(self, leader: bool, *request: Any) -> Any:
-        return msgpack.unpackb(self.client.query(packb(request), leader_only=leader), raw=False)
+    def _query(self, leader: bool, *request: Any, min_wal_id: int = 0) -> Any:
+        return msgpack.unpackb(self.client.query(packb(request), leader_only=leader,
+                                                 min_wal_id=min_wal_id), raw=False)
 
     def close(self) -> None:
         self.client.close()

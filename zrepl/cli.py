@@ -141,6 +141,7 @@ NODE_KEYS = [
     Key("fsync", "--fsync", config=True),
     Key("require_sync", "--require-sync", bool, config=True),
     Key("checkpoint_entries", "--checkpoint-entries", int, config=True),
+    Key("readers", "--readers", int, config=True),
     Key("key", "--key FILE", config=True),
     Key("trust", "--trust DIR", config=True),
     Key("log_level", "--log-level", default="INFO", choices=logs.LEVELS),
@@ -233,6 +234,16 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         return run_node(values["app"], values["data"], values["listen"], config,
                         values["metrics"])
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def cmd_reader(args: argparse.Namespace) -> int:
+    from .node_main import SetupError, run_reader
+    _logging({"log_level": args.log_level, "log_format": "text"})
+    try:
+        return run_reader(args.app, args.shared, args.backend, args.parent,
+                          Config(read_wait_timeout=args.read_wait_timeout))
     except SetupError as exc:
         raise CommandError(str(exc)) from None
 
@@ -488,9 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
                       **flag)
     node.add_argument("--checkpoint-entries", type=int, metavar="N",
                       help="checkpoint every N applied entries (0: never by count)")
+    node.add_argument("--readers", type=int, metavar="N",
+                      help="N reader processes answering reads from the shared store at "
+                           "PORT+4 or PATH.read (the App must keep its state in "
+                           "zrepl.SharedStore; docs/shared.md)")
     _key_flags(node)
     _common(node, "these keys and any zrepl.Config field (fsync, window, lease, ...)")
     node.set_defaults(func=cmd_node)
+
+    rd = sub.add_parser("reader", help=argparse.SUPPRESS)  # started by a node (--readers)
+    rd.add_argument("--app", required=True)
+    rd.add_argument("--shared", required=True)
+    rd.add_argument("--backend", required=True)
+    rd.add_argument("--parent", type=int, required=True)
+    rd.add_argument("--read-wait-timeout", type=float, default=1.0)
+    rd.add_argument("--log-level", default="INFO", choices=logs.LEVELS)
+    rd.set_defaults(func=cmd_reader)
 
     sup = sub.add_parser(
         "supervisor", help="run the supervisor",

@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -98,6 +99,7 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
     except ReplicationError as exc:
         raise SetupError(str(exc)) from None
     server: MetricsServer | None = None
+    readers: ReaderPool | None = None
     try:
         replica = Replica(app, storage, listen, config)
         if metrics:  # bound before the node starts: a taken port is a setup error
@@ -109,6 +111,14 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
             replica.start()
         except (ReplicationError, ValueError) as exc:
             raise SetupError(str(exc)) from None
+        if config.readers:
+            try:
+                readers = ReaderPool(replica, app_spec, config.readers,
+                                     logging.getLevelName(logging.getLogger().level))
+                readers.start()
+            except (SetupError, ReplicationError, ValueError) as exc:
+                replica.stop()
+                raise SetupError(str(exc)) from None
         if server is not None:
             server.start()
 
@@ -123,9 +133,215 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
             replica.stopped.wait,
             lambda interval: time.monotonic() - replica.loop_alive_at < interval)
         sdnotify.notify("STOPPING=1")
+        if readers is not None:
+            readers.stop()
         replica.stop()
         return 1 if replica.crashed else 0
     finally:
         if server is not None:
             server.stop()
         storage.close()
+
+
+# --- reader processes (docs/shared.md) ---------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux);
+    False if the parent is already gone."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # elsewhere the reader's poll notices (below)
+    return os.getppid() == parent
+
+
+def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Config) -> int:
+    """One reader process: answers queries arriving from the node's proxy
+    (REP on ``backend``) from read snapshots of the shared store in
+    ``root``, never touching the node.  Exits when the node goes away."""
+    import zmq
+
+    from .core import protocol
+    from .core.errors import NotLeader, ProtocolError
+    from .storage.shared import SharedReader, shared_store_of
+
+    log = logging.getLogger("zrepl.reader")
+    if not die_with_parent(parent):
+        return 0
+    app = load_app(app_spec)
+    store = shared_store_of(app)
+    if store is None:
+        raise SetupError(f"{app_spec} keeps no zrepl.SharedStore in .store: no reader can serve it")
+    reader = SharedReader(root, wait_timeout=config.read_wait_timeout)
+    ctx = zmq.Context(1)
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, config.max_client_bytes)
+    sock.connect(backend)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    query = app.query
+
+    def answer(raw: bytes) -> bytes:
+        try:
+            op, fields = protocol.parse_client_request(raw)
+        except ProtocolError as exc:
+            return protocol.submit_reply(None, None, exc)
+        if op != "query":
+            return protocol.submit_reply(fields[0], None, NotLeader(
+                "a reader process takes reads only: submit to the node", ""))
+        rid, request, leader_only, min_wal_id = fields
+        if leader_only:
+            return protocol.submit_reply(rid, None, ProtocolError(
+                "leader_only reads go to the node's client endpoint"))
+        try:
+            result, wal_id = reader.read(
+                lambda txn, db: store.serve_from(txn, db, query, request), min_wal_id)
+        except ReplicationError as exc:
+            return protocol.submit_reply(rid, None, exc, reader.wal_id, "")
+        except Exception as exc:  # App.query is user code: a bad request gets an error
+            detail = str(exc) if isinstance(exc, (ValueError, TypeError)) else \
+                f"{type(exc).__name__}: {exc}"
+            return protocol.submit_reply(rid, None, ProtocolError(f"bad query: {detail}"),
+                                         reader.wal_id, "")
+        if type(result) is not bytes:
+            return protocol.submit_reply(rid, None, ProtocolError(
+                f"App.query returned {type(result).__name__}, not bytes"), wal_id, "")
+        return protocol.submit_reply(rid, result, None, wal_id, "")
+
+    try:
+        while not stopping and os.getppid() == parent:
+            if not sock.poll(500):
+                continue
+            sock.send(answer(sock.recv()))
+    except zmq.ZMQError as exc:
+        if not stopping:
+            log.error("reader %d: %s", os.getpid(), exc)
+            return 1
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        reader.close()
+    return 0
+
+
+class ReaderPool:
+    """The node's reader processes and the proxy in front of them.
+
+    Clients reach the read endpoint (a ROUTER, with the node's keys when it
+    has some); a libzmq proxy thread - C, no GIL - passes each request to
+    the next free reader over ``ipc://SHARED/readers.sock`` (a DEALER), and
+    the answer back.  The node never sees a read.  A reader that dies is
+    started again (at most once a second); every reader dies with the node,
+    even by SIGKILL (PR_SET_PDEATHSIG, and each polls its parent)."""
+
+    def __init__(self, replica: Replica, app_spec: str, count: int, log_level: str):
+        import zmq
+
+        from .core.protocol import read_endpoint
+        store = replica.applier.store
+        if store is None or store.root is None:
+            raise SetupError(f"--readers needs an App keeping its state in zrepl.SharedStore "
+                             f"(in .store); {app_spec} does not")
+        self.replica = replica
+        self.app_spec = app_spec
+        self.count = count
+        self.log_level = log_level
+        self.root = str(store.root)
+        self.endpoint = read_endpoint(replica.address)
+        self.backend = f"ipc://{self.root}/readers.sock"
+        self.log = logging.getLogger("zrepl.node")
+        transport = replica.transport
+        self.front = transport.reads_frontend(self.endpoint, replica.config)  # type: ignore[attr-defined]
+        ctx = transport.context  # type: ignore[attr-defined]
+        self.back = ctx.socket(zmq.DEALER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back.bind(self.backend)
+        os.chmod(self.backend[len("ipc://"):], 0o600)
+        self._control = f"inproc://zrepl-readers-{id(self)}"
+        self._ctl_in = ctx.socket(zmq.PAIR)
+        self._ctl_in.bind(self._control)
+        self._ctl_out = ctx.socket(zmq.PAIR)
+        self._ctl_out.connect(self._control)
+        self.procs: list[Any] = []
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._proxy = threading.Thread(target=self._run_proxy, name="zrepl-readers-proxy",
+                                       daemon=True)
+        self._watch = threading.Thread(target=self._run_watch, name="zrepl-readers-watch",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+        self._proxy.start()
+        self._watch.start()
+        self.replica.read_endpoint = self.endpoint
+        self.replica.readers_alive = self.alive  # type: ignore[method-assign]
+        self.log.info("[%s] %d reader processes answer reads at %s", self.replica.address,
+                      self.count, self.endpoint, extra={"node": self.replica.address})
+
+    def _spawn(self) -> Any:
+        import subprocess
+        import sys
+        args = [sys.executable, "-m", "zrepl", "reader", "--app", self.app_spec,
+                "--shared", self.root, "--backend", self.backend, "--parent", str(os.getpid()),
+                "--read-wait-timeout", str(self.replica.config.read_wait_timeout),
+                "--log-level", self.log_level]
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+    def alive(self) -> int:
+        return sum(1 for p in self.procs if p.poll() is None)
+
+    def _run_proxy(self) -> None:
+        import zmq
+        try:
+            zmq.proxy_steerable(self.front, self.back, None, self._ctl_in)
+        except zmq.ZMQError as exc:
+            if not self._stop.is_set():
+                self.log.error("readers' proxy stopped: %s", exc)
+
+    def _run_watch(self) -> None:
+        last_start = 0.0
+        while not self._stop.wait(0.2):  # (a poll of child status, not a synchronisation)
+            for i, p in enumerate(self.procs):
+                if p.poll() is None or self._stop.is_set():
+                    continue
+                if time.monotonic() - last_start < 1.0:
+                    break  # one restart a second: a reader that cannot start must not spin
+                self.log.warning("[%s] reader process %d exited with status %s: restarting",
+                                 self.replica.address, p.pid, p.returncode,
+                                 extra={"node": self.replica.address})
+                self.procs[i] = self._spawn()
+                self.restarts += 1
+                last_start = time.monotonic()
+
+    def stop(self) -> None:
+        import zmq
+        self._stop.set()
+        self._watch.join(5)
+        try:
+            self._ctl_out.send(b"TERMINATE")
+        except zmq.ZMQError:
+            pass  # the node's context is gone already (the proxy ended with it)
+        self._proxy.join(5)
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except Exception:
+                p.kill()
+                p.wait()
+        for s in (self._ctl_out, self._ctl_in, self.front, self.back):
+            s.close(linger=0)
+        try:
+            os.unlink(self.backend[len("ipc://"):])
+        except OSError:
+            pass
+        self.replica.read_endpoint = ""

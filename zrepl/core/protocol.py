@@ -100,6 +100,19 @@ class Endpoints:
     client: str
 
 
+def read_endpoint(address: str) -> str:
+    """Where a node's reader processes answer reads: ``PORT+4`` for
+    ``tcp://HOST:PORT``, ``PATH.read`` for ``ipc://PATH``."""
+    eps = endpoints(address)
+    if address.startswith("ipc://"):
+        return f"{address}.read"
+    parts = urlsplit(eps.client)
+    port = parts.port or 0
+    if port + 1 > 65535:
+        raise ValueError(f"reader processes need PORT+4 free: {address!r} is too high")
+    return eps.client.rsplit(":", 1)[0] + f":{port + 1}"
+
+
 def endpoints(address: str) -> Endpoints:
     """Derive a node's four endpoints from its address.
 
@@ -298,23 +311,38 @@ def submit_request(request_id: int, data: bytes, client_id: bytes | None = None,
     return packb([PROTOCOL_VERSION, "submit", request_id, data, client_id, seq])
 
 
-def submit_reply(request_id: Any, code: int | None, error: BaseException | None = None) -> bytes:
-    return packb([PROTOCOL_VERSION, request_id, code,
-                  error_to_wire(error) if error is not None else None])
+def submit_reply(request_id: Any, code: Any, error: BaseException | None = None,
+                 wal_id: int | None = None, readers: str = "") -> bytes:
+    """A client reply: ``code`` (a response code, or a query's answer) or
+    ``error``; with ``wal_id``, the WAL id the node had applied when it
+    answered (a query's answer reflects exactly it) and the endpoint of its
+    reader processes ("" if none)."""
+    msg = [PROTOCOL_VERSION, request_id, code, error_to_wire(error) if error is not None else None]
+    if wal_id is not None:
+        msg += [wal_id, readers]
+    return packb(msg)
 
 
-def query_request(request_id: int, request: bytes, leader_only: bool = False) -> bytes:
-    return packb([PROTOCOL_VERSION, "query", request_id, request, leader_only])
+def query_request(request_id: int, request: bytes, leader_only: bool = False,
+                  min_wal_id: int = 0) -> bytes:
+    msg = [PROTOCOL_VERSION, "query", request_id, request, leader_only]
+    if min_wal_id:
+        msg.append(min_wal_id)
+    return packb(msg)
 
 
 def parse_client_request(raw: bytes) -> tuple[str, Any]:
     """("submit", (request_id, data, client_id, seq)) or ("query",
-    (request_id, request, leader_only)); ProtocolError if malformed."""
+    (request_id, request, leader_only, min_wal_id)); ProtocolError if
+    malformed."""
     msg = _decode(raw, "client frame")
-    if type(msg) is list and len(msg) == 5 and msg[:2] == [PROTOCOL_VERSION, "query"]:
-        if type(msg[3]) is not bytes or type(msg[4]) is not bool:
-            raise errors.ProtocolError("query frame is [version, 'query', id, bytes, bool]")
-        return "query", (msg[2], msg[3], msg[4])
+    if type(msg) is list and len(msg) in (5, 6) and msg[:2] == [PROTOCOL_VERSION, "query"]:
+        min_wal_id = msg[5] if len(msg) == 6 else 0
+        if type(msg[3]) is not bytes or type(msg[4]) is not bool or \
+                type(min_wal_id) is not int or not 0 <= min_wal_id < 2**63:
+            raise errors.ProtocolError(
+                "query frame is [version, 'query', id, bytes, bool(, min_wal_id >= 0)]")
+        return "query", (msg[2], msg[3], msg[4], min_wal_id)
     return "submit", _parse_submit_msg(msg)
 
 
@@ -333,8 +361,17 @@ def _parse_submit_msg(msg: Any) -> tuple[Any, bytes, bytes | None, int | None]:
 
 
 def parse_submit_reply(raw: bytes) -> tuple[Any, Any, errors.ReplicationError | None]:
+    return parse_reply(raw)[:3]
+
+
+def parse_reply(raw: bytes) -> tuple[Any, Any, errors.ReplicationError | None, int, str]:
+    """(request_id, code or answer, error, WAL id (0: not said), readers'
+    endpoint)."""
     msg = _decode(raw, "client reply")
-    if type(msg) is not list or len(msg) != 4 or msg[0] != PROTOCOL_VERSION:
+    if type(msg) is not list or len(msg) not in (4, 6) or msg[0] != PROTOCOL_VERSION or \
+            (len(msg) == 6 and (type(msg[4]) is not int or type(msg[5]) is not str)):
         raise errors.ProtocolError(f"unexpected client reply {msg!r:.200}")
     err = error_from_wire(msg[3]) if msg[3] is not None else None
-    return msg[1], msg[2], err
+    if len(msg) == 6:
+        return msg[1], msg[2], err, msg[4], msg[5]
+    return msg[1], msg[2], err, 0, ""

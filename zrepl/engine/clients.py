@@ -53,7 +53,8 @@ class ClientEndpoint:
                     with node.core_lock:
                         code = core.check_submission(session, now)
                     if code is not None:
-                        self.replies.append((handle, protocol.submit_reply(request_id, code)))
+                        self.replies.append((handle, protocol.submit_reply(
+                            request_id, code, None, core.position)))
                         continue
             except ReplicationError as exc:
                 self.replies.append((handle, protocol.submit_reply(request_id, None, exc)))
@@ -76,7 +77,10 @@ class ClientEndpoint:
         def reply(code: int | None, exc: BaseException | None) -> None:
             if session is not None:
                 node.core.submission_done(session)  # recorded at apply: see check_submission
-            self.replies.append((handle, protocol.submit_reply(request_id, code, exc)))
+            # (the position now is at least this command's WAL id: a client
+            # reads its own write from any node with min_wal_id)
+            self.replies.append((handle, protocol.submit_reply(
+                request_id, code, exc, node.core.position if exc is None else None)))
             if threading.get_ident() != node.engine_ident:
                 node.poke()
         return reply
@@ -84,10 +88,14 @@ class ClientEndpoint:
     # --- reads --------------------------------------------------------------------------
 
     def _query(self, handle: Any, request_id: Any, request: bytes, leader_only: bool,
-               now: float) -> None:
+               min_wal_id: int, now: float) -> None:
         node = self.node
         try:
             with node.applier.lock:
+                if min_wal_id > node.core.position and not leader_only:
+                    # (a leader read is linearizable: it sees every acknowledged write)
+                    raise Timeout(f"node {node.address} has applied WAL id {node.core.position},"
+                                  f" not yet {min_wal_id}")
                 if leader_only:
                     with node.core_lock:
                         ready = node.core.leader_read(now)
@@ -114,14 +122,19 @@ class ClientEndpoint:
             return exc
 
     def _reply(self, request_id: Any, answer: Any) -> bytes:
+        """A query's reply, with the WAL id the App reflects (App lock
+        held) and where this node's readers answer."""
+        node = self.node
+        wal_id, readers = node.core.position, node.read_endpoint
         if isinstance(answer, bytes):
-            self.node.core.counters["queries"] += 1
-            return protocol.submit_reply(request_id, answer)
+            node.core.counters["queries"] += 1
+            return protocol.submit_reply(request_id, answer, None, wal_id, readers)
         if isinstance(answer, ReplicationError):
-            return protocol.submit_reply(request_id, None, answer)
+            return protocol.submit_reply(request_id, None, answer, wal_id, readers)
         detail = str(answer) if isinstance(answer, (ValueError, TypeError)) else \
             f"{type(answer).__name__}: {answer}"
-        return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"))
+        return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"),
+                                     wal_id, readers)
 
     def answer_reads(self, now: float) -> float:
         """Answer the waiting leader reads if the barrier is passed, fail

@@ -160,6 +160,9 @@ class Client:
         self._rpcs: dict[str, RpcClient] = {}
         self._dealers: dict[str, zmq.Socket] = {}  # apply_many's pipelines, one per node
         self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
+        self._readers: dict[str, str] = {}  # address -> its reader processes' endpoint
+        self._reader_rpcs: dict[str, RpcClient] = {}
+        self.last_wal_id = 0  # the WAL id the last answer reflects (see query's min_wal_id)
 
     @property
     def leader(self) -> str | None:
@@ -260,8 +263,9 @@ class Client:
                 maybe[0] += 1  # no answer: it may have been applied
                 last_error = exc
                 continue
-            rid, code, err = protocol.parse_submit_reply(raw)
+            rid, code, err, wal_id, _ = protocol.parse_reply(raw)
             if err is None:
+                self.last_wal_id = max(self.last_wal_id, wal_id)
                 if rid != request_id:
                     raise ProtocolError(f"reply for request {rid}, expected {request_id}")
                 self._leader = address
@@ -279,34 +283,60 @@ class Client:
             raise err
         raise last_error or NotLeader("no leader reachable among " + ", ".join(self.addresses))
 
-    def query(self, request: bytes, leader_only: bool = False) -> bytes:
+    def query(self, request: bytes, leader_only: bool = False, min_wal_id: int = 0) -> bytes:
         """A read (``App.query``).  By default from any node that answers
-        (the known leader first; a follower's answer may be stale);
+        (the known leader first; a follower's answer may be stale), through
+        its reader processes when it runs some (``docs/shared.md``);
         ``leader_only`` reads from the leader holding a valid lease once it
-        holds exactly the acknowledged writes (``docs/reads.md``).
-        Retried like :meth:`apply`."""
+        holds exactly the acknowledged writes (``docs/reads.md``).  With
+        ``min_wal_id`` (say ``last_wal_id`` after a write): only an answer
+        reflecting at least that WAL id - read-your-writes from any node.
+        ``last_wal_id`` is then the WAL id the answer reflects.  Retried
+        like :meth:`apply`."""
         request = bytes(request)
-        return self._retry(lambda: self._query_round(request, leader_only), lambda last: last)
+        if type(min_wal_id) is not int or min_wal_id < 0:
+            raise ValueError(f"min_wal_id must be an int >= 0; got {min_wal_id!r}")
+        return self._retry(lambda: self._query_round(request, leader_only, min_wal_id),
+                           lambda last: last)
 
-    def _query_round(self, request: bytes, leader_only: bool) -> bytes:
+    def _query_round(self, request: bytes, leader_only: bool, min_wal_id: int) -> bytes:
         last: ReplicationError | None = None
         for address in self._candidates():
             rid = next(self._ids)
-            try:
-                raw = self._request(address, protocol.query_request(rid, request, leader_only),
-                                    "query")
-            except Timeout as exc:
-                last = exc
-                continue
-            _, answer, err = protocol.parse_submit_reply(raw)
+            payload = protocol.query_request(rid, request, leader_only, min_wal_id)
+            raw = None
+            readers = "" if leader_only else self._readers.get(address, "")
+            if readers:
+                try:
+                    raw = self._reader_rpc(readers).request(payload, what="query")
+                except Timeout:
+                    self._readers.pop(address, None)  # (the node's reply says again)
+                    self._reader_rpcs.pop(readers).close()
+            if raw is None:
+                try:
+                    raw = self._request(address, payload, "query")
+                except Timeout as exc:
+                    last = exc
+                    continue
+            _, answer, err, wal_id, readers = protocol.parse_reply(raw)
+            if readers or address in self._readers:
+                self._readers[address] = readers or self._readers[address]
             if err is None:
+                self.last_wal_id = wal_id
                 if leader_only:
                     self._leader = address
                 return answer
-            if not isinstance(err, NotLeader):
+            if not isinstance(err, (NotLeader, Timeout)):
                 raise err
             last = err
         raise last or NotLeader("no node answered the query")
+
+    def _reader_rpc(self, endpoint: str) -> RpcClient:
+        rpc = self._reader_rpcs.get(endpoint)
+        if rpc is None:
+            rpc = self._reader_rpcs[endpoint] = RpcClient(endpoint, self.timeout,
+                                                          security=self.security)
+        return rpc
 
     def apply_many(self, datas: list[bytes], window: int = 512) -> list[int]:
         """Submit many encoded commands pipelined (``window`` awaiting an
@@ -388,9 +418,10 @@ class Client:
             sock.close(linger=0)
 
     def close(self) -> None:
-        for rpc in self._rpcs.values():
+        for rpc in [*self._rpcs.values(), *self._reader_rpcs.values()]:
             rpc.close()
         self._rpcs.clear()
+        self._reader_rpcs.clear()
         for address in list(self._dealers):
             self._drop_dealer(address)
 

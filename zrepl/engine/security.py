@@ -172,7 +172,7 @@ class Security:
             sec.members[m.public] = m
             if m.endpoint:
                 eps = protocol.endpoints(m.endpoint)
-                for ep in (eps.control, eps.data, eps.ack, eps.client) \
+                for ep in (eps.control, eps.data, eps.ack, eps.client, _reads(m.endpoint)) \
                         if m.role == "node" else (m.endpoint,):
                     sec.servers[ep] = m.public
         if me.public not in sec.members:
@@ -200,6 +200,14 @@ class Security:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.me.public
         sock.curve_serverkey = self.server_key(endpoint)
+
+
+def _reads(address: str) -> str:
+    """A node's read endpoint (its reader processes: the same key)."""
+    try:
+        return protocol.read_endpoint(address)
+    except ValueError:
+        return ""
 
 
 def from_config(config: Any | None) -> Security | None:
@@ -248,15 +256,21 @@ class Gatekeeper(ThreadAuthenticator):
         self._live: dict[str, set[int]] = {}
         self.refused: dict[str, int] = {}  # domain -> handshakes refused at the cap
         self._monitors: dict[zmq.Socket, str] = {}
+        self._roles: dict[str, tuple[str, ...]] = {}  # domain -> the roles it admits (all if absent)
         self._lock = threading.Lock()  # the monitor sockets: watch(), the ZAP thread, live()
 
     def start(self) -> None:
         super().start()
         self.configure_curve_callback(ZAP_DOMAIN, self)
 
-    def watch(self, sock: zmq.Socket, domain: str, cap: int) -> None:
+    def watch(self, sock: zmq.Socket, domain: str, cap: int,
+              roles: tuple[str, ...] | None = None) -> None:
         """Admit at most ``cap`` open connections to ``sock`` (served under
-        ``domain``); call once it is bound."""
+        ``domain``), and with ``roles``, only keys of those roles (a socket
+        whose messages nobody checks, like the readers' proxy); call once it
+        is bound."""
+        if roles is not None:
+            self._roles[domain] = roles
         mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         with self._lock:
             self._caps[domain] = cap
@@ -292,7 +306,11 @@ class Gatekeeper(ThreadAuthenticator):
             self._monitors.clear()
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key not in self.security.members:
+        member = self.security.members.get(key)
+        if member is None:
+            return False
+        roles = self._roles.get(domain)
+        if roles is not None and member.role not in roles:
             return False
         cap = self._caps.get(domain)
         if cap is None:

@@ -374,7 +374,8 @@ class ZmqTransport(Transport):
             self._gate.start()
 
     def _sock(self, kind: int, endpoint: str, bind: bool, config: Config,
-              options: dict[int, int] | None = None) -> zmq.Socket:
+              options: dict[int, int] | None = None,
+              roles: tuple[str, ...] | None = None) -> zmq.Socket:
         """A socket with zrepl's limits; ``options`` are set before it binds
         or connects (high-water marks only apply to pipes made after)."""
         s = self.context.socket(kind)
@@ -397,7 +398,7 @@ class ZmqTransport(Transport):
                     # only this user's processes may connect, whatever the umask
                     os.chmod(endpoint[len("ipc://"):], 0o600)
                 if self._gate is not None:
-                    self._gate.watch(s, domain, config.max_connections)
+                    self._gate.watch(s, domain, config.max_connections, roles)
             else:
                 s.connect(endpoint)
         except (zmq.ZMQError, KeyFileError, OSError) as exc:
@@ -448,6 +449,16 @@ class ZmqTransport(Transport):
             data_in, ack_in = _SecureReceiver(data, only_from=""), _SecureReceiver(ack)
         return NodeEndpoints(self._router(control, ROLES, denied_control), data_in, ack_in,
                              self._router(client, ("client", "operator")))
+
+    def reads_frontend(self, endpoint: str, config: Config) -> zmq.Socket:
+        """The ROUTER where remote clients reach a node's reader processes
+        (through a libzmq proxy: no message is checked in Python, so with
+        keys only clients' and operators' keys are admitted at all)."""
+        return self._sock(zmq.ROUTER, endpoint, True, config,
+                          {zmq.MAXMSGSIZE: min(config.max_message_bytes, config.max_client_bytes),
+                           zmq.RCVHWM: config.ack_queue_messages,
+                           zmq.SNDHWM: config.client_reply_queue},
+                          roles=("client", "operator"))
 
     def router(self, endpoint: str, config: Config, max_message_bytes: int) -> Router:
         return self._router(self._sock(zmq.ROUTER, endpoint, True, config,

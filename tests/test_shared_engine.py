@@ -423,3 +423,39 @@ def test_the_store_backed_app_of_docs_shared_md_replicates_and_is_read_in_place(
             r.stop()
         for st in storages:
             st.close()
+
+
+def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_serving(tmp):
+    import zmq
+
+    from zrepl.core import protocol
+    from zrepl import NotLeader, ProtocolError
+    with Cluster() as c:
+        node = c.node("A", readers=1).start()
+        node.client.set_role(NodeRole.LEADER, 1)
+        c.client(node).apply(kv_set("k", 1))
+        wait_for(lambda: node.status().extra["readers"] == 1, 20, "a reader")
+        ctx = zmq.Context()
+        try:
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(protocol.read_endpoint(node.address))
+            frames = [b"\xc1garbage", protocol.submit_request(1, kv_set("k", 2)),
+                      protocol.query_request(2, msgpack.packb(("get", "k")), leader_only=True),
+                      protocol.query_request(3, msgpack.packb(("nope",))),
+                      protocol.query_request(4, msgpack.packb(("get", "k")))]
+            for f in frames:
+                sock.send_multipart([b"", f])
+            replies = []
+            for _ in frames:
+                assert sock.poll(5000), "the reader stopped answering"
+                replies.append(protocol.parse_reply(sock.recv_multipart()[-1]))
+            errors = [r[2] for r in replies]
+            assert isinstance(errors[0], ProtocolError)
+            assert isinstance(errors[1], NotLeader) and "reads only" in str(errors[1])
+            assert isinstance(errors[2], ProtocolError) and "leader_only" in str(errors[2])
+            assert isinstance(errors[3], ProtocolError) and "unknown KV query" in str(errors[3])
+            assert replies[4][1:4] == (msgpack.packb([True, 1]), None, 1)
+            sock.close()
+        finally:
+            ctx.destroy(linger=0)
+        assert node.status().max_wal == 1  # nothing was written through the read endpoint

@@ -20,7 +20,8 @@ from .core.interfaces import App
 from .metrics import MetricsServer, open_metrics, parse_listen, render
 from .core.protocol import endpoints
 from .engine.replica import Replica
-from .engine.security import check_exposure
+from .engine.security import check_exposure, from_config
+from .engine.transport import ZmqTransport
 
 
 class SetupError(Exception):
@@ -162,8 +163,11 @@ def die_with_parent(parent: int) -> bool:
 
 def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Config) -> int:
     """One reader process: answers queries arriving from the node's proxy
-    (REP on ``backend``) from read snapshots of the shared store in
-    ``root``, never touching the node.  Exits when the node goes away."""
+    (a DEALER on ``backend``) from read snapshots of the shared store in
+    ``root``, never touching the node.  What is waiting is answered from
+    one snapshot (up to 64 requests); a request whose ``min_wal_id`` that
+    snapshot has not reached waits on its own.  Exits when the node goes
+    away."""
     import zmq
 
     from .core import protocol
@@ -179,46 +183,85 @@ def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Conf
         raise SetupError(f"{app_spec} keeps no zrepl.SharedStore in .store: no reader can serve it")
     reader = SharedReader(root, wait_timeout=config.read_wait_timeout)
     ctx = zmq.Context(1)
-    sock = ctx.socket(zmq.REP)
+    sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, config.max_client_bytes)
     sock.connect(backend)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    query = app.query
+    query, reply = app.query, protocol.submit_reply
 
-    def answer(raw: bytes) -> bytes:
+    def parse(raw: bytes) -> tuple[Any, bytes, int] | bytes:
+        """(request id, request, min_wal_id), or the reply refusing it."""
         try:
             op, fields = protocol.parse_client_request(raw)
         except ProtocolError as exc:
-            return protocol.submit_reply(None, None, exc)
+            return reply(None, None, exc)
         if op != "query":
-            return protocol.submit_reply(fields[0], None, NotLeader(
+            return reply(fields[0], None, NotLeader(
                 "a reader process takes reads only: submit to the node", ""))
         rid, request, leader_only, min_wal_id = fields
         if leader_only:
-            return protocol.submit_reply(rid, None, ProtocolError(
+            return reply(rid, None, ProtocolError(
                 "leader_only reads go to the node's client endpoint"))
+        return rid, request, min_wal_id
+
+    def ask(txn: Any, db: Any, wal_id: int, rid: Any, request: bytes) -> bytes:
         try:
-            result, wal_id = reader.read(
-                lambda txn, db: store.serve_from(txn, db, query, request), min_wal_id)
+            result = store.serve_from(txn, db, query, request)
         except ReplicationError as exc:
-            return protocol.submit_reply(rid, None, exc, reader.wal_id, "")
+            return reply(rid, None, exc, wal_id, "")
         except Exception as exc:  # App.query is user code: a bad request gets an error
             detail = str(exc) if isinstance(exc, (ValueError, TypeError)) else \
                 f"{type(exc).__name__}: {exc}"
-            return protocol.submit_reply(rid, None, ProtocolError(f"bad query: {detail}"),
-                                         reader.wal_id, "")
+            return reply(rid, None, ProtocolError(f"bad query: {detail}"), wal_id, "")
         if type(result) is not bytes:
-            return protocol.submit_reply(rid, None, ProtocolError(
+            return reply(rid, None, ProtocolError(
                 f"App.query returned {type(result).__name__}, not bytes"), wal_id, "")
-        return protocol.submit_reply(rid, result, None, wal_id, "")
+        return reply(rid, result, None, wal_id, "")
+
+    def serve(batch: list[list[bytes]]) -> None:
+        jobs = [parse(frames[-1]) for frames in batch]
+        later: list[int] = []
+
+        def answer_all(txn: Any, db: Any, wal_id: int) -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for i, job in enumerate(jobs):
+                if type(job) is bytes:
+                    out.append(job)
+                elif job[2] > wal_id:  # type: ignore[index]
+                    out.append(None)
+                    later.append(i)
+                else:
+                    out.append(ask(txn, db, wal_id, job[0], job[1]))  # type: ignore[index]
+            return out
+        try:
+            answers = reader.read_at(answer_all)
+        except ReplicationError as exc:
+            answers = [reply(None, None, exc, reader.wal_id, "")] * len(jobs)
+        for i, frames in enumerate(batch):
+            if i in later:
+                rid, request, min_wal_id = jobs[i]  # type: ignore[misc]
+                try:
+                    answer, _ = reader.read(lambda txn, db: ask(txn, db, reader.wal_id, rid,
+                                                                request), min_wal_id)
+                except ReplicationError as exc:
+                    answer = reply(rid, None, exc, reader.wal_id, "")
+            else:
+                answer = answers[i]
+            sock.send_multipart([*frames[:-1], answer])
 
     try:
         while not stopping and os.getppid() == parent:
             if not sock.poll(500):
                 continue
-            sock.send(answer(sock.recv()))
+            batch = [sock.recv_multipart()]
+            while len(batch) < 64:
+                try:
+                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            serve(batch)
     except zmq.ZMQError as exc:
         if not stopping:
             log.error("reader %d: %s", os.getpid(), exc)
@@ -256,9 +299,11 @@ class ReaderPool:
         self.endpoint = read_endpoint(replica.address)
         self.backend = f"ipc://{self.root}/readers.sock"
         self.log = logging.getLogger("zrepl.node")
-        transport = replica.transport
-        self.front = transport.reads_frontend(self.endpoint, replica.config)  # type: ignore[attr-defined]
-        ctx = transport.context  # type: ignore[attr-defined]
+        # a context (its own I/O thread and ZAP handler) apart from the
+        # node's: reads never queue behind replication traffic, nor it behind them
+        self.transport = ZmqTransport(security=from_config(replica.config))
+        self.front = self.transport.reads_frontend(self.endpoint, replica.config)
+        ctx = self.transport.context
         self.back = ctx.socket(zmq.DEALER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.bind(self.backend)
@@ -340,6 +385,7 @@ class ReaderPool:
                 p.wait()
         for s in (self._ctl_out, self._ctl_in, self.front, self.back):
             s.close(linger=0)
+        self.transport.close()
         try:
             os.unlink(self.backend[len("ipc://"):])
         except OSError:

@@ -77,9 +77,17 @@ class Applier:
         if self.store is not None:
             self.store.publish(wal_id)
 
-    def apply_state(self, datas: list[bytes]) -> None:
+    def apply_state(self, datas: list[bytes], pairs: bool = False) -> None:
         """App commands of a checkpoint or a state sync (the App's
-        encodings, not WAL envelopes; their codes mean nothing)."""
+        encodings, not WAL envelopes; their codes mean nothing) - or, with
+        ``pairs``, a shared store's keys and values, written as they are."""
+        store = self.store
+        if pairs:
+            if store is None:
+                raise ProtocolError("this state is a shared store's key/value pairs, and this "
+                                    "App keeps no zrepl.SharedStore (the same App on every node?)")
+            store.run_batch(lambda: store.put_pairs(datas), None)
+            return
         app = self.app
         self.apply([app.decode_cmd(e) for e in entries_from(1, datas)], None)
 

@@ -106,12 +106,24 @@ class Checkpointer:
                 sessions = core.sessions
                 section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
                                    "sessions": sessions.to_section()}
-                if isinstance(self.store, FileCheckpoints) and node.applier.store is not None:
-                    # one read snapshot of the shared store, written by a thread
-                    self.child = (CheckpointThread(self.store.directory, node.applier.app,
-                                                   wal_id, core.leader_id, section,
-                                                   cfg.snapshot_batch_entries), wal_id)
-                    return 0.02
+                shared = node.applier.store
+                if shared is not None:
+                    # the shared store's pairs from one read snapshot (taken now, like
+                    # the sessions), written by a thread: no fork, no App encoding
+                    frozen = {**section(), "store": 1}
+                    args = (wal_id, core.leader_id, frozen, cfg.snapshot_batch_entries)
+                    if isinstance(self.store, FileCheckpoints):
+                        self.child = (CheckpointThread(self.store.directory, shared.raw_datas(),
+                                                       *args), wal_id)
+                        return 0.02
+                    try:
+                        write_checkpoint(self.store, None, *args, datas=shared.raw_datas(),
+                                         per_entry=2)
+                    except Exception as exc:  # noqa: BLE001 - reported like the others
+                        self._failed(wal_id, f"{type(exc).__name__}: {exc}")
+                        return 1.0
+                    self._written(wal_id, now)
+                    return 1.0
                 if isinstance(self.store, FileCheckpoints) and node.snapshot_mode == "fork":
                     pid = fork_checkpoint(self.store.directory, node.applier.app, wal_id,
                                           core.leader_id, section, cfg.snapshot_batch_entries,
@@ -203,51 +215,36 @@ class Checkpointer:
 
 
 class CheckpointThread(threading.Thread):
-    """A checkpoint of an App whose ``iter_state`` takes its own snapshot
-    when called (a ``SharedStore``): the snapshot is taken here, with the
-    App lock held; the file is written by this thread while the node
-    applies on (``encode_cmd`` must be a pure function: it runs beside
-    ``apply``)."""
+    """A checkpoint of a shared store: its pairs from a read snapshot taken
+    by the caller (App lock held), written to a file by this thread while
+    the node applies on."""
 
-    def __init__(self, directory: Path, app: Any, wal_id: int, leader_id: int,
-                 section: Any, batch_entries: int):
+    def __init__(self, directory: Path, datas: Any, wal_id: int, leader_id: int,
+                 section: dict, batch_entries: int):
         super().__init__(name=f"zrepl-checkpoint {wal_id}", daemon=True)
         self.error = ""
         self._stop_now = threading.Event()
-        self._snapshot = _Pinned(app, self._stop_now)
-        self._args = (directory, self._snapshot, wal_id, leader_id, section, batch_entries)
+        self._datas = datas
+        self._args = (directory, None, wal_id, leader_id, section, batch_entries)
         self.start()
+
+    def _checked(self) -> Any:
+        for n, data in enumerate(self._datas):
+            if not n & 4095 and self._stop_now.is_set():
+                raise ReplicationError("checkpoint cancelled: the node is stopping")
+            yield data
 
     def run(self) -> None:
         try:
-            write_checkpoint(*self._args)
+            write_checkpoint(*self._args, datas=self._checked(), per_entry=2)
         except BaseException as exc:  # noqa: BLE001 - reported by the checkpointer
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._snapshot.close()
+            close = getattr(self._datas, "close", None)
+            if close is not None:
+                close()  # ends the read transaction
 
     def cancel(self) -> None:
-        """Stop at the next entry (the temporary file is removed) and wait."""
+        """Stop at the next entries (the temporary file is removed) and wait."""
         self._stop_now.set()
         self.join()
-
-
-class _Pinned:
-    """What ``write_checkpoint`` asks of an App, over a snapshot taken at
-    construction."""
-
-    def __init__(self, app: Any, stop: threading.Event):
-        self.encode_cmd = app.encode_cmd
-        self._it = iter(app.iter_state())
-        self._stop = stop
-
-    def iter_state(self) -> Any:
-        for n, cmd in enumerate(self._it):
-            if not n & 1023 and self._stop.is_set():
-                raise ReplicationError("checkpoint cancelled: the node is stopping")
-            yield cmd
-
-    def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()

@@ -134,17 +134,20 @@ class DownstreamLink:
 
         sessions = node.core.sessions
         section = e.section
+        store = node.applier.store
+        if store is not None:  # the store's pairs as they are: the follower's store takes them
+            section = {**section, "store": 1}
         args = (node.applier.app, e.wal_id, leader_id,
                 lambda: {**section, "sessions": sessions.to_section()},
                 cfg.snapshot_batch_entries, message, section_message)
-        if node.applier.store is not None:
-            self.source = StreamedSnapshot(*args)  # one read snapshot of the shared store
+        if store is not None:
+            self.source = StreamedSnapshot(store.raw_datas(), *args[1:], per_entry=2)
         elif node.snapshot_mode == "fork":
             self.source = ForkedSnapshot(*args, nice=cfg.snapshot_child_nice)
         else:
             self.source = CopiedSnapshot(*args)
         self.queue.append((0, protocol.state_message(STATE_BEGIN, leader_id, stream, e.wal_id,
-                                                     section)))
+                                                     section)))  # ("store": 1 says pairs)
         self.produced = 0
         self._acked_seen = 0
         self.progress = Progress(node.log, f"state sync to {node.core.link.address} at WAL id "

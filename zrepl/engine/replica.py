@@ -373,9 +373,10 @@ class Replica(Node):
                 continue
             loading = Progress(self.log, f"loading checkpoint {path.name}", snap.entries,
                                clock=self.clock.now, every=cfg.progress_interval)
+            pairs = bool(snap.zrepl.get("store"))  # a shared store's pairs, not App commands
             for datas in iter_app_batches(path):
-                self.applier.apply_state(datas)
-                loading.add(len(datas))
+                self.applier.apply_state(datas, pairs)
+                loading.add(len(datas) // 2 if pairs else len(datas))
             sessions.load_section(snap.zrepl.get("sessions"))
             position = snap.wal_id
             self.log.info("loaded checkpoint %s (%d entries)", path.name, snap.entries)

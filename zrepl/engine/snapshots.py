@@ -9,9 +9,9 @@ go on.  Two ways to freeze it, behind one interface (:class:`Source`):
   parent keeps applying.  The child never touches the parent's sockets or
   locks: it iterates the state, writes ready-to-send messages into a pipe,
   and leaves with ``os._exit``.  The default where ``os.fork`` exists.
-* :class:`StreamedSnapshot` reads an App whose ``iter_state`` takes its
-  own snapshot when called (one LMDB read transaction of a
-  ``SharedStore``): no fork, no copy, encoded a few batches at a time.
+* :class:`StreamedSnapshot` reads a ``SharedStore``: one LMDB read
+  transaction, its key/value pairs sent as they are (no App encoding on
+  either side), a few batches at a time: no fork, no copy.
 * :class:`CopiedSnapshot` copies the encoded state in-process at that
   point.  It costs the copy's memory and the time to encode it on the
   engine's thread; the in-memory simulation uses it (a fork there would
@@ -213,26 +213,22 @@ def _unpack_count(payload: bytes) -> int | None:
 
 
 class StreamedSnapshot(Source):
-    """The state of an App whose ``iter_state`` captures its snapshot when
-    called (a ``SharedStore``-backed App iterates one LMDB read
-    transaction): encoded lazily, a few messages per pump, in this process
-    - no fork and no copy."""
+    """Entries from an iterator that took its snapshot when it was made -
+    a ``SharedStore``'s ``raw_datas`` (one LMDB read transaction: key,
+    value, key, value...) - sent a few messages per pump, in this process:
+    no fork and no copy."""
 
-    def __init__(self, app: Any, wal_id: int, leader_id: int,
+    def __init__(self, datas: Iterator[bytes], wal_id: int, leader_id: int,
                  zrepl_section: dict | Callable[[], dict], batch_entries: int,
-                 make_message: MakeMessage, make_section: MakeSection):
-        self._it = iter(app.iter_state())  # the snapshot is taken here (App lock held)
-        self._encode = app.encode_cmd
+                 make_message: MakeMessage, make_section: MakeSection, per_entry: int = 1):
+        self._it = datas
+        self._per_entry = per_entry  # datas per entry (2: key/value pairs)
         self._section = zrepl_section() if callable(zrepl_section) else zrepl_section
         self._batch = batch_entries
         self._make, self._make_section = make_message, make_section
         self._seq = 0
         self._count = 0
         self._per_pump = 16  # messages per pump: the engine interleaves other work
-
-    def _next_datas(self) -> list[bytes]:
-        encode = self._encode
-        return [encode(cmd, WALEntry(0)).data for cmd in itertools.islice(self._it, self._batch)]
 
     def pump(self) -> list[bytes]:
         out: list[bytes] = []
@@ -242,13 +238,13 @@ class StreamedSnapshot(Source):
             self._seq = 1
             out.append(self._make_section(1, self._section))
         while len(out) < self._per_pump:
-            datas = self._next_datas()
+            datas = list(itertools.islice(self._it, self._batch * self._per_entry))
             if not datas:
                 self.count = self._count
                 self.finished = True
                 self.close()
                 break
-            self._count += len(datas)
+            self._count += len(datas) // self._per_entry
             self._seq += 1
             out.append(self._make(self._seq, datas))
         return out
@@ -265,12 +261,9 @@ class CopiedSnapshot(StreamedSnapshot):
     made as they are asked for."""
 
     def __init__(self, app: Any, *args: Any):
-        super().__init__(app, *args)
         encode = app.encode_cmd
-        self._it = iter([encode(cmd, WALEntry(0)).data for cmd in self._it])
-
-    def _next_datas(self) -> list[bytes]:
-        return list(itertools.islice(self._it, self._batch))
+        super().__init__(iter([encode(cmd, WALEntry(0)).data for cmd in app.iter_state()]),
+                         *args)
 
 
 def fork_checkpoint(directory: Path, app: Any, wal_id: int, leader_id: int,

@@ -159,13 +159,16 @@ class UpstreamLink:
     def _state_batch(self, stream: int, seq: int, datas: list) -> None:
         node = self.node
         b"".join(datas)  # every item is bytes (TypeError otherwise)
+        snap = node.core.snap_in
+        pairs = bool(snap is not None and snap.section.get("store"))  # a shared store's
+        n = len(datas) // 2 if pairs else len(datas)  # entries: key/value pairs
         with node.core_lock:
-            first = node.core.on_state_batch(stream, len(datas))
+            first = node.core.on_state_batch(stream, n)
         if first:
             self._begin_app_section()
-        node.applier.apply_state(datas)
+        node.applier.apply_state(datas, pairs)
         if self.progress is not None:
-            self.progress.add(len(datas))
+            self.progress.add(n)
         if self.writer is not None:
             self.writer.write_raw_frame(["batch", datas])
         self.send_ack(protocol.ack_message(stream, STATE, seq, b""))

@@ -31,6 +31,7 @@ deterministic simulation, which runs whole clusters in one process.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import shutil
 import struct
@@ -348,6 +349,9 @@ class SharedStore:
                 self._abort()
                 self._grow()
                 continue
+            except lmdb.BadValsizeError as exc:  # a bad pair from a peer: refused, not broken
+                self._abort()
+                raise ValueError(f"shared store: {exc}") from None
             except lmdb.Error as exc:
                 self._abort()
                 # (disk full, I/O error): the store is as the last batch left
@@ -462,6 +466,27 @@ class SharedStore:
         with self._snapshots_lock:
             self._snapshots += 1
         return _Snapshot(txn, self._snapshot_done)
+
+    def raw_datas(self) -> Iterator[bytes]:
+        """The whole store as ``key, value, key, value, ...`` from one read
+        snapshot taken now: what a state sync or checkpoint of a
+        store-backed App carries (no App encoding on either side; the
+        receiver writes the pairs with :meth:`put_pairs`)."""
+        return itertools.chain.from_iterable(self.items())
+
+    def put_pairs(self, datas: list[bytes]) -> None:
+        """Write ``key, value, ...`` as they are (a state sync's batch,
+        inside :meth:`run_batch`)."""
+        if len(datas) % 2:
+            raise ValueError(f"a shared store's state batch holds key/value pairs; got "
+                             f"{len(datas)} items")
+        it = iter(datas)
+        if self._gen is None:
+            self._need()
+            self._mem.update(zip(it, it))  # type: ignore[union-attr]
+            return
+        with self._write_txn().cursor(db=self._gen.state) as cur:
+            cur.putmulti(zip(it, it))  # (a key out of LMDB's bounds: BadValsizeError)
 
     def _snapshot_done(self) -> None:
         with self._snapshots_lock:
@@ -605,9 +630,8 @@ class SharedReader:
                 with gen.env.begin() as txn:
                     wal_id, superseded = gen.position(txn)
                     if not superseded and wal_id >= min_wal_id:
-                        result = fn(txn, gen.state)
                         self.wal_id = wal_id
-                        return result, wal_id
+                        return fn(txn, gen.state), wal_id
             except lmdb.MapResizedError:
                 gen.env.set_mapsize(0)  # the writer grew the map: adopt its size
                 continue
@@ -627,6 +651,25 @@ class SharedReader:
                               f"(waited {self.wait_timeout if timeout is None else timeout:g}s)")
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
+
+    def read_at(self, fn: Callable[[lmdb.Transaction, Any, int], Any]) -> Any:
+        """``fn(txn, db, wal_id)`` in one read snapshot of the published
+        state (no waiting)."""
+        while True:
+            gen = self._gen or self._open()
+            try:
+                with gen.env.begin() as txn:
+                    wal_id, superseded = gen.position(txn)
+                    if not superseded:
+                        self.wal_id = wal_id
+                        return fn(txn, gen.state, wal_id)
+            except lmdb.MapResizedError:
+                gen.env.set_mapsize(0)
+                continue
+            except lmdb.Error:
+                pass  # closed under us: open the current one
+            if self._gen is gen:
+                self.close()
 
     def get(self, key: bytes, min_wal_id: int = 0) -> tuple[bytes | None, int]:
         """(value or None, WAL id)."""

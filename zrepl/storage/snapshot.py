@@ -16,6 +16,10 @@ Payloads, in order::
     ...
     ["end",     {"entries": N}]
 
+An App keeping its state in a ``SharedStore`` is written as the store's
+own key/value pairs instead (``[key, value, key, value, ...]`` per batch,
+N counting pairs), and its zrepl section says ``"store": 1``.
+
 zrepl's own replicated state comes first, the App's after it; a reader
 skips sections it does not know, so later versions can add sections (the
 table of client sessions, for instance) without breaking older readers.
@@ -36,7 +40,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 
@@ -128,11 +132,14 @@ class FrameReader(_BufferedReader):
 
 
 def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
-                   zrepl_section: dict | Callable[[], dict], batch_entries: int) -> int:
+                   zrepl_section: dict | Callable[[], dict], batch_entries: int,
+                   datas: Iterable[bytes] | None = None, per_entry: int = 1) -> int:
     """Write a whole snapshot of ``app`` (in this process).  Returns the
     number of App commands written.  ``zrepl_section`` may be a function:
     in a forked child it then reads zrepl's own state (the client sessions)
-    from the frozen copy, instead of the parent building it."""
+    from the frozen copy, instead of the parent building it.  ``datas``:
+    the entries themselves instead of ``app``'s (a shared store's pairs:
+    ``per_entry`` 2, so that counts and batches are in pairs)."""
     out.write(["header", {"format": FORMAT, "wal_id": wal_id, "leader_id": leader_id,
                           "created_ns": time.time_ns()}])
     out.write(["section", "zrepl", zrepl_section() if callable(zrepl_section)
@@ -140,16 +147,18 @@ def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
     out.write(["section", "app"])
     batch: list[bytes] = []
     count = 0
-    encode = app.encode_cmd
-    for cmd in app.iter_state():
-        batch.append(encode(cmd, WALEntry(0)).data)
-        if len(batch) >= batch_entries:
+    if datas is None:
+        encode = app.encode_cmd
+        datas = (encode(cmd, WALEntry(0)).data for cmd in app.iter_state())
+    for data in datas:
+        batch.append(data)
+        if len(batch) >= batch_entries * per_entry:
             out.write(["batch", batch])
-            count += len(batch)
+            count += len(batch) // per_entry
             batch = []
     if batch:
         out.write(["batch", batch])
-        count += len(batch)
+        count += len(batch) // per_entry
     out.write(["end", {"entries": count}])
     out.flush()
     return count
@@ -202,13 +211,15 @@ class CheckpointFileWriter:
 
 def write_checkpoint(directory: "Path | MemoryCheckpoints", app: Any, wal_id: int,
                      leader_id: int, zrepl_section: dict | Callable[[], dict],
-                     batch_entries: int) -> Any:
+                     batch_entries: int, datas: Iterable[bytes] | None = None,
+                     per_entry: int = 1) -> Any:
     """Write a whole checkpoint of ``app`` in this process (a forked child
     for files, the engine itself for memory) and commit it."""
     w = directory.writer(wal_id) if isinstance(directory, MemoryCheckpoints) else \
         CheckpointFileWriter(directory, wal_id)
     try:
-        write_snapshot(w.frames, app, wal_id, leader_id, zrepl_section, batch_entries)
+        write_snapshot(w.frames, app, wal_id, leader_id, zrepl_section, batch_entries, datas,
+                       per_entry)
         return w.commit()
     except BaseException:
         w.abort()
@@ -367,8 +378,8 @@ def read_checkpoint(path: Path) -> Snapshot:
                 if section == "zrepl" and isinstance(obj[2], dict):
                     snap.zrepl = obj[2]
             elif kind == "batch":
-                if section == "app":
-                    count += len(obj[1])
+                if section == "app":  # (a shared store's state: key/value pairs)
+                    count += len(obj[1]) // 2 if snap.zrepl.get("store") else len(obj[1])
             elif kind == "end":
                 if obj[1].get("entries") != count:
                     raise CorruptStorage(f"{path.name}: end frame counts "

@@ -38,12 +38,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from _common import ROOT, Workdir, pct, wait_until
 
 from _dictkv import DictKV  # noqa: E402
 from workers.kv import KV, KVClient, encode  # noqa: E402
 from zrepl import Config, FileStorage, FollowerState, NodeClient, NodeRole, Replica  # noqa: E402
-from zrepl.core.protocol import endpoints, read_endpoint  # noqa: E402
+from zrepl.core.protocol import endpoints, read_endpoints  # noqa: E402
 from zrepl.local import free_tcp_base  # noqa: E402
 
 READER = r"""
@@ -61,7 +62,8 @@ if mode == "pipelined":
     import msgpack, zmq
     from zrepl.core import protocol
     sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(address)
+    for ep in address.split(","):  # (a node's readers: the DEALER deals to them in turn)
+        sock.connect(ep)
     reqs = [protocol.query_request(i, msgpack.packb(("get", k))) for i, k in enumerate(keys)]
     sock.send_multipart([b"", reqs[0]])
     reply = protocol.parse_reply(sock.recv_multipart()[-1])
@@ -69,6 +71,7 @@ if mode == "pipelined":
     while time.time() < start_at:
         time.sleep(0.0005)
     end = clock() + seconds
+    cpu0 = time.process_time()
     for i in range(32):
         sock.send_multipart([b"", reqs[i]])
     sent = 32
@@ -89,11 +92,12 @@ else:
     while time.time() < start_at:
         time.sleep(0.0005)
     end = clock() + seconds
+    cpu0 = time.process_time()
     while clock() < end:
         for _ in range(64):
             get(keys[n % 1000])
             n += 1
-print(json.dumps({{"n": n, "seconds": seconds}}))
+print(json.dumps({{"n": n, "seconds": seconds, "cpu": time.process_time() - cpu0}}))
 """
 
 WRITER = r"""
@@ -125,18 +129,36 @@ print(json.dumps({{"lat": lat}}))
 
 
 def run_case(w: Workdir, address: str, data: str, mode: str, clients: int, pace: float,
-             seconds: float, writer_at: str = "") -> dict:
+             seconds: float, writer_at: str = "", server_pid: int = 0) -> dict:
     start_at = time.time() + 1.0 + 0.1 * clients
     writer = w.spawn_scripts(WRITER.format(root=str(ROOT)),
                              [[writer_at or address, str(pace), str(start_at), str(seconds)]])
     readers = w.spawn_scripts(READER.format(root=str(ROOT)),
                               [[address, data, mode, str(i), str(start_at), str(seconds)]
                                for i in range(clients)]) if clients else []
+    server = psutil.Process(server_pid)
+
+    def server_cpu() -> float:  # the node and its reader processes
+        total = 0.0
+        for p in [server, *server.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+    time.sleep(max(0.0, start_at - time.time()))  # (sampling at the window's edges)
+    cpu0 = server_cpu()
+    time.sleep(seconds)
+    cpu1 = server_cpu()
     results = w.collect_json(readers, seconds + 120, f"a {mode} reader")
     [wres] = w.collect_json(writer, seconds + 120, "the writer")
     lat = wres["lat"]
     return {"mode": mode, "clients": clients,
             "gets_per_s": sum(r["n"] for r in results) / seconds if results else 0.0,
+            # the CPUs the clients themselves took (of nproc), while measured
+            "client_cpus": sum(r["cpu"] for r in results) / seconds if results else 0.0,
+            "server_cpus": (cpu1 - cpu0) / seconds,  # the node and its readers
             "commit_p50_us": pct(lat, 0.5) * 1e6, "commit_p99_us": pct(lat, 0.99) * 1e6,
             "commits": len(lat)}
 
@@ -145,7 +167,7 @@ def median_case(repeat: int, *args: object, **kw: object) -> dict:
     """``run_case`` ``repeat`` times: the median of each figure."""
     runs = [run_case(*args, **kw) for _ in range(repeat)]  # type: ignore[arg-type]
     out = dict(runs[0])
-    for key in ("gets_per_s", "commit_p50_us", "commit_p99_us"):
+    for key in ("gets_per_s", "commit_p50_us", "commit_p99_us", "client_cpus", "server_cpus"):
         out[key] = statistics.median(r[key] for r in runs)
     out["runs"] = [r["gets_per_s"] for r in runs]
     return out
@@ -159,7 +181,7 @@ def state_sync(w: Workdir, app_cls: type, keys: int, name: str) -> dict:
                 "segment_bytes": 64 << 10}
     cfg = Config(**settings)
     storage = FileStorage(w.root / f"{name}-L", config=cfg)
-    leader = Replica(app_cls(), storage, f"tcp://127.0.0.1:{free_tcp_base(5)}", cfg).start()
+    leader = Replica(app_cls(), storage, f"tcp://127.0.0.1:{free_tcp_base(4)}", cfg).start()
     try:
         leader.set_role(NodeRole.LEADER, 1)
         for s in range(0, keys, 4096):
@@ -167,7 +189,7 @@ def state_sync(w: Workdir, app_cls: type, keys: int, name: str) -> dict:
                                        for i in range(s, min(keys, s + 4096))])
         storage.truncate_wal_before_id(storage.max_wal())
         assert storage.min_wal() > 1
-        b = f"tcp://127.0.0.1:{free_tcp_base(5)}"
+        b = f"tcp://127.0.0.1:{free_tcp_base(4)}"
         w.start_node(f"{name}-F", b, settings,
                      app="workers.kv:KV" if app_cls is KV else "_dictkv:DictKV")
         with NodeClient(b, timeout=60) as fc:
@@ -206,11 +228,12 @@ def main() -> int:
               f"paced at {args.pace:g} sets/s, {args.seconds:g}s each, median of "
               f"{args.repeat} runs\n")
         print(f"{'case':<24} {'gets/s':>10} {'vs engine':>10} {'commit p50':>11} "
-              f"{'p99':>9} {'vs idle p50':>12}", flush=True)
+              f"{'p99':>9} {'vs idle p50':>12} {'CPUs: clients':>14} {'node+readers':>12}",
+              flush=True)
         base: dict[str, float] = {}  # the engine's gets/s, per client kind
         idle = None
         for readers in (0, 1, 2, 4):
-            address = f"tcp://127.0.0.1:{free_tcp_base(5)}"
+            address = f"tcp://127.0.0.1:{free_tcp_base(4 + readers)}"
             name = f"r{readers}"
             w.start_node(name, address, {**settings, "readers": readers})
             with NodeClient(address) as c:
@@ -222,26 +245,29 @@ def main() -> int:
             data = str(w.root / name)
             if readers == 0:
                 idle = median_case(args.repeat, w, address, data, "idle", 0, args.pace,
-                                   args.seconds)
+                                   args.seconds, server_pid=w.procs[name].pid)
                 rows.append({"case": "idle", **idle})
                 print(f"{'writer alone (idle)':<24} {'-':>10} {'-':>10} "
                       f"{idle['commit_p50_us']:9.0f}µs {idle['commit_p99_us']:7.0f}µs "
                       f"{'1.00x':>12}", flush=True)
             who = "engine" if readers == 0 else f"readers={readers}"
-            served = endpoints(address).client if readers == 0 else read_endpoint(address)
+            served = endpoints(address).client if readers == 0 else \
+                ",".join(read_endpoints(address, readers))
             cases = [(f"{who}, KVClient", "remote", address),
                      (f"{who}, pipelined", "pipelined", served)]
             if readers == 0:
                 cases.append(("LocalReader", "local", address))
             for label, mode, target in cases:
                 r = median_case(args.repeat, w, target, data, mode, args.clients, args.pace,
-                                args.seconds, writer_at=address)
+                                args.seconds, writer_at=address, server_pid=w.procs[name].pid)
                 ref = base.setdefault(mode if mode != "local" else "remote", r["gets_per_s"])
                 rows.append({"case": label, "readers": readers, "nproc": nproc, **r})
                 assert idle
                 print(f"{label:<24} {r['gets_per_s']:10,.0f} {r['gets_per_s'] / ref:9.1f}x "
                       f"{r['commit_p50_us']:9.0f}µs {r['commit_p99_us']:7.0f}µs "
-                      f"{r['commit_p50_us'] / idle['commit_p50_us']:11.2f}x", flush=True)
+                      f"{r['commit_p50_us'] / idle['commit_p50_us']:11.2f}x "
+                      f"{r['client_cpus']:11.2f}/{nproc} {r['server_cpus']:10.2f}/{nproc}",
+                      flush=True)
             w.kill(name)
         print("\nfull state sync to an empty follower (two node processes):", flush=True)
         for app, label in ((KV, "store-backed KV (read snapshot)"),

@@ -438,7 +438,7 @@ def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_
         ctx = zmq.Context()
         try:
             sock = ctx.socket(zmq.DEALER)
-            sock.connect(protocol.read_endpoint(node.address))
+            sock.connect(protocol.read_endpoints(node.address, 1)[0])
             frames = [b"\xc1garbage", protocol.submit_request(1, kv_set("k", 2)),
                       protocol.query_request(2, msgpack.packb(("get", "k")), leader_only=True),
                       protocol.query_request(3, msgpack.packb(("nope",))),
@@ -459,3 +459,39 @@ def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_
         finally:
             ctx.destroy(linger=0)
         assert node.status().max_wal == 1  # nothing was written through the read endpoint
+
+
+def test_with_keys_readers_serve_client_keys_and_nobody_else(tmp):
+    import zmq
+
+    from zrepl import Client
+    from zrepl.core import protocol
+    with Cluster(secure=["A"]) as c:
+        node = c.node("A", readers=2).start()
+        node.client.set_role(NodeRole.LEADER, 1)
+        client = c.client(node)
+        client.apply(kv_set("k", 1))
+        wait_for(lambda: node.status().extra["readers"] == 2, 20, "2 readers")
+        get = msgpack.packb(("get", "k"))
+        for _ in range(10):
+            assert client.query(get) == msgpack.packb([True, 1])
+        assert node.status().extra["queries"] == 1  # the first only: then the readers
+        # a key of another role gets no answer from them (nor from the node: reads are for
+        # client and operator keys)
+        sup = Client([node.address], timeout=0.5, retry_for=0.1,
+                     config=Config(**c.keys["supervisor"]))
+        try:
+            sup._readers[node.address] = node.status().extra["read_endpoint"]
+            with pytest.raises(Timeout):
+                sup.query(get)
+        finally:
+            sup.close()
+        # and a plain socket gets nothing from them
+        ctx = zmq.Context()
+        try:
+            s = ctx.socket(zmq.DEALER)
+            s.connect(protocol.read_endpoints(node.address, 1)[0])
+            s.send_multipart([b"", protocol.query_request(1, get)])
+            assert not s.poll(500), "an unauthenticated caller got a reply"
+        finally:
+            ctx.destroy(linger=0)

@@ -242,8 +242,8 @@ def cmd_reader(args: argparse.Namespace) -> int:
     from .node_main import SetupError, run_reader
     _logging({"log_level": args.log_level, "log_format": "text"})
     try:
-        return run_reader(args.app, args.shared, args.backend, args.parent,
-                          Config(read_wait_timeout=args.read_wait_timeout))
+        config = Config(**json.loads(sys.stdin.read() or "{}"))  # the node's, on stdin
+        return run_reader(args.app, args.shared, args.endpoint, args.parent, config)
     except SetupError as exc:
         raise CommandError(str(exc)) from None
 
@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--checkpoint-entries", type=int, metavar="N",
                       help="checkpoint every N applied entries (0: never by count)")
     node.add_argument("--readers", type=int, metavar="N",
-                      help="N reader processes answering reads from the shared store at "
-                           "PORT+4 or PATH.read (the App must keep its state in "
+                      help="N reader processes answering reads from the shared store, at "
+                           "PORT+4.. or PATH.read0.. (the App must keep its state in "
                            "zrepl.SharedStore; docs/shared.md)")
     _key_flags(node)
     _common(node, "these keys and any zrepl.Config field (fsync, window, lease, ...)")
@@ -510,9 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd = sub.add_parser("reader", help=argparse.SUPPRESS)  # started by a node (--readers)
     rd.add_argument("--app", required=True)
     rd.add_argument("--shared", required=True)
-    rd.add_argument("--backend", required=True)
+    rd.add_argument("--endpoint", required=True)
     rd.add_argument("--parent", type=int, required=True)
-    rd.add_argument("--read-wait-timeout", type=float, default=1.0)
     rd.add_argument("--log-level", default="INFO", choices=logs.LEVELS)
     rd.set_defaults(func=cmd_reader)
 

@@ -161,9 +161,10 @@ def die_with_parent(parent: int) -> bool:
     return os.getppid() == parent
 
 
-def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Config) -> int:
-    """One reader process: answers queries arriving from the node's proxy
-    (a DEALER on ``backend``) from read snapshots of the shared store in
+def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Config) -> int:
+    """One reader process: answers queries on its own ``endpoint`` (a
+    ROUTER; with the node's key when it has one, admitting client and
+    operator keys only) from read snapshots of the shared store in
     ``root``, never touching the node.  What is waiting is answered from
     one snapshot (up to 64 requests); a request whose ``min_wal_id`` that
     snapshot has not reached waits on its own.  Exits when the node goes
@@ -182,11 +183,12 @@ def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Conf
     if store is None:
         raise SetupError(f"{app_spec} keeps no zrepl.SharedStore in .store: no reader can serve it")
     reader = SharedReader(root, wait_timeout=config.read_wait_timeout)
-    ctx = zmq.Context(1)
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, config.max_client_bytes)
-    sock.connect(backend)
+    transport = ZmqTransport(security=from_config(config))
+    try:
+        sock = transport.reads_frontend(endpoint, config)
+    except ReplicationError:
+        transport.close()
+        raise
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     query, reply = app.query, protocol.submit_reply
@@ -268,87 +270,65 @@ def run_reader(app_spec: str, root: str, backend: str, parent: int, config: Conf
             return 1
     finally:
         sock.close(linger=0)
-        ctx.term()
+        transport.close()
         reader.close()
     return 0
 
 
 class ReaderPool:
-    """The node's reader processes and the proxy in front of them.
+    """The node's reader processes.
 
-    Clients reach the read endpoint (a ROUTER, with the node's keys when it
-    has some); a libzmq proxy thread - C, no GIL - passes each request to
-    the next free reader over ``ipc://SHARED/readers.sock`` (a DEALER), and
-    the answer back.  The node never sees a read.  A reader that dies is
-    started again (at most once a second); every reader dies with the node,
-    even by SIGKILL (PR_SET_PDEATHSIG, and each polls its parent)."""
+    Each reader binds an endpoint of its own (``read_endpoints``) and
+    clients spread their reads over them: no read passes through the node
+    at all.  A reader that dies is started again on its endpoint (at most
+    one restart a second); every reader dies with the node, even by SIGKILL
+    (PR_SET_PDEATHSIG, and each polls its parent)."""
 
     def __init__(self, replica: Replica, app_spec: str, count: int, log_level: str):
-        import zmq
-
-        from .core.protocol import read_endpoint
+        from .core.protocol import read_endpoints
         store = replica.applier.store
         if store is None or store.root is None:
             raise SetupError(f"--readers needs an App keeping its state in zrepl.SharedStore "
                              f"(in .store); {app_spec} does not")
         self.replica = replica
         self.app_spec = app_spec
-        self.count = count
         self.log_level = log_level
         self.root = str(store.root)
-        self.endpoint = read_endpoint(replica.address)
-        self.backend = f"ipc://{self.root}/readers.sock"
+        self.endpoints = read_endpoints(replica.address, count)
         self.log = logging.getLogger("zrepl.node")
-        # a context (its own I/O thread and ZAP handler) apart from the
-        # node's: reads never queue behind replication traffic, nor it behind them
-        self.transport = ZmqTransport(security=from_config(replica.config))
-        self.front = self.transport.reads_frontend(self.endpoint, replica.config)
-        ctx = self.transport.context
-        self.back = ctx.socket(zmq.DEALER)
-        self.back.setsockopt(zmq.LINGER, 0)
-        self.back.bind(self.backend)
-        os.chmod(self.backend[len("ipc://"):], 0o600)
-        self._control = f"inproc://zrepl-readers-{id(self)}"
-        self._ctl_in = ctx.socket(zmq.PAIR)
-        self._ctl_in.bind(self._control)
-        self._ctl_out = ctx.socket(zmq.PAIR)
-        self._ctl_out.connect(self._control)
         self.procs: list[Any] = []
         self.restarts = 0
         self._stop = threading.Event()
-        self._proxy = threading.Thread(target=self._run_proxy, name="zrepl-readers-proxy",
-                                       daemon=True)
         self._watch = threading.Thread(target=self._run_watch, name="zrepl-readers-watch",
                                        daemon=True)
 
     def start(self) -> None:
-        self.procs = [self._spawn() for _ in range(self.count)]
-        self._proxy.start()
+        self.procs = [self._spawn(ep) for ep in self.endpoints]
         self._watch.start()
-        self.replica.read_endpoint = self.endpoint
+        self.replica.read_endpoint = ",".join(self.endpoints)
         self.replica.readers_alive = self.alive  # type: ignore[method-assign]
         self.log.info("[%s] %d reader processes answer reads at %s", self.replica.address,
-                      self.count, self.endpoint, extra={"node": self.replica.address})
+                      len(self.endpoints), ", ".join(self.endpoints),
+                      extra={"node": self.replica.address})
 
-    def _spawn(self) -> Any:
+    def _spawn(self, endpoint: str) -> Any:
+        import dataclasses
+        import json
         import subprocess
         import sys
+        config = json.dumps(dataclasses.asdict(self.replica.config))
         args = [sys.executable, "-m", "zrepl", "reader", "--app", self.app_spec,
-                "--shared", self.root, "--backend", self.backend, "--parent", str(os.getpid()),
-                "--read-wait-timeout", str(self.replica.config.read_wait_timeout),
+                "--shared", self.root, "--endpoint", endpoint, "--parent", str(os.getpid()),
                 "--log-level", self.log_level]
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # (the node's settings - keys, limits - travel on stdin, not in ps)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        proc.stdin.write(config.encode())
+        proc.stdin.close()
+        return proc
 
     def alive(self) -> int:
         return sum(1 for p in self.procs if p.poll() is None)
-
-    def _run_proxy(self) -> None:
-        import zmq
-        try:
-            zmq.proxy_steerable(self.front, self.back, None, self._ctl_in)
-        except zmq.ZMQError as exc:
-            if not self._stop.is_set():
-                self.log.error("readers' proxy stopped: %s", exc)
 
     def _run_watch(self) -> None:
         last_start = 0.0
@@ -361,19 +341,13 @@ class ReaderPool:
                 self.log.warning("[%s] reader process %d exited with status %s: restarting",
                                  self.replica.address, p.pid, p.returncode,
                                  extra={"node": self.replica.address})
-                self.procs[i] = self._spawn()
+                self.procs[i] = self._spawn(self.endpoints[i])
                 self.restarts += 1
                 last_start = time.monotonic()
 
     def stop(self) -> None:
-        import zmq
         self._stop.set()
         self._watch.join(5)
-        try:
-            self._ctl_out.send(b"TERMINATE")
-        except zmq.ZMQError:
-            pass  # the node's context is gone already (the proxy ended with it)
-        self._proxy.join(5)
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -383,11 +357,10 @@ class ReaderPool:
             except Exception:
                 p.kill()
                 p.wait()
-        for s in (self._ctl_out, self._ctl_in, self.front, self.back):
-            s.close(linger=0)
-        self.transport.close()
-        try:
-            os.unlink(self.backend[len("ipc://"):])
-        except OSError:
-            pass
+        for ep in self.endpoints:
+            if ep.startswith("ipc://"):
+                try:
+                    os.unlink(ep[len("ipc://"):])
+                except OSError:
+                    pass
         self.replica.read_endpoint = ""

@@ -100,7 +100,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-ZERO_DISABLES = frozenset({"checkpoint_entries", "checkpoint_interval", "readers"})
+ZERO_DISABLES = frozenset({"checkpoint_entries", "checkpoint_interval"})
 
 # (smaller, larger, why): cross-field rules checked by Config.validate.
 _ORDER = [
@@ -317,9 +317,10 @@ class Config:
 
     readers: int = 0
     """Reader processes serving ``get``/``scan``/``App.query`` from the
-    shared store on the node's read endpoint (``PORT+4`` or ``PATH.read``),
-    never through the engine thread.  0: none (reads go to the engine).
-    Needs a store-backed App."""
+    shared store, never through the engine thread, each on an endpoint of
+    its own (``PORT+4``, ``PORT+5``... or ``PATH.read0``, ``PATH.read1``...).
+    0: none (reads go to the engine); at most 16.  Needs a store-backed
+    App."""
 
     read_wait_timeout: float = 1.0
     """Longest a read carrying ``min_wal_id`` waits for the store to catch
@@ -472,6 +473,9 @@ class Config:
                 if f.name in ZERO_DISABLES:
                     if value < 0:
                         raise ValueError(f"{f.name} must be >= 0 (0 disables); got {value!r}")
+                elif f.name == "readers":
+                    if not 0 <= value <= 16:
+                        raise ValueError(f"readers must be in 0..16; got {value!r}")
                 elif f.name == "snapshot_child_nice":
                     if not 0 <= value <= 19:
                         raise ValueError(f"snapshot_child_nice must be in 0..19; got {value!r}")

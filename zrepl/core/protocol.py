@@ -100,17 +100,25 @@ class Endpoints:
     client: str
 
 
-def read_endpoint(address: str) -> str:
-    """Where a node's reader processes answer reads: ``PORT+4`` for
-    ``tcp://HOST:PORT``, ``PATH.read`` for ``ipc://PATH``."""
+MAX_READERS = 16
+"""Reader processes a node may run (each binds an endpoint of its own)."""
+
+
+def read_endpoints(address: str, count: int) -> list[str]:
+    """Where a node's ``count`` reader processes answer reads, one endpoint
+    each: ``PORT+4``, ``PORT+5``... for ``tcp://HOST:PORT``; ``PATH.read0``,
+    ``PATH.read1``... for ``ipc://PATH``."""
     eps = endpoints(address)
+    if not 0 <= count <= MAX_READERS:
+        raise ValueError(f"readers must be 0..{MAX_READERS}; got {count}")
     if address.startswith("ipc://"):
-        return f"{address}.read"
-    parts = urlsplit(eps.client)
-    port = parts.port or 0
-    if port + 1 > 65535:
-        raise ValueError(f"reader processes need PORT+4 free: {address!r} is too high")
-    return eps.client.rsplit(":", 1)[0] + f":{port + 1}"
+        return [f"{address}.read{i}" for i in range(count)]
+    host, _, port = eps.client.rpartition(":")
+    last = int(port) + count
+    if last > 65535:
+        raise ValueError(f"{count} reader processes need ports up to {last}: {address!r} is "
+                         "too high")
+    return [f"{host}:{int(port) + 1 + i}" for i in range(count)]
 
 
 def endpoints(address: str) -> Endpoints:

@@ -162,6 +162,7 @@ class Client:
         self._timed_out: dict[str, float] = {}  # address -> when it last did not answer
         self._readers: dict[str, str] = {}  # address -> its reader processes' endpoint
         self._reader_rpcs: dict[str, RpcClient] = {}
+        self._turn = 0  # which of a node's readers asks next
         self.last_wal_id = 0  # the WAL id the last answer reflects (see query's min_wal_id)
 
     @property
@@ -306,12 +307,15 @@ class Client:
             payload = protocol.query_request(rid, request, leader_only, min_wal_id)
             raw = None
             readers = "" if leader_only else self._readers.get(address, "")
-            if readers:
+            if readers:  # the node's reader processes, in turn
+                eps = readers.split(",")
+                self._turn += 1
+                ep = eps[self._turn % len(eps)]
                 try:
-                    raw = self._reader_rpc(readers).request(payload, what="query")
+                    raw = self._reader_rpc(ep).request(payload, what="query")
                 except Timeout:
                     self._readers.pop(address, None)  # (the node's reply says again)
-                    self._reader_rpcs.pop(readers).close()
+                    self._reader_rpcs.pop(ep).close()
             if raw is None:
                 try:
                     raw = self._request(address, payload, "query")

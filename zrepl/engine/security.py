@@ -172,7 +172,10 @@ class Security:
             sec.members[m.public] = m
             if m.endpoint:
                 eps = protocol.endpoints(m.endpoint)
-                for ep in (eps.control, eps.data, eps.ack, eps.client, _reads(m.endpoint)) \
+                if m.role == "node":  # its reader processes serve with its key
+                    for ep in _reads(m.endpoint):  # (first: a node's own ports win)
+                        sec.servers.setdefault(ep, m.public)
+                for ep in (eps.control, eps.data, eps.ack, eps.client) \
                         if m.role == "node" else (m.endpoint,):
                     sec.servers[ep] = m.public
         if me.public not in sec.members:
@@ -202,12 +205,14 @@ class Security:
         sock.curve_serverkey = self.server_key(endpoint)
 
 
-def _reads(address: str) -> str:
-    """A node's read endpoint (its reader processes: the same key)."""
-    try:
-        return protocol.read_endpoint(address)
-    except ValueError:
-        return ""
+def _reads(address: str) -> list[str]:
+    """The endpoints a node's reader processes may bind (with its key)."""
+    for n in range(protocol.MAX_READERS, -1, -1):
+        try:
+            return protocol.read_endpoints(address, n)
+        except ValueError:
+            continue
+    return []
 
 
 def from_config(config: Any | None) -> Security | None:
@@ -267,7 +272,7 @@ class Gatekeeper(ThreadAuthenticator):
               roles: tuple[str, ...] | None = None) -> None:
         """Admit at most ``cap`` open connections to ``sock`` (served under
         ``domain``), and with ``roles``, only keys of those roles (a socket
-        whose messages nobody checks, like the readers' proxy); call once it
+        whose messages are not checked per role, like a reader process's); call once it
         is bound."""
         if roles is not None:
             self._roles[domain] = roles

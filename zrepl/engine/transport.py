@@ -451,9 +451,9 @@ class ZmqTransport(Transport):
                              self._router(client, ("client", "operator")))
 
     def reads_frontend(self, endpoint: str, config: Config) -> zmq.Socket:
-        """The ROUTER where remote clients reach a node's reader processes
-        (through a libzmq proxy: no message is checked in Python, so with
-        keys only clients' and operators' keys are admitted at all)."""
+        """The ROUTER of a reader process (its messages are not checked per
+        role in Python, so with keys only clients' and operators' keys are
+        admitted at all)."""
         return self._sock(zmq.ROUTER, endpoint, True, config,
                           {zmq.MAXMSGSIZE: min(config.max_message_bytes, config.max_client_bytes),
                            zmq.RCVHWM: config.ack_queue_messages,

@@ -49,7 +49,7 @@ class Applier:
         store = self.store
         if store is None:
             return self.app.apply(cmds)
-        if last is not None and store._held and not self.rebuilding:
+        if last is not None and store.held and not self.rebuilding:
             store.publish(last - len(cmds))  # the cleared state is complete: a live batch follows
         try:
             return store.run_batch(lambda: self.app.apply(cmds), last)

@@ -254,6 +254,11 @@ class SharedStore:
         path = self.root / (_GEN % (max([0, *numbers]) + 1))
         return _Gen.open(path, True, self.map_size)
 
+    @property
+    def held(self) -> bool:
+        """A rebuild is under way (between :meth:`hold` and :meth:`publish`)."""
+        return self._held
+
     def hold(self) -> None:
         """The state is about to be rebuilt (a restart's restore, a state
         sync): the next :meth:`clear` starts a new generation that readers

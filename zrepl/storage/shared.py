@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterator
 
 import lmdb
 
+get_ident = threading.get_ident
+
 from ..core.errors import StorageError, StorageLocked, Timeout
 from .fsutil import FILE_MODE, atomic_write, create, make_dir
 
@@ -417,7 +419,7 @@ class SharedStore:
             self._need()
             return self._mem.get(key, default)  # type: ignore[union-attr]
         txn = self._txn
-        if txn is not None and self._txn_thread == threading.get_ident():
+        if txn is not None and self._txn_thread == get_ident():
             value = txn.get(key, db=self._gen.state)  # type: ignore[union-attr]
         else:
             gen = self._gen
@@ -427,12 +429,18 @@ class SharedStore:
         return default if value is None else value
 
     def put(self, key: bytes, value: bytes) -> None:
-        check_kv(key, value, self.max_value_bytes)
-        if self._gen is None:
+        if type(key) is not bytes or type(value) is not bytes or \
+                not 0 < len(key) <= MAX_KEY_BYTES or len(value) > self.max_value_bytes:
+            check_kv(key, value, self.max_value_bytes)  # (raises, saying which)
+        gen = self._gen
+        if gen is None:
             self._need()
             self._mem[key] = value  # type: ignore[index]
             return
-        self._write_txn().put(key, value, db=self._gen.state)  # type: ignore[union-attr]
+        txn = self._txn
+        if txn is None or self._txn_thread != get_ident():
+            txn = self._write_txn()  # (raises)
+        txn.put(key, value, db=gen.state)
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; whether it was there."""

@@ -201,3 +201,19 @@ def test_a_reader_in_another_process_sees_the_writers_batches(data_dir):
 def test_local_reader_without_a_store_says_what_is_missing(data_dir):
     with pytest.raises(StorageError, match="no shared state"):
         LocalReader(str(data_dir)).get("k")
+
+
+def test_kv_refuses_a_key_over_the_store_limit_when_encoded_and_answers_too_large_alike():
+    from workers.kv import TOO_LARGE, encode
+    from zrepl import WALEntry
+    from zrepl.storage.shared import MAX_VALUE_BYTES
+    kv = KV()
+    with pytest.raises(ValueError, match="at most 510 bytes"):
+        kv.encode_cmd(("set", "k" * 511, 1), WALEntry(1))
+    with pytest.raises(ValueError, match="at most 510 bytes"):
+        encode(("set", "é" * 256, 1))  # 512 bytes of UTF-8
+    kv.encode_cmd(("set", "k" * 510, 1), WALEntry(1))  # the longest that fits
+    huge = b"x" * MAX_VALUE_BYTES
+    assert kv.apply([("set", "big", huge), ("cas", "k", None, huge), ("set", "ok", 1)]) == \
+        [TOO_LARGE, TOO_LARGE, 0]
+    assert kv.data == {"ok": 1}

@@ -77,6 +77,7 @@ _EXTRA_GAUGES = [
      "in_flight"),
     ("zrepl_lease_left_seconds", "Time left on the leader's lease (leaders under "
      "lease_required only).", "lease_left"),
+    ("zrepl_readers", "Reader processes alive (--readers).", "readers"),
 ]
 
 

@@ -217,3 +217,22 @@ def test_kv_refuses_a_key_over_the_store_limit_when_encoded_and_answers_too_larg
     assert kv.apply([("set", "big", huge), ("cas", "k", None, huge), ("set", "ok", 1)]) == \
         [TOO_LARGE, TOO_LARGE, 0]
     assert kv.data == {"ok": 1}
+
+
+@pytest.mark.timeout(20)
+def test_a_reader_asked_for_a_key_lmdb_cannot_hold_answers_absent_and_errors_of_its_own_surface(
+        data_dir):
+    """(A reader once took any LMDB error as 'the generation was closed
+    under me' and reopened forever: a 600-byte key never returned.)"""
+    store = SharedStore().open(data_dir / "s")
+    reader = SharedReader(data_dir / "s")
+    try:
+        batch(store, 1, ("put", b"k", b"v"))
+        assert reader.get(b"k" * 600) == (None, 1)
+        assert reader.get(b"") == (None, 1)
+        with pytest.raises(ZeroDivisionError):
+            reader.read(lambda txn, db: 1 / 0)
+        assert reader.get(b"k") == (b"v", 1)
+    finally:
+        reader.close()
+        store.close()

@@ -6,9 +6,7 @@ answer remote reads."""
 from __future__ import annotations
 
 import random
-import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 
 from workers.kv import KV, LocalReader
 from zrepl import (Config, FileStorage, FollowerState, MemoryStorage, NodeRole, Replica,
-                   SharedReader, Timeout)
+                   SharedReader, Timeout, WALEntry)
 from zrepl.core.session import unwrap
 from zrepl.storage.shared import shared_root
 from zrepl.storage.wal import iter_wal
@@ -26,13 +24,6 @@ from zrepl.storage.wal import iter_wal
 from .helpers import wait_for
 from .helpers.cluster import Cluster, kv_set
 from .helpers.inproc import FAST
-
-
-@pytest.fixture
-def tmp():
-    d = Path(tempfile.mkdtemp(prefix="zr-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def generations(data: Path) -> list[str]:
@@ -46,8 +37,7 @@ def replay_wal(data: Path) -> tuple[dict, int]:
     for kind, first, count, _, datas in iter_wal(data / "wal"):
         assert kind == "record", datas
         app_datas, _ = unwrap(datas)
-        kv.apply([kv.decode_cmd(type("E", (), {"data": d, "wal_id": first + i})())
-                  for i, d in enumerate(app_datas)])
+        kv.apply([kv.decode_cmd(WALEntry(first + i, d)) for i, d in enumerate(app_datas)])
         top = first + count - 1
     return kv.data, top
 
@@ -63,22 +53,22 @@ def writes_by_key(data: Path) -> dict:
     return out
 
 
-def test_each_batch_is_one_transaction_and_a_restart_rebuilds_into_a_new_generation(tmp):
+def test_each_batch_is_one_transaction_and_a_restart_rebuilds_into_a_new_generation(data_dir):
     cfg = Config(**FAST)
-    storage = FileStorage(tmp / "n", config=cfg)
-    r = Replica(KV(), storage, f"ipc://{tmp}/n.sock", cfg).start()
-    reader = SharedReader.for_data_dir(tmp / "n")
+    storage = FileStorage(data_dir / "n", config=cfg)
+    r = Replica(KV(), storage, f"ipc://{data_dir}/n.sock", cfg).start()
+    reader = SharedReader.for_data_dir(data_dir / "n")
     try:
         r.set_role(NodeRole.LEADER, 1)
         r.manager.apply_many([("set", f"k{i}", i) for i in range(100)])
         assert reader.get(b"sk7") == (msgpack.packb(7), 100)
-        first = generations(tmp / "n")
+        first = generations(data_dir / "n")
         r.stop()
         storage.close()
         assert reader.get(b"sk7")[1] == 100  # a stopped node's state stays readable
-        storage = FileStorage(tmp / "n", config=cfg)
-        r = Replica(KV(), storage, f"ipc://{tmp}/n.sock", cfg).start()
-        assert generations(tmp / "n") != first and len(generations(tmp / "n")) == 1
+        storage = FileStorage(data_dir / "n", config=cfg)
+        r = Replica(KV(), storage, f"ipc://{data_dir}/n.sock", cfg).start()
+        assert generations(data_dir / "n") != first and len(generations(data_dir / "n")) == 1
         assert reader.get(b"sk7") == (msgpack.packb(7), 100)  # moved to the rebuilt one
         r.manager.apply(("incr", "k7", 1))
         assert reader.get(b"sk7") == (msgpack.packb(8), 101)
@@ -88,20 +78,20 @@ def test_each_batch_is_one_transaction_and_a_restart_rebuilds_into_a_new_generat
         storage.close()
 
 
-def test_a_state_sync_on_a_follower_never_shows_a_half_built_state(tmp):
+def test_a_state_sync_on_a_follower_never_shows_a_half_built_state(data_dir):
     """Readers of the follower's store read while a full state sync replaces
     its (divergent) state: every answer is the whole state at the WAL id it
     carries - the old one, or the new one - never a mix."""
     cfg = Config(**{**FAST, "snapshot_batch_entries": 50})
-    f_storage = FileStorage(tmp / "F", config=cfg)
-    follower = Replica(KV(), f_storage, f"ipc://{tmp}/F.sock", cfg).start()
-    leader = Replica(KV(), MemoryStorage(), f"ipc://{tmp}/L.sock", cfg).start()
+    f_storage = FileStorage(data_dir / "F", config=cfg)
+    follower = Replica(KV(), f_storage, f"ipc://{data_dir}/F.sock", cfg).start()
+    leader = Replica(KV(), MemoryStorage(), f"ipc://{data_dir}/L.sock", cfg).start()
     stop = threading.Event()
     seen: list[tuple[str, int]] = []
     bad: list[str] = []
 
     def read() -> None:
-        with SharedReader.for_data_dir(tmp / "F") as reader:
+        with SharedReader.for_data_dir(data_dir / "F") as reader:
             while not stop.is_set():
                 pairs, wal_id = reader.scan(b"s")
                 state = {k.decode()[1:]: msgpack.unpackb(v) for k, v in pairs}
@@ -137,7 +127,7 @@ def test_a_state_sync_on_a_follower_never_shows_a_half_built_state(tmp):
         assert kinds[0] == "old" and "new" in kinds and \
             kinds.index("new") == len(kinds) - kinds[::-1].index("old")  # old, then only new
         assert [w for k, w in seen if k == "new"] == sorted(w for k, w in seen if k == "new")
-        assert len(generations(tmp / "F")) == 1
+        assert len(generations(data_dir / "F")) == 1
     finally:
         stop.set()
         leader.stop()
@@ -146,7 +136,7 @@ def test_a_state_sync_on_a_follower_never_shows_a_half_built_state(tmp):
         leader.storage.close()
 
 
-def test_sigkill_at_random_moments_readers_never_go_back_nothing_stale_after(tmp):
+def test_sigkill_at_random_moments_readers_never_go_back_nothing_stale_after():
     """A node under writes is SIGKILLed at random moments and restarted; a
     LocalReader in this process reads throughout.  Its WAL id never goes
     back; after each restart the store holds exactly what the WAL replays
@@ -188,7 +178,8 @@ def test_sigkill_at_random_moments_readers_never_go_back_nothing_stale_after(tmp
                     pass
             writer = threading.Thread(target=write)
             writer.start()
-            wait_for(lambda: done[0] >= rng.randrange(20, 300), 20, "writes")
+            target = rng.randrange(20, 300)  # writes before this round's kill
+            wait_for(lambda: done[0] >= target, 20, "writes")
             if thread is None:
                 thread = threading.Thread(target=read)
                 thread.start()
@@ -206,7 +197,7 @@ def test_sigkill_at_random_moments_readers_never_go_back_nothing_stale_after(tmp
         assert len(set(wal_ids)) > 4
 
 
-def test_four_reader_processes_under_100k_writes(tmp):
+def test_four_reader_processes_under_100k_writes():
     """Reader processes answer while the node applies 100,000 writes: no
     torn value, each client's WAL ids never decrease, and a value read at
     WAL id X is the value the WAL gives that key at X."""
@@ -261,7 +252,7 @@ def test_four_reader_processes_under_100k_writes(tmp):
         assert engine_served <= 4, f"{engine_served} reads went through the engine"
 
 
-def test_a_killed_reader_is_replaced_and_none_outlives_a_sigkilled_node(tmp):
+def test_a_killed_reader_is_replaced_and_none_outlives_a_sigkilled_node():
     with Cluster() as c:
         node = c.node("A", readers=2).start()
         node.client.set_role(NodeRole.LEADER, 1)
@@ -312,7 +303,7 @@ def test_a_killed_reader_is_replaced_and_none_outlives_a_sigkilled_node(tmp):
         assert len(generations(node.data)) == 1
 
 
-def test_read_your_writes_from_a_follower_with_min_wal_id(tmp):
+def test_read_your_writes_from_a_follower_with_min_wal_id():
     with Cluster() as c:
         a, b = c.node("A").start(), c.node("B", readers=1).start()
         c.leader_with_follower(a, b)
@@ -331,7 +322,7 @@ def test_read_your_writes_from_a_follower_with_min_wal_id(tmp):
             assert local.get("k", min_wal_id=wal_id) == "mine"
 
 
-def test_readers_need_a_store_backed_app(tmp):
+def test_readers_need_a_store_backed_app():
     with Cluster() as c:
         node = c.node("A", app="workers.ledger:Ledger", readers=2)
         node.start(wait=False)
@@ -340,11 +331,11 @@ def test_readers_need_a_store_backed_app(tmp):
 
 
 @pytest.fixture
-def small_tmpfs(tmp):
+def small_tmpfs(data_dir):
     """A 1 MiB tmpfs (root and mount(8) needed: skipped otherwise)."""
     import os
     import subprocess
-    path = tmp / "small"
+    path = data_dir / "small"
     path.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -359,10 +350,10 @@ def small_tmpfs(tmp):
 
 
 def test_a_full_disk_under_the_store_stops_the_node_cleanly_and_a_restart_rebuilds(
-        tmp, small_tmpfs):
+        data_dir, small_tmpfs):
     cfg = Config(**{**FAST, "shared_dir": str(small_tmpfs / "kv")})
-    storage = FileStorage(tmp / "n", config=cfg)
-    r = Replica(KV(), storage, f"ipc://{tmp}/n.sock", cfg).start()
+    storage = FileStorage(data_dir / "n", config=cfg)
+    r = Replica(KV(), storage, f"ipc://{data_dir}/n.sock", cfg).start()
     try:
         r.set_role(NodeRole.LEADER, 1)
         value = "v" * 20_000
@@ -372,7 +363,7 @@ def test_a_full_disk_under_the_store_stops_the_node_cleanly_and_a_restart_rebuil
         assert "No space left on device" in str(failed.value)
         wait_for(r.stopped.is_set, 10, "the node to stop")
         assert "No space left on device" in str(r.crashed)
-        with LocalReader(str(tmp / "n")) as reader:  # the last whole state stays readable
+        with LocalReader(str(data_dir / "n")) as reader:  # the last whole state stays readable
             top = reader.get("k0") and reader.wal_id
             assert top and reader.scan("") == [(f"k{i}", value) for i in
                                                sorted(range(top), key=lambda i: f"k{i}")]
@@ -380,25 +371,25 @@ def test_a_full_disk_under_the_store_stops_the_node_cleanly_and_a_restart_rebuil
         r.stop()
         storage.close()
     cfg = Config(**FAST)  # room again: the store elsewhere
-    storage = FileStorage(tmp / "n", config=cfg)
-    r = Replica(KV(), storage, f"ipc://{tmp}/n.sock", cfg).start()
+    storage = FileStorage(data_dir / "n", config=cfg)
+    r = Replica(KV(), storage, f"ipc://{data_dir}/n.sock", cfg).start()
     try:
-        state, wal_top = replay_wal(tmp / "n")
+        state, wal_top = replay_wal(data_dir / "n")
         assert r.app.data == state and r.status().max_applied_wal == wal_top > top
     finally:
         r.stop()
         storage.close()
 
 
-def test_the_store_backed_app_of_docs_shared_md_replicates_and_is_read_in_place(tmp):
+def test_the_store_backed_app_of_docs_shared_md_replicates_and_is_read_in_place(data_dir):
     text = (Path(__file__).resolve().parent.parent / "docs" / "shared.md").read_text()
     code = text[text.index("import msgpack, zrepl\n\nclass Counter"):]
     code = code[:code.index("```")]
     ns: dict = {}
     exec(compile(code, "docs/shared.md", "exec"), ns)
     cfg = Config(**{**FAST, "snapshot_batch_entries": 7, "segment_bytes": 1024})
-    storages = [FileStorage(tmp / n, config=cfg) for n in ("L", "F")]
-    leader, follower = [Replica(ns["Counter"](), st, f"ipc://{tmp}/{n}.sock", cfg).start()
+    storages = [FileStorage(data_dir / n, config=cfg) for n in ("L", "F")]
+    leader, follower = [Replica(ns["Counter"](), st, f"ipc://{data_dir}/{n}.sock", cfg).start()
                         for n, st in zip(("L", "F"), storages)]
     try:
         leader.set_role(NodeRole.LEADER, 1)
@@ -413,7 +404,7 @@ def test_the_store_backed_app_of_docs_shared_md_replicates_and_is_read_in_place(
         assert follower.status().extra["state_syncs_received"] == 1
         leader.manager.apply(("add", "c1", 5))
         for node in ("L", "F"):
-            with SharedReader.for_data_dir(tmp / node) as reader:
+            with SharedReader.for_data_dir(data_dir / node) as reader:
                 assert reader.read(lambda txn, db: txn.get(b"c1", db=db)) == \
                     (msgpack.packb(15), 301)
         assert follower.app.query(b"c2") == msgpack.packb(10)
@@ -425,7 +416,7 @@ def test_the_store_backed_app_of_docs_shared_md_replicates_and_is_read_in_place(
             st.close()
 
 
-def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_serving(tmp):
+def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_serving():
     import zmq
 
     from zrepl.core import protocol
@@ -461,7 +452,7 @@ def test_the_read_endpoint_refuses_bad_frames_writes_and_leader_reads_and_keeps_
         assert node.status().max_wal == 1  # nothing was written through the read endpoint
 
 
-def test_with_keys_readers_serve_client_keys_and_nobody_else(tmp):
+def test_with_keys_readers_serve_client_keys_and_nobody_else():
     import zmq
 
     from zrepl import Client

@@ -45,7 +45,20 @@ def tuple_codec(check: Callable[[Any], None], what: str
     return encode_cmd, decode_cmd
 
 
-class ServiceClient:
+class Closing:
+    """``with`` closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ServiceClient(Closing):
     """A service's remote handle: commands through the leader (retried,
     never applied twice), queries from any node or the leader."""
 
@@ -63,9 +76,3 @@ class ServiceClient:
 
     def close(self) -> None:
         self.client.close()
-
-    def __enter__(self) -> "ServiceClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -35,7 +35,7 @@ import msgpack
 from zrepl import App, SharedStore
 from zrepl.storage.shared import MAX_KEY_BYTES, MAX_VALUE_BYTES
 
-from ._tuples import ServiceClient, packb, tuple_codec, unpack
+from ._tuples import Closing, ServiceClient, packb, tuple_codec, unpack
 
 OK = 0
 NOT_FOUND = 1
@@ -90,12 +90,7 @@ class KV(App):
             op = cmd[0]
             key = store_key(cmd[1])
             if op == "set":
-                value = packb(cmd[2])
-                if len(value) > MAX_VALUE_BYTES:
-                    codes.append(TOO_LARGE)
-                    continue
-                put(key, value)
-                codes.append(OK)
+                codes.append(_put_value(put, key, cmd[2]))
             elif op == "delete":
                 codes.append(OK if store.delete(key) else NOT_FOUND)
             elif op == "incr":
@@ -114,12 +109,7 @@ class KV(App):
                 if raw is None and expected is not None:
                     codes.append(NOT_FOUND)
                 elif raw is None or unpackb(raw) == expected:
-                    value = packb(new)
-                    if len(value) > MAX_VALUE_BYTES:
-                        codes.append(TOO_LARGE)
-                        continue
-                    put(key, value)
-                    codes.append(OK)
+                    codes.append(_put_value(put, key, new))
                 else:
                     codes.append(COMPARE_FAILED)
         return codes
@@ -146,6 +136,17 @@ class KV(App):
         ("scan", prefix, limit) -> msgpack [[key, value], ...] in key order
         (str keys first, then bytes keys; ``limit`` None for all)."""
         return answer_query(request, self.store.get, self.store.scan)
+
+
+def _put_value(put: Any, key: bytes, value: Any) -> int:
+    """Store ``value`` under ``key``: OK, or TOO_LARGE (nothing stored) -
+    the same answer on every node, where the store's own check would fail
+    the whole batch."""
+    raw = packb(value)
+    if len(raw) > MAX_VALUE_BYTES:
+        return TOO_LARGE
+    put(key, raw)
+    return OK
 
 
 def answer_query(request: bytes, get: Any, scan: Any) -> bytes:
@@ -180,7 +181,7 @@ def unpackb(raw: bytes) -> Any:
     return _unpackb(raw, raw=False, use_list=False)
 
 
-class LocalReader:
+class LocalReader(Closing):
     """Reads a local node's KV state in this process, from shared memory,
     with no message at all: ``get(key)`` returns the value, and
     ``wal_id`` the WAL id the last read reflects.  ``min_wal_id`` waits
@@ -211,12 +212,6 @@ class LocalReader:
 
     def close(self) -> None:
         self.reader.close()
-
-    def __enter__(self) -> "LocalReader":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class KVClient(ServiceClient):

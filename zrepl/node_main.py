@@ -3,25 +3,34 @@ stopped by a control call, SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from typing import Any
 
+import zmq
+
 from . import sdnotify
 from .core.config import Config
-from .core.errors import ReplicationError
+from .core import protocol
+from .core.errors import NotLeader, ProtocolError, ReplicationError
 from .storage.file import FileStorage
 from .core.interfaces import App
 from .metrics import MetricsServer, open_metrics, parse_listen, render
-from .core.protocol import endpoints
+from .core.protocol import endpoints, read_endpoints
 from .engine.replica import Replica
+from .engine.clients import ask_app, query_reply
 from .engine.security import check_exposure, from_config
 from .engine.transport import ZmqTransport
+from .storage.shared import SharedReader, shared_store_of
 
 
 class SetupError(Exception):
@@ -169,12 +178,6 @@ def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Con
     one snapshot (up to 64 requests); a request whose ``min_wal_id`` that
     snapshot has not reached waits on its own.  Exits when the node goes
     away."""
-    import zmq
-
-    from .core import protocol
-    from .core.errors import NotLeader, ProtocolError
-    from .storage.shared import SharedReader, shared_store_of
-
     log = logging.getLogger("zrepl.reader")
     if not die_with_parent(parent):
         return 0
@@ -209,22 +212,11 @@ def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Con
         return rid, request, min_wal_id
 
     def ask(txn: Any, db: Any, wal_id: int, rid: Any, request: bytes) -> bytes:
-        try:
-            result = store.serve_from(txn, db, query, request)
-        except ReplicationError as exc:
-            return reply(rid, None, exc, wal_id, "")
-        except Exception as exc:  # App.query is user code: a bad request gets an error
-            detail = str(exc) if isinstance(exc, (ValueError, TypeError)) else \
-                f"{type(exc).__name__}: {exc}"
-            return reply(rid, None, ProtocolError(f"bad query: {detail}"), wal_id, "")
-        if type(result) is not bytes:
-            return reply(rid, None, ProtocolError(
-                f"App.query returned {type(result).__name__}, not bytes"), wal_id, "")
-        return reply(rid, result, None, wal_id, "")
+        return query_reply(rid, store.serve_from(txn, db, ask_app, query, request), wal_id, "")
 
     def serve(batch: list[list[bytes]]) -> None:
         jobs = [parse(frames[-1]) for frames in batch]
-        later: list[int] = []
+        later: set[int] = set()
 
         def answer_all(txn: Any, db: Any, wal_id: int) -> list[bytes | None]:
             out: list[bytes | None] = []
@@ -233,7 +225,7 @@ def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Con
                     out.append(job)
                 elif job[2] > wal_id:  # type: ignore[index]
                     out.append(None)
-                    later.append(i)
+                    later.add(i)
                 else:
                     out.append(ask(txn, db, wal_id, job[0], job[1]))  # type: ignore[index]
             return out
@@ -285,7 +277,6 @@ class ReaderPool:
     (PR_SET_PDEATHSIG, and each polls its parent)."""
 
     def __init__(self, replica: Replica, app_spec: str, count: int, log_level: str):
-        from .core.protocol import read_endpoints
         store = replica.applier.store
         if store is None or store.root is None:
             raise SetupError(f"--readers needs an App keeping its state in zrepl.SharedStore "
@@ -312,10 +303,6 @@ class ReaderPool:
                       extra={"node": self.replica.address})
 
     def _spawn(self, endpoint: str) -> Any:
-        import dataclasses
-        import json
-        import subprocess
-        import sys
         config = json.dumps(dataclasses.asdict(self.replica.config))
         args = [sys.executable, "-m", "zrepl", "reader", "--app", self.app_spec,
                 "--shared", self.root, "--endpoint", endpoint, "--parent", str(os.getpid()),

@@ -107,34 +107,25 @@ class Checkpointer:
                 section = lambda: {"epoch_history": history,  # noqa: E731 - runs in the child
                                    "sessions": sessions.to_section()}
                 shared = node.applier.store
+                app, datas, per_entry = node.applier.app, None, 1
                 if shared is not None:
-                    # the shared store's pairs from one read snapshot (taken now, like
-                    # the sessions), written by a thread: no fork, no App encoding
-                    frozen = {**section(), "store": 1}
-                    args = (wal_id, core.leader_id, frozen, cfg.snapshot_batch_entries)
-                    if isinstance(self.store, FileCheckpoints):
-                        self.child = (CheckpointThread(self.store.directory, shared.raw_datas(),
-                                                       *args), wal_id)
+                    # the shared store's pairs from one read snapshot, taken now like
+                    # the sessions: no fork, no App encoding
+                    section = {**section(), "store": 1}  # type: ignore[assignment]
+                    app, datas, per_entry = None, shared.raw_datas(), 2
+                args = (wal_id, core.leader_id, section, cfg.snapshot_batch_entries)
+                target = self.store
+                if isinstance(self.store, FileCheckpoints):
+                    target = self.store.directory
+                    if shared is not None:  # written by a thread while the node applies on
+                        self.child = (CheckpointThread(target, datas, *args), wal_id)
                         return 0.02
-                    try:
-                        write_checkpoint(self.store, None, *args, datas=shared.raw_datas(),
-                                         per_entry=2)
-                    except Exception as exc:  # noqa: BLE001 - reported like the others
-                        self._failed(wal_id, f"{type(exc).__name__}: {exc}")
-                        return 1.0
-                    self._written(wal_id, now)
-                    return 1.0
-                if isinstance(self.store, FileCheckpoints) and node.snapshot_mode == "fork":
-                    pid = fork_checkpoint(self.store.directory, node.applier.app, wal_id,
-                                          core.leader_id, section, cfg.snapshot_batch_entries,
-                                          cfg.snapshot_child_nice)
-                    self.child = (pid, wal_id)
-                    return 0.02
-                target = self.store if not isinstance(self.store, FileCheckpoints) \
-                    else self.store.directory
+                    if node.snapshot_mode == "fork":
+                        self.child = (fork_checkpoint(target, app, *args,
+                                                      cfg.snapshot_child_nice), wal_id)
+                        return 0.02
                 try:
-                    write_checkpoint(target, node.applier.app, wal_id, core.leader_id, section,
-                                     cfg.snapshot_batch_entries)
+                    write_checkpoint(target, app, *args, datas=datas, per_entry=per_entry)
                 except Exception as exc:  # the App's iter_state or encode_cmd: report, go on
                     self._failed(wal_id, f"{type(exc).__name__}: {exc}")
                     return 1.0
@@ -220,7 +211,7 @@ class CheckpointThread(threading.Thread):
     the node applies on."""
 
     def __init__(self, directory: Path, datas: Any, wal_id: int, leader_id: int,
-                 section: dict, batch_entries: int):
+                 section: Any, batch_entries: int):
         super().__init__(name=f"zrepl-checkpoint {wal_id}", daemon=True)
         self.error = ""
         self._stop_now = threading.Event()

@@ -113,28 +113,15 @@ class ClientEndpoint:
 
     def _ask_app(self, request: bytes) -> Any:
         """App.query's answer, or the exception it raised (App lock held)."""
-        try:
-            answer = self.node.applier.app.query(request)
-            if type(answer) is not bytes:
-                raise ReplicationError(f"App.query returned {type(answer).__name__}, not bytes")
-            return answer
-        except Exception as exc:  # App.query is user code: a bad request must not kill us
-            return exc
+        return ask_app(self.node.applier.app.query, request)
 
     def _reply(self, request_id: Any, answer: Any) -> bytes:
         """A query's reply, with the WAL id the App reflects (App lock
         held) and where this node's readers answer."""
         node = self.node
-        wal_id, readers = node.core.position, node.read_endpoint
         if isinstance(answer, bytes):
             node.core.counters["queries"] += 1
-            return protocol.submit_reply(request_id, answer, None, wal_id, readers)
-        if isinstance(answer, ReplicationError):
-            return protocol.submit_reply(request_id, None, answer, wal_id, readers)
-        detail = str(answer) if isinstance(answer, (ValueError, TypeError)) else \
-            f"{type(answer).__name__}: {answer}"
-        return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"),
-                                     wal_id, readers)
+        return query_reply(request_id, answer, node.core.position, node.read_endpoint)
 
     def answer_reads(self, now: float) -> float:
         """Answer the waiting leader reads if the barrier is passed, fail
@@ -182,3 +169,28 @@ class ClientEndpoint:
                 node.core.counters["client_replies"] += 1
             else:
                 node.core.counters["client_replies_dropped"] += 1  # the client went away
+
+
+def ask_app(query: Callable[[bytes], Any], request: bytes) -> Any:
+    """``App.query(request)``'s answer, or the exception it raised (user
+    code: a bad request must not kill the caller).  The node's engine and
+    its reader processes both ask this way."""
+    try:
+        answer = query(request)
+        if type(answer) is not bytes:
+            raise ReplicationError(f"App.query returned {type(answer).__name__}, not bytes")
+        return answer
+    except Exception as exc:  # noqa: BLE001 - answered as an error
+        return exc
+
+
+def query_reply(request_id: Any, answer: Any, wal_id: int, readers: str) -> bytes:
+    """The client reply for :func:`ask_app`'s ``answer`` at ``wal_id``."""
+    if isinstance(answer, bytes):
+        return protocol.submit_reply(request_id, answer, None, wal_id, readers)
+    if isinstance(answer, ReplicationError):
+        return protocol.submit_reply(request_id, None, answer, wal_id, readers)
+    detail = str(answer) if isinstance(answer, (ValueError, TypeError)) else \
+        f"{type(answer).__name__}: {answer}"
+    return protocol.submit_reply(request_id, None, ProtocolError(f"bad query: {detail}"),
+                                 wal_id, readers)

@@ -137,15 +137,15 @@ class DownstreamLink:
         store = node.applier.store
         if store is not None:  # the store's pairs as they are: the follower's store takes them
             section = {**section, "store": 1}
-        args = (node.applier.app, e.wal_id, leader_id,
-                lambda: {**section, "sessions": sessions.to_section()},
+        args = (e.wal_id, leader_id, lambda: {**section, "sessions": sessions.to_section()},
                 cfg.snapshot_batch_entries, message, section_message)
+        app = node.applier.app
         if store is not None:
-            self.source = StreamedSnapshot(store.raw_datas(), *args[1:], per_entry=2)
+            self.source = StreamedSnapshot(store.raw_datas(), *args, per_entry=2)
         elif node.snapshot_mode == "fork":
-            self.source = ForkedSnapshot(*args, nice=cfg.snapshot_child_nice)
+            self.source = ForkedSnapshot(app, *args, nice=cfg.snapshot_child_nice)
         else:
-            self.source = CopiedSnapshot(*args)
+            self.source = CopiedSnapshot(app, *args)
         self.queue.append((0, protocol.state_message(STATE_BEGIN, leader_id, stream, e.wal_id,
                                                      section)))  # ("store": 1 says pairs)
         self.produced = 0

@@ -62,7 +62,7 @@ from ..core.session import SessionTable, unwrap
 from ..core.types import FollowerState, NodeRole, NodeStatus
 from ..storage import fsutil
 from ..storage.base import check_role
-from ..storage.snapshot import iter_app_batches, read_checkpoint
+from ..storage.snapshot import datas_per_entry, iter_app_batches, read_checkpoint
 from .applier import Applier
 from .checkpointer import Checkpointer
 from .clients import ClientEndpoint
@@ -373,10 +373,10 @@ class Replica(Node):
                 continue
             loading = Progress(self.log, f"loading checkpoint {path.name}", snap.entries,
                                clock=self.clock.now, every=cfg.progress_interval)
-            pairs = bool(snap.zrepl.get("store"))  # a shared store's pairs, not App commands
+            per_entry = datas_per_entry(snap.zrepl)  # 2: a shared store's pairs
             for datas in iter_app_batches(path):
-                self.applier.apply_state(datas, pairs)
-                loading.add(len(datas) // 2 if pairs else len(datas))
+                self.applier.apply_state(datas, per_entry == 2)
+                loading.add(len(datas) // per_entry)
             sessions.load_section(snap.zrepl.get("sessions"))
             position = snap.wal_id
             self.log.info("loaded checkpoint %s (%d entries)", path.name, snap.entries)

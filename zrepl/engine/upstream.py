@@ -23,6 +23,7 @@ from ..core.effects import BeginStateIn, EndStateIn, SendAck
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.node import SnapshotIn
 from ..core.protocol import ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, endpoints
+from ..storage.snapshot import datas_per_entry
 from .applier import LoggedDespiteError
 from .progress import Progress
 from .transport import Pusher
@@ -160,13 +161,13 @@ class UpstreamLink:
         node = self.node
         b"".join(datas)  # every item is bytes (TypeError otherwise)
         snap = node.core.snap_in
-        pairs = bool(snap is not None and snap.section.get("store"))  # a shared store's
-        n = len(datas) // 2 if pairs else len(datas)  # entries: key/value pairs
+        per_entry = datas_per_entry(snap.section) if snap is not None else 1
+        n = len(datas) // per_entry
         with node.core_lock:
             first = node.core.on_state_batch(stream, n)
         if first:
             self._begin_app_section()
-        node.applier.apply_state(datas, pairs)
+        node.applier.apply_state(datas, per_entry == 2)
         if self.progress is not None:
             self.progress.add(n)
         if self.writer is not None:

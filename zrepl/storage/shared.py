@@ -63,7 +63,8 @@ _POS_FMT = struct.Struct("<QB")  # wal_id, superseded
 _GEN = "g%06d"
 
 # LMDB allows one Environment per file per process: the writer's and the
-# readers' in one process (an embedded node with a LocalReader) share it.
+# readers' in one process (an embedded node with a LocalReader, two
+# LocalReaders) share it, and the last to close it closes it.
 _ENVS: dict[str, "_Gen"] = {}
 _ENVS_LOCK = threading.Lock()
 
@@ -77,6 +78,7 @@ class _Gen:
         self.writer = writer
         self.state = env.open_db(b"state", create=writer)
         self.meta = env.open_db(b"zrepl", create=writer)
+        self.refs = 1  # openers in this process
 
     @classmethod
     def open(cls, path: Path, writer: bool, map_size: int = DEFAULT_MAP_BYTES) -> "_Gen":
@@ -84,6 +86,7 @@ class _Gen:
         with _ENVS_LOCK:
             gen = _ENVS.get(key)
             if gen is not None:
+                gen.refs += 1
                 return gen
             if writer:
                 make_dir(path)
@@ -104,6 +107,9 @@ class _Gen:
 
     def close(self) -> None:
         with _ENVS_LOCK:
+            self.refs -= 1
+            if self.refs > 0:
+                return
             if _ENVS.get(str(self.path)) is self:
                 del _ENVS[str(self.path)]
         self.env.close()
@@ -185,10 +191,6 @@ class SharedStore:
     @property
     def opened(self) -> bool:
         return self._mem is not None or self._gen is not None
-
-    @property
-    def in_memory(self) -> bool:
-        return self._mem is not None
 
     def open(self, root: str | os.PathLike, map_size: int = DEFAULT_MAP_BYTES) -> "SharedStore":
         """Open (creating it) the shared directory ``root`` as its one
@@ -346,7 +348,7 @@ class SharedStore:
             gen = self._gen
             assert gen is not None
             self._txn = gen.env.begin(write=True)
-            self._txn_thread = threading.get_ident()
+            self._txn_thread = get_ident()
             try:
                 result = fn()
                 if wal_id is not None:
@@ -403,9 +405,14 @@ class SharedStore:
 
     # --- what the App calls ----------------------------------------------------------
 
-    def _write_txn(self) -> lmdb.Transaction:
+    def _batch_txn(self) -> lmdb.Transaction | None:
+        """The write transaction of the batch this thread is applying."""
         txn = self._txn
-        if txn is None or self._txn_thread != threading.get_ident():
+        return txn if txn is not None and self._txn_thread == get_ident() else None
+
+    def _write_txn(self) -> lmdb.Transaction:
+        txn = self._batch_txn()
+        if txn is None:
             raise StorageError("SharedStore.put/delete/clear are for App.apply and "
                                "App.clear_state, inside the engine's write transaction")
         return txn
@@ -418,9 +425,9 @@ class SharedStore:
         if self._gen is None:
             self._need()
             return self._mem.get(key, default)  # type: ignore[union-attr]
-        txn = self._txn
-        if txn is not None and self._txn_thread == get_ident():
-            value = txn.get(key, db=self._gen.state)  # type: ignore[union-attr]
+        txn = self._batch_txn()
+        if txn is not None:
+            value = txn.get(key, db=self._gen.state)
         else:
             gen = self._gen
             assert gen is not None
@@ -437,10 +444,7 @@ class SharedStore:
             self._need()
             self._mem[key] = value  # type: ignore[index]
             return
-        txn = self._txn
-        if txn is None or self._txn_thread != get_ident():
-            txn = self._write_txn()  # (raises)
-        txn.put(key, value, db=gen.state)
+        self._write_txn().put(key, value, db=gen.state)
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; whether it was there."""
@@ -460,8 +464,8 @@ class SharedStore:
             return [(k, self._mem[k]) for k in keys[:limit]]
         gen = self._gen
         assert gen is not None
-        txn = self._txn
-        if txn is not None and self._txn_thread == threading.get_ident():
+        txn = self._batch_txn()
+        if txn is not None:
             return scan_txn(txn, gen.state, prefix, limit)
         with gen.env.begin(db=gen.state) as rtxn:
             return scan_txn(rtxn, gen.state, prefix, limit)
@@ -520,8 +524,8 @@ class SharedStore:
             self._gen = self._new_gen()
             self._wal_id = 0
             return
-        txn = self._txn
-        if txn is not None and self._txn_thread == threading.get_ident():
+        txn = self._batch_txn()
+        if txn is not None:
             txn.drop(self._gen.state, delete=False)  # type: ignore[union-attr]
             return
         gen = self._gen
@@ -620,7 +624,7 @@ class SharedReader:
 
     def close(self) -> None:
         gen, self._gen = self._gen, None
-        if gen is not None and not gen.writer:
+        if gen is not None:
             gen.close()
 
     def __enter__(self) -> "SharedReader":
@@ -629,63 +633,59 @@ class SharedReader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def read_at(self, fn: Callable[[lmdb.Transaction, Any, int], Any]) -> Any:
+        """``fn(txn, db, wal_id)`` in one read snapshot of the published
+        state (no waiting); ``wal_id`` is set before ``fn`` runs.  Errors
+        of ``fn`` are its own: only opening the snapshot is retried (a
+        generation closed or superseded under the reader)."""
+        while True:
+            gen = self._gen or self._open()
+            try:
+                txn = gen.env.begin()
+            except lmdb.MapResizedError:
+                gen.env.set_mapsize(0)  # the writer grew the map: adopt its size
+                continue
+            except lmdb.Error:
+                txn = None  # closed under us (the writer in this process retired it)
+            if txn is not None:
+                with txn:
+                    wal_id, superseded = gen.position(txn)
+                    if not superseded:
+                        self.wal_id = wal_id
+                        return fn(txn, gen.state, wal_id)
+            if self._gen is gen:
+                self.close()
+
     def read(self, fn: Callable[[lmdb.Transaction, Any], Any], min_wal_id: int = 0,
              timeout: float | None = None) -> tuple[Any, int]:
         """``fn(txn, db)`` in one read snapshot; (its result, the WAL id the
         snapshot reflects).  With ``min_wal_id``: waits until the store has
         applied it (at most ``timeout``, default ``wait_timeout``; then
         ``zrepl.Timeout``)."""
+        wait = self.wait_timeout if timeout is None else timeout
         deadline = 0.0
         pause = 0.0002
+        behind = (False, None, 0)
         while True:
-            gen = self._gen or self._open()
-            try:
-                with gen.env.begin() as txn:
-                    wal_id, superseded = gen.position(txn)
-                    if not superseded and wal_id >= min_wal_id:
-                        self.wal_id = wal_id
-                        return fn(txn, gen.state), wal_id
-            except lmdb.MapResizedError:
-                gen.env.set_mapsize(0)  # the writer grew the map: adopt its size
-                continue
-            except lmdb.Error:
-                superseded = True  # closed under us (the writer in this process retired it)
-            if superseded:
-                self.close() if self._gen is gen else None
-                self._gen = None
-                continue
+            done, result, wal_id = self.read_at(
+                lambda txn, db, w: (True, fn(txn, db), w) if w >= min_wal_id else behind)
+            if done:
+                return result, wal_id
             # behind min_wal_id: wait for the writer (LMDB has no change
             # notification; a short backoff bounded by the deadline)
             now = time.monotonic()
             if not deadline:
-                deadline = now + (self.wait_timeout if timeout is None else timeout)
+                deadline = now + wait
             elif now >= deadline:
-                raise Timeout(f"shared state is at WAL id {wal_id}, not yet {min_wal_id} "
-                              f"(waited {self.wait_timeout if timeout is None else timeout:g}s)")
+                raise Timeout(f"shared state is at WAL id {self.wal_id}, not yet {min_wal_id} "
+                              f"(waited {wait:g}s)")
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
 
-    def read_at(self, fn: Callable[[lmdb.Transaction, Any, int], Any]) -> Any:
-        """``fn(txn, db, wal_id)`` in one read snapshot of the published
-        state (no waiting)."""
-        while True:
-            gen = self._gen or self._open()
-            try:
-                with gen.env.begin() as txn:
-                    wal_id, superseded = gen.position(txn)
-                    if not superseded:
-                        self.wal_id = wal_id
-                        return fn(txn, gen.state, wal_id)
-            except lmdb.MapResizedError:
-                gen.env.set_mapsize(0)
-                continue
-            except lmdb.Error:
-                pass  # closed under us: open the current one
-            if self._gen is gen:
-                self.close()
-
     def get(self, key: bytes, min_wal_id: int = 0) -> tuple[bytes | None, int]:
-        """(value or None, WAL id)."""
+        """(value or None, WAL id).  A key LMDB could never hold is absent."""
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            return self.read(lambda txn, db: None, min_wal_id)
         return self.read(lambda txn, db: txn.get(key, db=db), min_wal_id)
 
     def scan(self, prefix: bytes = b"", limit: int | None = None, min_wal_id: int = 0

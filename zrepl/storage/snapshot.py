@@ -131,6 +131,12 @@ class FrameReader(_BufferedReader):
             del buf[:pos]
 
 
+def datas_per_entry(zrepl_section: dict) -> int:
+    """Items per state entry: 2 for a shared store's key/value pairs (its
+    zrepl section says ``"store": 1``), 1 for App commands."""
+    return 2 if zrepl_section.get("store") else 1
+
+
 def write_snapshot(out: Any, app: Any, wal_id: int, leader_id: int,
                    zrepl_section: dict | Callable[[], dict], batch_entries: int,
                    datas: Iterable[bytes] | None = None, per_entry: int = 1) -> int:
@@ -378,8 +384,8 @@ def read_checkpoint(path: Path) -> Snapshot:
                 if section == "zrepl" and isinstance(obj[2], dict):
                     snap.zrepl = obj[2]
             elif kind == "batch":
-                if section == "app":  # (a shared store's state: key/value pairs)
-                    count += len(obj[1]) // 2 if snap.zrepl.get("store") else len(obj[1])
+                if section == "app":
+                    count += len(obj[1]) // datas_per_entry(snap.zrepl)
             elif kind == "end":
                 if obj[1].get("entries") != count:
                     raise CorruptStorage(f"{path.name}: end frame counts "

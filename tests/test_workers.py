@@ -62,6 +62,26 @@ def test_ledger_rules():
             led.encode_cmd(bad, WALEntry(1))
 
 
+def test_bank_transfers_are_atomic_and_refused_cleanly():
+    from workers import bank
+    app = bank.Bank()
+    enc = lambda *c: app.decode_cmd(WALEntry(0, bank.encode(c)))  # noqa: E731
+    codes = app.apply([enc("set", "a", 100), enc("set", "b", 0), enc("set", "s", "x"),
+                       enc("transfer", "a", "b", 30), enc("transfer", "a", "b", 71),
+                       enc("transfer", "a", "zz", 1), enc("transfer", "a", "a", 1),
+                       enc("transfer", "a", "b", 0), enc("transfer", "a", "s", 1),
+                       enc("incr", "a", 1), enc("set", "big", 2**63 - 1),
+                       enc("transfer", "a", "big", 1)])
+    assert codes == [bank.OK, bank.OK, bank.OK, bank.OK, bank.INSUFFICIENT_FUNDS,
+                     bank.NOT_FOUND, bank.BAD_AMOUNT, bank.BAD_AMOUNT, bank.WRONG_TYPE,
+                     bank.OK, bank.OK, bank.OUT_OF_RANGE]
+    assert app.data == {"a": 71, "b": 30, "s": "x", "big": 2**63 - 1}  # nothing half-done
+    for bad in [("transfer", "a", "b"), ("transfer", "a", 1, 2), ("transfer", "a", "b", 1.5),
+                ("transfer", "a", "b", 2**64), ("transfer", "k" * 600, "b", 1), ("move",)]:
+        with pytest.raises(ValueError):
+            bank.encode(bad)
+
+
 def test_kv_served_by_a_leader_and_follower():
     with Cluster(require_sync=True) as c:
         a, b = c.node("A").start(), c.node("B").start()

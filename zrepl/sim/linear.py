@@ -57,29 +57,69 @@ def _step(op: RegOp, state: Any) -> tuple[bool, Any]:
 
 def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
     """(True, "") if linearizable; (False, why) if not; (None, why) if the
-    search ran out of ``budget`` states (undecided)."""
+    search of one segment ran out of ``budget`` states (undecided).
+
+    The history is cut into segments wherever every known operation
+    invoked so far has completed before the next one is invoked: no order
+    can move an operation across such a point, so each segment is searched
+    alone, from every way the segments before it could have ended - the
+    register's value, and which operations of unknown outcome have not yet
+    taken effect (they stay pending across segments, and may never take
+    effect).  A long history with little concurrency is then many small
+    searches rather than one search over every operation."""
     ops = sorted(ops, key=lambda o: o.invoked)
-    n = len(ops)
-    if n == 0:
+    if not ops:
         return True, ""
+    segments: list[list[int]] = [[]]  # indices into ops
+    horizon = -INF  # the latest completion of a known operation in this segment
+    for i, o in enumerate(ops):
+        if segments[-1] and horizon < o.invoked and any(ops[j].known for j in segments[-1]):
+            segments.append([])
+            horizon = -INF
+        segments[-1].append(i)
+        if o.known:
+            horizon = max(horizon, o.completed)
+    starts: set[tuple[Any, tuple[int, ...]]] = {(ABSENT, ())}
+    for seg in segments:
+        ends: set[tuple[Any, tuple[int, ...]]] = set()
+        for value, pending in starts:
+            found, why = _segment(ops, list(pending) + seg, len(pending), value, budget)
+            if found is None:
+                return None, why
+            ends |= found
+        if not ends:
+            return False, _explain([ops[j] for j in seg], len(ops))
+        if len(ends) > budget:
+            return None, f"undecided: {len(ends)} ways the first segments could have ended"
+        starts = ends
+    return True, ""
+
+
+def _segment(every: list[RegOp], indices: list[int], carried: int, value: Any, budget: int
+             ) -> tuple[set[tuple[Any, tuple[int, ...]]] | None, str]:
+    """Every way the operations ``every[i] for i in indices`` (the first
+    ``carried`` of them pending unknown operations from earlier segments)
+    can take effect from ``value`` with every known one taken: {(value
+    after, indices of the unknown operations not taken)}.  None (with why)
+    past ``budget`` states."""
+    ops = [every[i] for i in indices]
+    n = len(ops)
     required = 0
     for i, o in enumerate(ops):
         if o.known:
             required |= 1 << i
+    ends: set[tuple[Any, tuple[int, ...]]] = set()
     seen: set[tuple[int, Any]] = set()
-    best = (0, 0)  # (ops taken, mask) of the deepest point reached: for the report
-    stack: list[tuple[int, Any]] = [(0, ABSENT)]
+    stack: list[tuple[int, Any]] = [(0, value)]
     explored = 0
     while stack:
         done, state = stack.pop()
         if done & required == required:
-            return True, ""
+            ends.add((state, tuple(indices[i] for i in range(n) if not done >> i & 1)))
+            continue  # (taking a pending one now = taking it first in the next segment)
         explored += 1
         if explored > budget:
-            return None, f"undecided after {budget} states ({n} operations)"
-        taken = bin(done).count("1")
-        if taken > best[0]:
-            best = (taken, done)
+            return None, f"undecided after {budget} states ({n} operations in one segment)"
         # the earliest completion among operations not yet taken bounds
         # which of them may take effect next
         horizon = min((o.completed for i, o in enumerate(ops) if not done >> i & 1),
@@ -87,7 +127,7 @@ def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
         for i, o in enumerate(ops):
             if done >> i & 1:
                 continue
-            if o.invoked >= horizon:
+            if i >= carried and o.invoked >= horizon:
                 break  # sorted by invocation: no later one may go first either
             good, after = _step(o, state)
             if not good:
@@ -96,9 +136,12 @@ def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
             if key not in seen:
                 seen.add(key)
                 stack.append(key)
-    taken, mask = best
-    stuck = [o for i, o in enumerate(ops) if not mask >> i & 1 and o.known]
-    first = min(stuck, key=lambda o: o.completed) if stuck else None
-    return False, (f"no order explains {len(stuck)} of {n} operations; e.g. {first.label} "
-                   f"({first.kind} {first.arg!r} -> {first.result!r}, "
-                   f"{first.invoked:.4f}..{first.completed:.4f})" if first else "no order")
+    return ends, ""
+
+
+def _explain(seg: list[RegOp], total: int) -> str:
+    known = [o for o in seg if o.known]
+    first = min(known, key=lambda o: o.completed) if known else seg[0]
+    return (f"no order explains the {len(seg)} operations from {first.invoked:.4f} (of "
+            f"{total}); e.g. {first.label} ({first.kind} {first.arg!r} -> {first.result!r}, "
+            f"{first.invoked:.4f}..{first.completed:.4f})")

@@ -9,6 +9,8 @@ knows, for the checker, what a command means:
   every step on every node that may accept writes);
 - ``workers.ledger:Ledger`` - accounts opened, transfers between them
   (the total must equal what was opened);
+- ``workers.bank:Bank`` - KV's, and transfers between five accounts (the
+  chaos harness's mix);
 - any other App: its class provides ``sim_command(rng) -> bytes`` (one
   random encoded command) and optionally ``sim_query(rng) -> bytes`` (a
   read); only the generic invariants apply.
@@ -23,7 +25,8 @@ from typing import Any
 import msgpack
 
 from ..core.interfaces import App
-from .linear import ABSENT, INF, RegOp
+from .history import OK, Op, outcome_of
+from .linear import ABSENT
 
 
 @dataclass
@@ -62,13 +65,31 @@ class Workload:
     def saw(self, client: int, planned: Planned, op: Any) -> None:
         """A client's operation completed (to pick the next ones)."""
 
-    def registers(self, history: list) -> dict[str, list[RegOp]]:
-        return {}
+    def ops(self, history: list) -> list[Op]:
+        """The history in the checker's terms (``history.py``); operations
+        this workload gives no meaning to are left out."""
+        out = []
+        for client, planned, op in history:
+            if not planned.meta or not op.invoked:
+                continue
+            label = f"c{client}#{op.seq or 'read'}@{op.node.rsplit('/', 1)[-1]}"
+            outcome = outcome_of(op.error, op.done)
+            meaning = self.meaning(planned, op, outcome)
+            if meaning is not None:
+                kind, key, arg, result = meaning
+                out.append(Op(kind, key, arg, op.invoked, op.completed, outcome, result, label))
+        return out
 
-    def final(self, app: App, applied: list[tuple[Any, int]]) -> list[str]:
-        """App-specific problems with the final state (``applied``: every
-        command of the log and its code)."""
-        return []
+    def meaning(self, planned: Planned, op: Any, outcome: str) -> tuple | None:
+        """(kind, key, arg, result) of one completed operation, or None."""
+        return None
+
+    def final_state(self, app: App, applied: list[tuple[Any, int]]
+                    ) -> tuple[dict, dict | None]:
+        """The replayed App's state as key -> value, and the ledger's
+        accounts with what was opened in each (None without a ledger)
+        (``applied``: every command of the log and its code)."""
+        return {}, None
 
     @staticmethod
     def check_app(app_cls: type) -> None:
@@ -115,30 +136,24 @@ class KVWorkload(Workload):
         elif kind in ("write", "cas") and op.code == 0 and op.error is None:
             self.last_seen[(client, planned.meta[1])] = planned.meta[-1]
 
-    def registers(self, history: list) -> dict[str, list[RegOp]]:
-        out: dict[str, list[RegOp]] = {k: [] for k in self.REGISTERS}
-        for client, planned, op in history:
-            kind = planned.meta[0] if planned.meta else ""
-            if kind not in ("write", "cas", "read") or not op.invoked:
-                continue
-            key = planned.meta[1]
-            label = f"c{client}#{op.seq or 'read'}@{op.node.rsplit('/', 1)[-1]}"
-            if kind == "read":
-                if op.error is not None or op.answer is None:
-                    continue  # a read that failed had no effect
-                found, value = msgpack.unpackb(op.answer, raw=False)
-                out[key].append(RegOp("read", op.invoked, op.completed, None,
-                                      value if found else ABSENT, label))
-                continue
-            known = op.error is None and op.code is not None
-            done = op.completed if known else INF
-            if kind == "write":
-                out[key].append(RegOp("write", op.invoked, done, planned.meta[2],
-                                      0 if known else None, label))
-            else:
-                out[key].append(RegOp("cas", op.invoked, done, (planned.meta[2], planned.meta[3]),
-                                      op.code if known else None, label))
-        return out
+    def meaning(self, planned: Planned, op: Any, outcome: str) -> tuple | None:
+        kind = planned.meta[0]
+        if kind == "read":
+            if outcome != OK or op.answer is None:
+                return None
+            found, value = msgpack.unpackb(op.answer, raw=False)
+            return "read", planned.meta[1], None, value if found else ABSENT
+        if kind == "write":
+            return "write", planned.meta[1], planned.meta[2], op.code
+        if kind == "cas":
+            return "cas", planned.meta[1], (planned.meta[2], planned.meta[3]), op.code
+        if kind == "incr":
+            return "incr", planned.meta[1], 1, op.code
+        return "unique", planned.meta[1], None, op.code
+
+    def final_state(self, app: App, applied: list[tuple[Any, int]]
+                    ) -> tuple[dict, dict | None]:
+        return app.data, None  # type: ignore[attr-defined]
 
 
 class LedgerWorkload(Workload):
@@ -164,12 +179,49 @@ class LedgerWorkload(Workload):
     def holds(self, app: App, key: Any) -> bool:
         return key in app.balances  # type: ignore[attr-defined]
 
-    def final(self, app: App, applied: list[tuple[Any, int]]) -> list[str]:
-        opened = sum(cmd[2] for cmd, code in applied if cmd[0] == "open" and code == 0)
-        total = sum(app.balances.values())  # type: ignore[attr-defined]
-        if total != opened:
-            return [f"ledger total {total} != {opened} opened"]
-        return []
+    def meaning(self, planned: Planned, op: Any, outcome: str) -> tuple | None:
+        if planned.meta[0] == "open" and planned.unique_key is not None:
+            return "unique", planned.unique_key, None, op.code
+        return None
+
+    def final_state(self, app: App, applied: list[tuple[Any, int]]
+                    ) -> tuple[dict, dict | None]:
+        opened: dict[str, int] = {}
+        for cmd, code in applied:
+            if cmd[0] == "open" and code == 0:
+                opened[cmd[1]] = cmd[2]
+        return dict(app.balances), opened  # type: ignore[attr-defined]
+
+
+class BankWorkload(KVWorkload):
+    """``workers.bank:Bank``: KV's mix, and transfers between five accounts
+    the first operations open (their total must never change) - the chaos
+    harness's App and mix (``perf/chaos.py``)."""
+    name = "bank"
+    ACCOUNTS = {f"acct/a{i}": 1000 for i in range(5)}
+
+    def next(self, client: int) -> Planned:
+        if self.count < len(self.ACCOUNTS):
+            self.count += 1
+            acct = sorted(self.ACCOUNTS)[self.count - 1]
+            return Planned(_pack(("set", acct, self.ACCOUNTS[acct])), meta=("open", acct))
+        if self.rng.random() < 0.25:
+            self.count += 1
+            src, dst = self.rng.sample(sorted(self.ACCOUNTS), 2)
+            return Planned(_pack(("transfer", src, dst, self.rng.randint(1, 300))),
+                           meta=("transfer", src))
+        return super().next(client)
+
+    def meaning(self, planned: Planned, op: Any, outcome: str) -> tuple | None:
+        if planned.meta[0] in ("open", "transfer"):
+            return None
+        return super().meaning(planned, op, outcome)
+
+    def final_state(self, app: App, applied: list[tuple[Any, int]]
+                    ) -> tuple[dict, dict | None]:
+        opened = {cmd[1]: cmd[2] for cmd, code in applied
+                  if cmd[0] == "set" and cmd[1] in self.ACCOUNTS and code == 0}
+        return app.data, opened  # type: ignore[attr-defined]
 
 
 def workload_for(app_cls: type, rng: random.Random, clients: int) -> Workload:
@@ -178,6 +230,8 @@ def workload_for(app_cls: type, rng: random.Random, clients: int) -> Workload:
         return KVWorkload(app_cls, rng, clients)
     if name == "workers.ledger:Ledger":
         return LedgerWorkload(app_cls, rng, clients)
+    if name == "workers.bank:Bank":
+        return BankWorkload(app_cls, rng, clients)
     Workload.check_app(app_cls)
     return Workload(app_cls, rng, clients)
 

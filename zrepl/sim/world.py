@@ -52,7 +52,7 @@ from ..core.session import unwrap
 from ..core.types import NodeRole, WALEntry
 from ..engine.applier import state_digest
 from ..engine.simulation import INF, SimNode, SkewedClock, Simulation
-from . import linear
+from . import history
 from .storage import SimStorage
 from .workload import Planned, Workload, workload_for
 
@@ -783,15 +783,17 @@ class Run:
                 ops["unknown"] += 1
             else:
                 ops["failed"] += 1
-        for problem in self.workload.final(app, list(zip(cmds, codes))):
-            self.violate("app", problem)
-        for key, reg in self.workload.registers(self.history).items():
-            ok, why = linear.check(reg)
-            if ok is None:
-                self.result.undecided += 1
-                self.note("linearizability", f"{key}: {why}")
-            elif not ok:
-                self.violate("linearizable", f"leader reads of {key!r}: {why}")
+        final, accounts = self.workload.final_state(app, list(zip(cmds, codes)))
+        verdict = history.check(self.workload.ops(self.history), final, accounts)
+        for key in verdict.undecided:
+            self.result.undecided += 1
+            self.note("linearizability", key)
+        for kind, text in verdict.violations:
+            self.violate(_VERDICT_NAMES[kind], text)
+
+
+_VERDICT_NAMES = {"lost": "lost", "duplicated": "exactly-once", "nonlinearizable": "linearizable",
+                  "ledger": "app"}
 
 
 def _outcome(op: Any) -> str:

@@ -46,6 +46,8 @@ REGRESSIONS = {
     30001: "a lost promotion said again to a leader that had rebooted and lost writes",
     40098: "a forwarder streamed a tail no leader wrote; its follower then refused it",
     50394: "a follower fresh from a state sync (empty WAL) ranked below one that held less",
+    130015: "a leader whose epoch was spent deposed for reaching no follower: nobody promotable",
+    130058: "the same: deposed, it was never replaced by the node holding more",
 }
 FIXED_SEEDS = list(range(1, 31))
 
@@ -118,6 +120,28 @@ class Counter:
 
 
 @pytest.mark.timeout(120)
+def test_the_chaos_harness_app_runs_with_its_checks_and_a_torn_transfer_is_caught():
+    r = Run(5, Settings(app="workers.bank:Bank", steps=8000)).execute()
+    assert_clean(r)
+    assert r.ops["ok"] > 50
+    from workers.bank import Bank
+    real = Bank._transfer
+
+    def debit_only(self, src, dst, amount):  # a planted bug: money leaves, never arrives
+        code = real(self, src, dst, amount)
+        if code == 0:
+            self.store.put(store_key(dst), packb(self.get(dst) - amount))
+        return code
+    from workers.kv import packb, store_key
+    Bank._transfer = debit_only
+    try:
+        r = Run(5, Settings(app="workers.bank:Bank", steps=8000)).execute()
+    finally:
+        Bank._transfer = real
+    assert any(v.invariant == "app" and "ledger total" in v.detail for v in r.violations)
+
+
+@pytest.mark.timeout(120)
 def test_a_users_own_app_runs_with_the_generic_invariants():
     r = Run(4, Settings(app="tests.test_sim:Counter", steps=8000)).execute()
     assert_clean(r)
@@ -127,24 +151,29 @@ def test_a_users_own_app_runs_with_the_generic_invariants():
 # --- planted bugs: the simulator must bite -------------------------------------------
 
 # (bug, settings, seeds tried from 1, the invariants that count as
-# catching it).  Measured with this code, first catching seed: 1 (with 4
-# nodes; with 3 the planner's rules for deeper chain members stop the loss
-# on their own; it was 77 earlier), 28 (with partitions, pauses and
+# catching it).  Measured with this code, first catching seed: 13 (with 4
+# nodes and faults twice as often; with 3 nodes the planner's rules for
+# deeper chain members stop the loss on their own; it was seed 1 at the
+# default fault rate until the supervisor learned to route around a
+# broken link, which closes most windows in which a forwarder serves a
+# follower its own upstream has not checked: 60 with 5 nodes, 69 with 4
+# and no network faults), 28 (with partitions, pauses and
 # crashes only: the loss of a write a leader read saw needs a failover at
 # that moment), 11 (3 before the rule that only a checked log goes down the
 # chain), 4, 6.  A
 # forgetful session table bites only when a retry comes after its session
 # was pushed out, which session_expiry (above the clients' retry_for)
 # prevents: it is shown with session_expiry at 0.2 s and frequent new
-# sessions.  (Which seed finds a bug moves when the code moves: the bounds
+# sessions (first catching seed 49; it was within 35 before the supervisor
+# routed around broken links).  (Which seed finds a bug moves when the code moves: the bounds
 # leave some room and say so when they no longer hold.)
-PLANTED = [("forwarder-calls-empty-follower-synchronous", {"nodes": 4}, 90,
+PLANTED = [("forwarder-calls-empty-follower-synchronous", {"nodes": 4, "fault_gap": 0.3}, 30,
             {"divergence", "state", "lost"}),
            ("leader-read-unacknowledged", {"faults": ("partition", "pause", "crash")}, 40,
             {"linearizable"}),
            ("no-stale-epoch-check", {}, 30, {"lost", "linearizable"}),
            ("no-lease-check", {}, 10, {"lease"}),
-           ("forgetful-session-table", {"session_expiry": 0.2, "new_sessions": 0.05}, 35,
+           ("forgetful-session-table", {"session_expiry": 0.2, "new_sessions": 0.05}, 60,
             {"exactly-once"})]
 
 

@@ -458,3 +458,127 @@ def test_a_supervisor_never_goes_back_to_an_epoch_below_one_it_issued():
     assert p.calls == [] and "waiting" in p.memory.note  # not A (epoch 3 < 4): and not yet
     p = plan(ORDER, obs, p.memory, CFG, now=6.0)
     assert p.new_epoch == 5 and p.memory.leader == A  # a new epoch for the most advanced
+
+
+NC = FollowerState.NOT_CONNECTED
+
+
+def run_ticks(obs, mem, start, ticks, dt=0.1):
+    """Plan ``ticks`` times on the same observations; the last plan."""
+    p = None
+    for i in range(ticks):
+        p = plan(ORDER, obs, mem, CFG, now=start + i * dt)
+        mem = p.memory
+    return p
+
+
+def test_a_leader_cut_from_its_follower_is_rechained_to_a_node_it_reaches():
+    # A cannot reach B (both answer the supervisor): after missed_heartbeats
+    # polls the chain becomes A -> C -> B, and that link is then avoided
+    obs = steady()
+    obs[A] = s(A, L, 1, 100, B, NC)
+    p = run_ticks(obs, steady_memory(), 10, 2)
+    assert p.memory.chain == [B, C] and p.calls == []  # not yet: a blip heals by itself
+    p = run_ticks(obs, p.memory, 10.2, 1)
+    assert p.memory.chain == [C, B]
+    assert str(Call("set_follower", A, target=C)) in ops(p)
+    assert str(Call("set_follower", C, target=B)) in ops(p)
+    assert str(Call("set_follower", B, target="")) in ops(p)
+    assert (A, B) in p.memory.cut and any("cannot reach" in e for _, e in p.events)
+    # B holds more than C and C's link to B fails: B would move up, but not
+    # onto the link that broke, while it is avoided
+    obs = {A: s(A, L, 1, 120, C, SYNC), C: s(C, FW, 1, 110, B, NC, leader=A),
+           B: s(B, F, 1, 115, leader=C)}
+    p2 = run_ticks(obs, p.memory, 10.4, 5)
+    assert p2.memory.chain == [C, B]
+    # once it is no longer avoided, the usual rule applies again
+    p3 = run_ticks(obs, p2.memory, 10.3 + CFG.follower_error_retry + 0.5, 1)
+    assert p3.memory.chain == [B, C]
+
+
+def test_a_chain_cut_in_the_middle_routes_its_tail_around_the_cut():
+    # A -> B -> C with B unable to reach C: C moves behind A
+    obs = steady()
+    obs[B] = s(B, FW, 1, 100, C, NC, leader=A)
+    p = run_ticks(obs, steady_memory(), 10, 3)
+    assert p.memory.chain == [C, B]
+
+
+def test_no_reroute_when_every_way_uses_a_broken_link_or_the_follower_does_not_answer():
+    obs = {A: s(A, L, 1, 100, B, NC), B: s(B, F, 1, 100, leader=A), C: None}
+    mem = steady_memory()
+    mem.chain = [B]
+    p = run_ticks(obs, mem, 10, 3)
+    assert p.memory.chain == [B]  # nowhere else to go
+    obs = steady()
+    obs[A] = s(A, L, 1, 100, B, NC)
+    obs[B] = None  # B does not answer: the failover rules deal with it, not this one
+    p = run_ticks(obs, steady_memory(), 10, 2)
+    assert p.memory.chain == [B, C] and not p.memory.link_down
+
+
+def test_a_leader_that_reaches_no_follower_is_deposed_once_its_lease_ran_out():
+    # A reaches neither B nor C, which reach each other and the supervisor:
+    # rerouting cannot help, so A is treated as dead - no renewals, and B
+    # (synchronous, holding every acknowledged write) leads once A's lease
+    # has surely run out
+    obs = steady()
+    obs[A] = s(A, L, 1, 100, B, NC)
+    mem = steady_memory()
+    mem.lease_safe_at = 10.0 + CFG.lease * CFG.lease_margin
+    p = run_ticks(obs, mem, 10, 3)
+    assert p.memory.chain == [C, B]  # first, round the broken link
+    obs[A] = s(A, L, 1, 100, C, NC)
+    obs[C] = s(C, FW, 1, 100, B, SYNC, leader=A)
+    obs[B] = s(B, F, 1, 100, leader=C)
+    mem, t, promoted = p.memory, 10.3, None
+    renewals, events = [], []
+    while t < 13 and promoted is None:
+        p = plan(ORDER, obs, mem, CFG, now=t)
+        events += [e for _, e in p.events]
+        renewals += [t for c in p.calls if c.op == "renew" and c.address == A]
+        if p.new_epoch:
+            promoted = (t, p.memory.leader)
+        mem, t = p.memory, t + 0.1
+    assert promoted is not None and promoted[1] in (B, C), p.memory.note
+    deposed_at = next(i for i, e in enumerate(events) if "deposed" in e)
+    assert sum("deposed" in e for e in events) == 1  # said once
+    assert "promoting" in events[-1] and deposed_at < len(events) - 1
+    # no renewal once deposed; the promotion waits out the last one's lease
+    last = max(renewals, default=10.0)
+    assert promoted[0] >= last + CFG.lease * CFG.lease_margin - 1e-9
+    # then A, which still answers, is told to follow in the new epoch
+    obs = {A: s(A, L, 1, 100, C, NC), B: s(B, L, 2, 100), C: s(C, FW, 1, 100, B, SYNC, leader=A)}
+    p = plan(ORDER, obs, mem, CFG, now=t + 0.1)
+    assert any(c.op == "set_role" and c.address == A and c.role == F and c.leader_id == 2
+               for c in p.calls), ops(p)
+
+
+def test_a_leader_with_a_single_follower_it_cannot_reach_is_not_deposed():
+    # nobody else could follow the follower: deposing would not bring writes back
+    obs = {A: s(A, L, 1, 100, B, NC), B: s(B, F, 1, 100, leader=A), C: None}
+    mem = steady_memory()
+    mem.chain = [B]
+    p = run_ticks(obs, mem, 10, 20)
+    assert p.new_epoch == 0 and p.memory.leader == A
+
+
+def test_a_leader_is_deposed_only_for_a_node_known_to_hold_every_acknowledged_write():
+    # (sim seeds 130015, 130058) deposing a leader that nobody can replace
+    # would only stop its renewals for good; a leader whose epoch is spent
+    # is replaced at once by the rule for it, which deposing would mask
+    obs = steady()
+    obs[A] = s(A, L, 1, 100, B, NC)
+    mem = steady_memory()
+    mem.sync_chain = []
+    mem.link_down = {(A, B): 9.0}
+    mem.cut = {(A, C): 20.0}
+    p = run_ticks(obs, mem, 10, 10)
+    assert p.new_epoch == 0 and p.memory.leader == A and "deposed" not in p.memory.note
+    spent = s(A, L, 1, 100, B, NC)
+    spent.extra["epoch_spent"] = True
+    obs[A] = spent
+    mem = steady_memory()
+    mem.link_down, mem.cut = {(A, B): 9.0}, {(A, C): 20.0}
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert p.new_epoch == 2 and "writes nothing more" in p.events[-1][1]

@@ -353,7 +353,9 @@ class Config:
 
     follower_error_retry: float = 5.0
     """Seconds between the supervisor's attempts to re-link a follower whose
-    link is in ``ERROR`` (a refusal that retrying at once cannot fix)."""
+    link is in ``ERROR`` (a refusal that retrying at once cannot fix); also
+    how long the supervisor avoids a link it routed the chain around (a
+    node that could not reach its follower while both answered it)."""
 
     poll_timeout_fraction: float = 0.8
     """The share of ``heartbeat_interval`` the supervisor waits for status

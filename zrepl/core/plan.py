@@ -47,6 +47,11 @@ What :func:`plan` decides, in order:
    ``set_follower``, and so on.  A deposed leader that returns is just a
    node with the wrong role: it becomes a follower at the tail, its
    upstream's handshake finds its divergent tail and rebuilds it.
+5. **Around a broken link** (:func:`reroute`).  A node that cannot reach
+   its follower while both answer the supervisor has the follower moved
+   where the chain uses no link seen broken lately, so a cut between the
+   leader and its synchronous follower stalls writes for a moment, not
+   for the whole cut.
 
 The synchronous chain is the safety record.  With ``require_sync`` a
 leader cannot acknowledge anything while its chain is broken, so the last
@@ -107,6 +112,11 @@ class Memory:
     # (never adopted, promoted or chained) until an operator acts
     fenced: dict[str, int] = field(default_factory=dict)
     error_retry: dict[str, float] = field(default_factory=dict)
+    # (upstream, follower) -> when the upstream was first seen unable to
+    # reach that follower while both answered the supervisor
+    link_down: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (upstream, follower) -> until when that link is avoided (it broke)
+    cut: dict[tuple[str, str], float] = field(default_factory=dict)
     note: str = ""
 
     def key(self) -> tuple:
@@ -227,7 +237,9 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                               sync_boot=dict(memory.sync_boot),
                               unconfirmed=list(memory.unconfirmed),
                               chain=list(memory.chain), misses=dict(memory.misses),
-                              error_retry=dict(memory.error_retry), fenced=dict(memory.fenced))
+                              error_retry=dict(memory.error_retry), fenced=dict(memory.fenced),
+                              link_down=dict(memory.link_down),
+                              cut={k: t for k, t in memory.cut.items() if t > now})
     persisted_before = mem.key()
     calls: list[Call] = []
     events: list[tuple[int, str]] = []
@@ -248,6 +260,16 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                 del alive[a]
             else:
                 mem.fenced.pop(a, None)
+        observed = {a: st if a in alive else None for a, st in observed.items()}
+    deposed = mem.leader in alive and isolated(mem.leader, alive, mem, cfg, now)
+    if deposed:
+        # It reaches no follower, every way round was tried, and other
+        # nodes answer: it is deposed like a dead leader - no more renewals,
+        # and a promotion once its lease has surely run out.
+        if "deposed" not in memory.note:
+            events.append((WARNING, f"leader {mem.leader} reaches no follower, though they "
+                                    "answer: deposed, as if it were dead"))
+        del alive[mem.leader]
         observed = {a: st if a in alive else None for a, st in observed.items()}
     for a in order:
         mem.misses[a] = 0 if a in alive else mem.misses.get(a, 0) + 1
@@ -331,7 +353,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     # --- 3. failover --------------------------------------------------------------
     if leader in dead:
         if now < mem.lease_safe_at:
-            return done(f"leader {leader} is dead; waiting {mem.lease_safe_at - now:.2f}s for "
+            return done(f"leader {leader} is {'deposed' if deposed else 'dead'}; waiting {mem.lease_safe_at - now:.2f}s for "
                         "its lease to run out")
         candidates = promotable(mem, alive, dead)
         if not candidates:
@@ -343,7 +365,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                                         f"with epoch {new_epoch}"))
         leader = new_leader
     elif leader not in alive:
-        return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)")
+        return done(f"leader {leader} " + ("deposed: it reaches no follower" if deposed else
+                                           f"missed {mem.misses.get(leader, 0)} poll(s)"))
     elif alive[leader].role == NodeRole.LEADER and (
             alive[leader].extra.get("epoch_spent") and alive[leader].leader_id == mem.leader_id
             or alive[leader].leader_id < mem.leader_id and not new_epoch and
@@ -415,6 +438,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     for a in order:  # newcomers and returning nodes join at the tail
         if a != leader and a not in chain and a in alive:
             chain.append(a)
+    chain = reroute(leader, chain, alive, mem, cfg, now, events)
     # A node holding more than the forwarder it follows refuses it (only the
     # leader can judge entries it holds beyond its upstream).  When that
     # forwarder is itself synchronous, the extra entries are in no log
@@ -426,7 +450,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         if above is not None and up is not None and down is not None and \
                 above.follower == chain[i - 1] and above.follower_sync and \
                 up.follower == chain[i] and down.position > up.position and \
-                up.follower_state in (FollowerState.NOT_CONNECTED, FollowerState.ERROR):
+                up.follower_state in (FollowerState.NOT_CONNECTED, FollowerState.ERROR) and \
+                ((leader if i == 1 else chain[i - 2]), chain[i]) not in mem.cut:
             chain[i - 1], chain[i] = chain[i], chain[i - 1]
             events.append((WARNING, f"{chain[i - 1]} holds more than its upstream {chain[i]}: "
                                     "it moves up the chain"))
@@ -464,6 +489,66 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     synced = [a for a, _ in mem.sync_chain]
     return done(f"leader {leader} (epoch {mem.leader_id}); chain {' -> '.join(full)}; "
                 f"synchronous: {', '.join(synced) if synced else 'none'}")
+
+
+def reroute(leader: str, chain: list[str], alive: dict[str, NodeStatus], mem: Memory,
+            cfg: Config, now: float, events: list[tuple[int, str]]) -> list[str]:
+    """Route the chain around a broken link.  When a node cannot reach its
+    follower although both answer the supervisor (a partition between the
+    two, a one-way loss), the follower is moved to the first place, from
+    the tail, where the chain uses no link seen broken lately: with
+    ``require_sync`` the leader writes again once its new follower is
+    synchronous, instead of waiting for the link to heal.  A link counts as
+    broken once its upstream reported it ``NOT_CONNECTED`` (a failed
+    acknowledgement or handshake) at ``missed_heartbeats`` polls in a row
+    with the follower answering every one; it is then avoided for
+    ``follower_error_retry`` seconds.  Nothing here can lose a write: the
+    nodes' handshakes judge every new link, and the synchronous chain the
+    failover relies on is what the nodes report."""
+    full = [leader] + chain
+    links = set(zip(full, full[1:]))
+    for key in [k for k in mem.link_down if k not in links]:
+        del mem.link_down[key]
+    for up, down in zip(full, full[1:]):
+        ust = alive.get(up)
+        if ust is None or down not in alive or ust.follower != down or \
+                ust.follower_state != FollowerState.NOT_CONNECTED:
+            mem.link_down.pop((up, down), None)
+            continue
+        since = mem.link_down.setdefault((up, down), now)
+        if now - since < cfg.heartbeat_interval * (cfg.missed_heartbeats - 1.5):
+            continue
+        mem.cut[(up, down)] = now + cfg.follower_error_retry
+        rest = [a for a in chain if a != down]
+        for j in range(len(rest), -1, -1):
+            tried = rest[:j] + [down] + rest[j:]
+            way = [leader] + tried
+            if tried != chain and not any(link in mem.cut for link in zip(way, way[1:])):
+                del mem.link_down[(up, down)]
+                events.append((WARNING, f"{up} cannot reach its follower {down}, though both "
+                                        f"answer: the chain becomes {' -> '.join(way)}"))
+                return tried
+    return chain
+
+
+def isolated(leader: str, alive: dict[str, NodeStatus], mem: Memory, cfg: Config,
+             now: float) -> bool:
+    """Should ``leader`` be deposed?  It has been unable to reach its
+    follower, though the follower answers, for twice as long as
+    :func:`reroute` waits - so every way round was tried and failed - while
+    at least two other nodes answer (one to lead, one to follow it), and
+    one of them surely holds every acknowledged write (:func:`promotable`).
+    Not a leader whose epoch is spent: that one is replaced at once anyway."""
+    st = alive[leader]
+    since = mem.link_down.get((leader, st.follower)) if st.follower else None
+    if since is None or st.follower not in alive or st.extra.get("epoch_spent") or \
+            st.follower_state != FollowerState.NOT_CONNECTED or \
+            now - since < cfg.heartbeat_interval * (2 * cfg.missed_heartbeats - 1.5) or \
+            sum(1 for a in alive if a != leader) < 2:
+        return False
+    others = {a: s for a, s in alive.items() if a != leader}
+    dead = {a for a, n in mem.misses.items() if n >= cfg.missed_heartbeats and a not in others}
+    return bool(promotable(mem, others, dead))
 
 
 # --- the lease --------------------------------------------------------------------

@@ -88,6 +88,7 @@ class Supervisor:
         self._calls: dict[str, collections.deque[Call]] = {}
         self._observed: dict[str, NodeStatus | None] = {}
         self._node_clock: dict[str, float] = {}  # address -> its clock in its last status
+        self._renewing: set[str] = set()  # nodes whose current poll renews their lease
         self._phase = IDLE
         self._tick_at = self.clock.now()
         self._poll_deadline = 0.0
@@ -224,12 +225,14 @@ class Supervisor:
         self._poll_deadline = now + cfg.heartbeat_interval * cfg.poll_timeout_fraction
         self._tick_at = max(self._tick_at + cfg.heartbeat_interval, now)  # no burst to catch up
         self._phase = POLLING
+        self._renewing = set()
         for a in self.nodes:
             args: dict[str, Any] = {}
             if renews(m, a) and a in self._node_clock:
                 args = {"renew_lease_for": m.leader_id, "lease": cfg.lease,
                         "since": self._node_clock[a]}
                 renewal_at(m, now, cfg)
+                self._renewing.add(a)
             self._send(a, "status", args, None, self._poll_deadline)
 
     def _collect(self, now: float) -> None:
@@ -262,9 +265,12 @@ class Supervisor:
                 return
             self._observed[address] = st
             self._note_clock(address, st.extra)
-            if address == m.leader and st.role == NodeRole.LEADER and \
-                    st.leader_id == m.leader_id and not st.extra.get("lease_refused"):
-                renewal_at(m, now, self.config)  # confirmed
+            if address in self._renewing and address == m.leader and \
+                    st.role == NodeRole.LEADER and st.leader_id == m.leader_id and \
+                    not st.extra.get("lease_refused"):
+                # confirmed (only a poll that carried a renewal: a deposed
+                # leader is still polled, and its lease must run out)
+                renewal_at(m, now, self.config)
             return
         if call is not None and call.op == "renew":
             if isinstance(result, dict):

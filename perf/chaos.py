@@ -298,8 +298,9 @@ class Chaos(Workdir):
             all(s.follower_state == FollowerState.SYNCHRONOUS for s in sts if s.follower)
 
     def revive(self) -> None:
-        """Restart what exited (or whose WAL or store broke) - counted when
-        no fault of ours made it."""
+        """Restart what exited (or whose WAL broke).  Each restart is an
+        event in the report: a node stops by itself when its disk fills;
+        any other exit deserves a look at its log (``--logs``)."""
         for name in self.nodes + ["supervisor"]:
             p = self.procs.get(name)
             broken = False

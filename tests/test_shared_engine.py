@@ -486,3 +486,56 @@ def test_with_keys_readers_serve_client_keys_and_nobody_else():
             assert not s.poll(500), "an unauthenticated caller got a reply"
         finally:
             ctx.destroy(linger=0)
+
+
+def test_a_node_process_whose_disk_fills_stops_with_one_clear_line_and_restarts_whole(data_dir):
+    """(found by perf/chaos.py) A node whose disk is full stops writing;
+    stopped, it then died with a traceback closing its data directory (its
+    metadata could not be written).  Now one line, and status 1."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    from .helpers.cluster import Cluster, kv_set
+    with Cluster() as c:
+        n = c.node("n")
+        n.data.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(n.data)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        try:
+            n.start()
+            n.client.set_role(NodeRole.LEADER, 1)
+            client = c.client(n, timeout=2, retry_for=2)
+            acked = 0
+            with pytest.raises(Exception) as failed:
+                for i in range(400):  # 8 MB into 2 MiB
+                    assert client.apply(kv_set(f"k{i}", "v" * 20_000)) == 0
+                    acked += 1
+            assert "No space left on device" in str(failed.value) or \
+                "short write" in str(failed.value)
+            with open(n.data / "filler", "wb") as f:  # not a byte left
+                st = os.statvfs(n.data)
+                try:
+                    os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+                except OSError:
+                    pass
+            n.kill(signal.SIGTERM)
+            assert n.proc.returncode == 1
+            log = n.log_path.read_text()
+            assert "Traceback" not in log, log[-3000:]
+            assert log.strip().splitlines()[-1].startswith("zrepl: could not close")
+            assert "No space left on device" in log.strip().splitlines()[-1]
+            # its WAL is whole: a node on it (with room) holds every acknowledged write
+            shutil.copytree(n.data, c.root / "again", ignore=lambda d, names: [
+                x for x in names if x in ("shared", "LOCK", "filler")])
+        finally:
+            n.close()
+            subprocess.run(["umount", "-l", str(n.data)], check=False)
+        again = c.node("again")
+        again.start()
+        state = again.state()
+        assert all(state.get(f"k{i}") == "v" * 20_000 for i in range(acked))

@@ -21,7 +21,7 @@ import zmq
 from . import sdnotify
 from .core.config import Config
 from .core import protocol
-from .core.errors import NotLeader, ProtocolError, ReplicationError
+from .core.errors import NotLeader, ProtocolError, ReplicationError, StorageError
 from .storage.file import FileStorage
 from .core.interfaces import App
 from .metrics import MetricsServer, open_metrics, parse_listen, render
@@ -150,7 +150,11 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
     finally:
         if server is not None:
             server.stop()
-        storage.close()
+        try:
+            storage.close()
+        except StorageError as exc:
+            # (a full disk: what the WAL holds is whole, and a restart replays it)
+            raise SetupError(f"could not close {data}: {exc}") from None
 
 
 # --- reader processes (docs/shared.md) ---------------------------------------------------

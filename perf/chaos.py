@@ -80,8 +80,9 @@ SETTINGS = {"require_sync": True, "lease_required": True, "insecure": True,
 ACCOUNTS = {f"acct/a{i}": 1000 for i in range(5)}
 REGISTERS = ("r0", "r1", "r2")
 KINDS = ("partition-leader", "partition-supervisor", "partition-leader-follower",
-         "partition-leader-followers", "partition-chain-middle", "oneway-leader-follower", "slow-link", "pause-leader",
-         "pause-forwarder", "kill-leader", "kill-node", "kill-supervisor", "disk-full")
+         "partition-leader-followers", "partition-chain-middle", "oneway-leader-follower",
+         "slow-link", "pause-leader", "pause-forwarder", "kill-leader", "kill-node",
+         "kill-supervisor", "disk-full")
 TMPFS_BYTES = 256 * 1024 * 1024
 
 
@@ -519,7 +520,8 @@ def availability(acks: list[float], faults: list[dict], end: float) -> dict[str,
         points = [f["start"]] + acks[lo:hi] + [stop]
         gap = max(b - a for a, b in zip(points, points[1:]))
         j = bisect.bisect_right(acks, f["healed"])
-        resumed = (acks[j] - f["healed"]) if j < len(acks) and acks[j] <= stop else stop - f["healed"]
+        first = acks[j] if j < len(acks) and acks[j] <= stop else stop
+        resumed = first - f["healed"]
         half = f["start"] + (f["healed"] - f["start"]) / 2
         f["unavailable_s"] = round(gap, 3)
         f["acked_in_second_half"] = bisect.bisect_right(acks, f["healed"]) - \

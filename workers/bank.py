@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .kv import INT_MAX, KV, KVClient, NOT_FOUND, OK, OUT_OF_RANGE, WRONG_TYPE, check as kv_check, packb, store_key, unpackb
+from .kv import (INT_MAX, KV, KVClient, NOT_FOUND, OK, OUT_OF_RANGE, WRONG_TYPE, packb,
+                 store_key, unpackb)
+from .kv import check as kv_check
 from ._tuples import tuple_codec
 
 INSUFFICIENT_FUNDS = 6

@@ -51,7 +51,9 @@ What :func:`plan` decides, in order:
    its follower while both answer the supervisor has the follower moved
    where the chain uses no link seen broken lately, so a cut between the
    leader and its synchronous follower stalls writes for a moment, not
-   for the whole cut.
+   for the whole cut.  A leader that reaches no follower at all while
+   the others answer is deposed (:func:`isolated`): treated as dead, so it
+   gets no more renewals, and replaced once its lease has run out.
 
 The synchronous chain is the safety record.  With ``require_sync`` a
 leader cannot acknowledge anything while its chain is broken, so the last
@@ -353,8 +355,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     # --- 3. failover --------------------------------------------------------------
     if leader in dead:
         if now < mem.lease_safe_at:
-            return done(f"leader {leader} is {'deposed' if deposed else 'dead'}; waiting {mem.lease_safe_at - now:.2f}s for "
-                        "its lease to run out")
+            return done(f"leader {leader} is {'deposed' if deposed else 'dead'}; waiting "
+                        f"{mem.lease_safe_at - now:.2f}s for its lease to run out")
         candidates = promotable(mem, alive, dead)
         if not candidates:
             return nobody(f"leader {leader} is dead and no node known to hold every "

@@ -73,7 +73,26 @@ def test_wal_dump_of_a_non_data_dir_fails_with_one_line(data_dir):
 def test_wal_without_subcommand_fails():
     proc = run("wal")
     assert proc.returncode != 0
-    assert "subcommand is required" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "zrepl: wal: a subcommand is required (see 'zrepl wal --help')"
+
+
+def test_a_usage_error_points_at_the_commands_own_help():
+    proc = run("node", "--bogus-flag")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("zrepl node: unrecognized arguments: --bogus-flag "
+                                   "(see 'zrepl node --help')")
+    proc = run("wal", "dump", "x", "--bogus")
+    assert proc.returncode == 2 and "(see 'zrepl wal dump --help')" in proc.stderr
+    proc = run("--bogus")
+    assert proc.returncode == 2 and "(see 'zrepl --help')" in proc.stderr
+
+
+def test_status_refuses_a_timeout_that_is_not_positive():
+    for bad in ("-1", "0"):
+        proc = run("status", "--node", "tcp://127.0.0.1:1", "--timeout", bad)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "--timeout must be a number of seconds above 0" in proc.stderr
 
 
 def test_bad_flag_fails():
@@ -285,6 +304,10 @@ def test_status_and_supervisor_from_the_command_line(data_dir):
         assert [n["address"] for n in doc["nodes"]] == [a.address, b.address]
         assert doc["nodes"][0]["status"]["role"] == "LEADER" or \
             doc["nodes"][0]["status"]["role"] == 1, doc["nodes"][0]["status"]["role"]
+        # (issue "day-two operations") a node's address given as the supervisor's
+        proc = run("status", "--supervisor", a.address)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert "answered, but not as a supervisor: it looks like a node" in proc.stderr
         a.kill()
         proc = run("status", "--node", a.address, "--node", b.address, "--timeout", "0.3")
         assert proc.returncode == 1

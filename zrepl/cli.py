@@ -397,6 +397,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .engine.security import from_config
     values, _ = settings(args, STATUS_KEYS, with_config=False)
     nodes, supervisor, timeout = values["nodes"], values["supervisor"], values["timeout"]
+    if not timeout > 0:
+        raise CommandError(f"--timeout must be a number of seconds above 0; got {timeout}")
     if not nodes and not supervisor:
         raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
     try:
@@ -413,6 +415,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             hint = "" if security is not None or not isinstance(exc, Timeout) else \
                 " (a secured cluster answers only with --key and --trust)"
             raise CommandError(f"supervisor {supervisor}: {exc}{hint}") from None
+        if not isinstance(sup_view, dict) or not {"leader", "chain", "synchronous_chain"} \
+                <= set(sup_view):
+            what = (f"a node (role {sup_view['role']})" if isinstance(sup_view, dict) and
+                    "role" in sup_view else "something else")
+            raise CommandError(f"{supervisor} answered, but not as a supervisor: it looks "
+                               f"like {what}; give a supervisor's --listen endpoint")
         if not nodes:
             nodes = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
     for a in nodes:
@@ -629,17 +637,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(dump, "dir, start, limit, full", logging_flags=False)
     dump.set_defaults(func=cmd_wal_dump, command="wal dump")
     wal.set_defaults(func=lambda a: _need_sub(wal))
+    _own_parsers(parser)
     return parser
 
 
 def _need_sub(parser: argparse.ArgumentParser) -> int:
     parser.print_help(sys.stderr)
-    raise CommandError(f"{parser.prog}: a subcommand is required")
+    name = parser.prog.split(" ", 1)[-1]  # ("zrepl: " comes with every error)
+    raise CommandError(f"{name}: a subcommand is required (see '{parser.prog} --help')")
+
+
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command knows its parser: a usage error names the
+    command's own --help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(_parser=sub)
+                _own_parsers(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         print("zrepl: a command is required", file=sys.stderr)

@@ -312,6 +312,13 @@ def test_status_and_supervisor_from_the_command_line(data_dir):
         proc = run("status", "--node", a.address, "--node", b.address, "--timeout", "0.3")
         assert proc.returncode == 1
         assert "DOWN" in proc.stdout and f"did not answer: {a.address}" in proc.stderr
+        # the reason whole, under the table, not cut to stretch a column
+        table, _, below = proc.stdout.partition("\nDOWN:\n")
+        head = table.splitlines()[0]
+        assert head.index("LAG s") - head.index("FOLLOWER STATE") < 40
+        assert table.splitlines()[1].split() == [a.address, "DOWN"]
+        assert below.strip().startswith(f"{a.address}: Timeout: ") and \
+            below.strip().endswith("deadline")
 
 
 def test_status_asks_every_node_at_once(data_dir):

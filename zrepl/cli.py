@@ -323,11 +323,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _fmt_status_table(results: dict) -> str:
     head = ["NODE", "ROLE", "EPOCH", "WAL", "APPLIED", "FOLLOWER", "FOLLOWER STATE", "LAG",
             "LAG s", "SYNC"]
-    rows = []
+    rows, errors = [], []
     for address, st in results.items():
         if isinstance(st, Exception):
-            rows.append([address, "DOWN", "", "", "", "", f"{type(st).__name__}: {st}"[:60],
-                         "", "", ""])
+            # (whole, under the table: cut to fit a column it was unreadable)
+            rows.append([address, "DOWN"] + [""] * (len(head) - 2))
+            errors.append(f"{address}: {type(st).__name__}: {st}")
             continue
         rows.append([
             address, st.role.name, str(st.leader_id),
@@ -338,6 +339,8 @@ def _fmt_status_table(results: dict) -> str:
             ("yes" if st.follower_sync else "no") if st.follower else "-"])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    if errors:
+        lines += ["", "DOWN:"] + [f"  {e}" for e in errors]
     return "\n".join(lines) + "\n"
 
 

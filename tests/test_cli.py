@@ -339,3 +339,20 @@ def test_status_asks_every_node_at_once(data_dir):
         assert isinstance(res["nonsense"], ProtocolError)
         assert isinstance(res[a.address], NodeStatus) and res[a.address].address == a.address
         assert elapsed < 4.0, f"{elapsed:.1f}s: asked one node after another (4 x 2 s)"
+
+
+def test_demo_keep_refuses_a_directory_in_use(data_dir):
+    """(issue 'day-two operations') --keep into a node's data directory
+    would have the demo's nodes take it over."""
+    used = data_dir / "used"
+    used.mkdir()
+    (used / "meta.json").write_text("{}")
+    proc = run("demo", "--keep", str(used))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"zrepl: --keep {used}: give a new or empty directory; "
+                                   "this one is not empty")
+    assert [p.name for p in used.iterdir()] == ["meta.json"]  # untouched
+    afile = data_dir / "afile"
+    afile.write_text("x")
+    proc = run("demo", "--keep", str(afile))
+    assert proc.returncode == 1 and "not a directory" in proc.stderr

@@ -315,6 +315,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     values, _ = settings(args, DEMO_KEYS, with_config=False)
     if values["seconds"] <= 0 or values["clients"] <= 0:
         raise CommandError("--seconds and --clients must be positive")
+    keep = values["keep"]
+    if keep is not None and Path(keep).exists() and \
+            (not Path(keep).is_dir() or any(Path(keep).iterdir())):
+        # (it may hold a node's data: the demo's nodes would take it over)
+        raise CommandError(f"--keep {keep}: give a new or empty directory; this one is "
+                           f"{'not a directory' if not Path(keep).is_dir() else 'not empty'}")
     _logging(values)
     return run_demo(seconds=values["seconds"], clients=values["clients"],
                     transport=values["transport"], keep=values["keep"])

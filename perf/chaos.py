@@ -68,7 +68,6 @@ import msgpack  # noqa: E402
 from zrepl import Client, NodeClient, NodeRole, ReplicationError  # noqa: E402
 from zrepl.core.types import FollowerState  # noqa: E402
 from zrepl.engine.remote import supervisor_view  # noqa: E402
-from zrepl.local import toml_text  # noqa: E402
 from zrepl.sim import history  # noqa: E402
 from zrepl.sim.linear import ABSENT  # noqa: E402
 
@@ -226,14 +225,9 @@ class Chaos(Workdir):
             (self.root / name).symlink_to(data)  # start_node's ROOT/NAME
         self.start_node(name, self.addr[name], SETTINGS, app=APP)
 
-    def start_supervisor(self, nodes: list[str], settings: dict[str, Any] | None = None,
-                         name: str = "supervisor") -> str:
-        cfg = self.root / f"{name}.toml"
-        cfg.write_text(toml_text({"nodes": nodes, **(settings or {})}))
-        self._spawn(name, ["supervisor", "--config", str(cfg), "--listen", self.sup,
-                           "--state", str(self.root / f"{name}.state"),
-                           "--log-level", self.log_level])
-        return self.sup
+    def address(self, name: str) -> str:
+        # (LocalCluster.start_supervisor listens here: the supervisor's namespace)
+        return self.sup if name == "supervisor" else self.addr[name]
 
     def setup(self) -> None:
         self.net.setup()

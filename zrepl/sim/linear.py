@@ -57,7 +57,7 @@ def _step(op: RegOp, state: Any) -> tuple[bool, Any]:
 
 def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
     """(True, "") if linearizable; (False, why) if not; (None, why) if the
-    search of one segment ran out of ``budget`` states (undecided).
+    search ran out of ``budget`` states in all (undecided).
 
     The history is cut into segments wherever every known operation
     invoked so far has completed before the next one is invoked: no order
@@ -80,10 +80,11 @@ def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
         if o.known:
             horizon = max(horizon, o.completed)
     starts: set[tuple[Any, tuple[int, ...]]] = {(ABSENT, ())}
+    left = [budget]  # states the whole search may still explore
     for seg in segments:
         ends: set[tuple[Any, tuple[int, ...]]] = set()
         for value, pending in starts:
-            found, why = _segment(ops, list(pending) + seg, len(pending), value, budget)
+            found, why = _segment(ops, list(pending) + seg, len(pending), value, left)
             if found is None:
                 return None, why
             ends |= found
@@ -95,13 +96,13 @@ def check(ops: list[RegOp], budget: int = 200_000) -> tuple[bool | None, str]:
     return True, ""
 
 
-def _segment(every: list[RegOp], indices: list[int], carried: int, value: Any, budget: int
-             ) -> tuple[set[tuple[Any, tuple[int, ...]]] | None, str]:
+def _segment(every: list[RegOp], indices: list[int], carried: int, value: Any,
+             left: list[int]) -> tuple[set[tuple[Any, tuple[int, ...]]] | None, str]:
     """Every way the operations ``every[i] for i in indices`` (the first
     ``carried`` of them pending unknown operations from earlier segments)
     can take effect from ``value`` with every known one taken: {(value
     after, indices of the unknown operations not taken)}.  None (with why)
-    past ``budget`` states."""
+    once the whole check's budget (``left[0]`` states) is spent."""
     ops = [every[i] for i in indices]
     n = len(ops)
     required = 0
@@ -111,15 +112,14 @@ def _segment(every: list[RegOp], indices: list[int], carried: int, value: Any, b
     ends: set[tuple[Any, tuple[int, ...]]] = set()
     seen: set[tuple[int, Any]] = set()
     stack: list[tuple[int, Any]] = [(0, value)]
-    explored = 0
     while stack:
         done, state = stack.pop()
         if done & required == required:
             ends.add((state, tuple(indices[i] for i in range(n) if not done >> i & 1)))
             continue  # (taking a pending one now = taking it first in the next segment)
-        explored += 1
-        if explored > budget:
-            return None, f"undecided after {budget} states ({n} operations in one segment)"
+        left[0] -= 1
+        if left[0] < 0:
+            return None, f"undecided: the state budget ran out ({n} operations in one segment)"
         # the earliest completion among operations not yet taken bounds
         # which of them may take effect next
         horizon = min((o.completed for i, o in enumerate(ops) if not done >> i & 1),

@@ -352,3 +352,36 @@ def test_a_retried_command_is_answered_only_once_confirmed():
         c.check_submission(session, 1.0)  # applied, but commit_index is 0
     c.commit_index = 1
     assert c.check_submission(session, 1.0) == 4
+
+
+# --- planned switchover --------------------------------------------------------------------
+
+
+def test_a_leader_that_steps_down_takes_nothing_new_but_commits_what_it_sent():
+    c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], follower=B, position=0)
+    c.renew_lease(1, 0.5, now=0.9)
+    linked(c)
+    batch, header = c.open_batch(1, 2, [("sink", 0, 2)], now=1.0)
+    assert header is not None
+    cb = codes_to_bytes([0, 0])
+    c.batch_applied(batch, [0, 0], cb, [], now=1.0)
+    with pytest.raises(StaleLeader):
+        c.step_down(2, B, now=1.0)  # not the epoch it leads
+    effects = c.step_down(1, B, now=1.01)
+    assert "FailPending" in kinds(effects) and "ReadsReady" in kinds(effects)
+    for check in (c.check_writable, c.leader_read):  # the lease runs on; nothing is served
+        with pytest.raises(NotLeader) as err:
+            check(1.02)
+        assert err.value.leader_address == B and "handing over" in str(err.value)
+    assert c.step_down(1, B, now=1.03) == []  # said again: nothing new
+    effects = c.on_ack(c.link.stream, WAL, 2, cb, None, now=1.04)
+    assert any(isinstance(e, fx.Resolve) and e.error is None for e in effects)
+    assert c.commit_index == 2
+    extra = c.status_fields(1.05)["extra"]
+    assert extra["epoch_spent"] and extra["stepped_down"]
+    # its successor's handshake makes it a follower, quietly (a planned change)
+    _, effects = c.on_connect(2, B, 7, [[1, 1], [2, 3]], 1, now=1.1, upstream_position=2,
+                              upstream_role=int(NodeRole.LEADER))
+    assert c.role == NodeRole.FOLLOWER and not c.epoch_spent
+    assert [e.level for e in effects if isinstance(e, fx.Log) and "successor" in e.text] == \
+        [fx.INFO]

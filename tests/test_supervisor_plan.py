@@ -582,3 +582,78 @@ def test_a_leader_is_deposed_only_for_a_node_known_to_hold_every_acknowledged_wr
     mem.link_down, mem.cut = {(A, B): 9.0}, {(A, C): 20.0}
     p = plan(ORDER, obs, mem, CFG, now=10)
     assert p.new_epoch == 2 and "writes nothing more" in p.events[-1][1]
+
+
+# --- planned switchover ------------------------------------------------------------------
+
+
+def _switching(target=B, until=5.0):
+    mem = steady_memory()
+    mem.handover, mem.handover_until = target, until
+    return mem
+
+
+def test_switchover_steps_the_leader_down_then_promotes_the_target_without_a_lease_wait():
+    mem = _switching()
+    p = plan(ORDER, steady(), mem, CFG, now=1.0)
+    assert ops(p) == [f"{A}: step_down(epoch 1, for {B})"] and p.new_epoch == 0
+    assert p.handover is None
+    # stepped down; B holds less than A logged yet: wait, nothing else
+    obs = steady()
+    obs[A].extra.update(epoch_spent=True, stepped_down=True)
+    obs[A].max_wal = obs[A].max_applied_wal = 103
+    p = plan(ORDER, obs, p.memory, CFG, now=1.01)
+    assert p.calls == [] and "holds WAL 100 of 103" in p.memory.note
+    # B caught up: promoted at once although A's lease (renewed at 1.0) runs on
+    obs[B].max_wal = obs[B].max_applied_wal = 103
+    p = plan(ORDER, obs, p.memory, CFG, now=1.02)
+    assert p.new_epoch == 2 and p.memory.leader == B and p.handover == (True, f"{B} leads epoch 2")
+    assert p.memory.chain == [C, A] and not p.memory.handover  # the old leader at the tail
+    assert f"{A}: set_role(FOLLOWER, 2)" in ops(p) and f"{B}: set_role(LEADER, 2)" in ops(p)
+
+
+def test_switchover_to_a_node_that_is_not_synchronous_is_given_up_changing_nothing():
+    mem = _switching(target=C, until=5.0)
+    obs = steady()
+    obs[B].follower_state, obs[B].follower_sync = FollowerState.SYNCING_LOG, False
+    p = plan(ORDER, obs, mem, CFG, now=1.0)
+    assert p.calls == [] and p.handover is None  # waits for C until the deadline
+    p = plan(ORDER, obs, p.memory, CFG, now=5.0)
+    assert p.calls == [] and p.handover[0] is False and "not synchronous" in p.handover[1]
+    assert p.memory.leader == A and not p.memory.handover and p.new_epoch == 0
+
+
+def test_switchover_whose_target_never_catches_up_gives_the_leader_a_new_epoch():
+    obs = steady()
+    obs[A].extra.update(epoch_spent=True, stepped_down=True)
+    obs[A].max_wal = obs[A].max_applied_wal = 103
+    p = plan(ORDER, obs, _switching(until=2.0), CFG, now=2.0)
+    assert p.handover[0] is False and "holds WAL 100 of the 103" in p.handover[1]
+    # the usual rule for a spent epoch: the node holding the most, the leader itself
+    assert p.new_epoch == 2 and p.memory.leader == A
+
+
+def test_switchover_is_given_up_when_the_leader_dies_and_failover_takes_over():
+    mem = _switching()
+    obs = steady()
+    obs[A] = None
+    p = plan(ORDER, obs, mem, CFG, now=1.0)
+    assert p.handover[0] is False and "stopped answering" in p.handover[1]
+    assert p.memory.leader == A and p.new_epoch == 0  # an ordinary missed poll
+
+
+def test_switchover_target_refusals():
+    from zrepl.core.plan import switchover_target
+    mem = steady_memory()
+    assert switchover_target(ORDER, mem, "") == B
+    assert switchover_target(ORDER, mem, C) == C
+    for to, why in [(A, "leads already"), ("tcp://x:1", "not a member")]:
+        with pytest.raises(ValueError, match=why):
+            switchover_target(ORDER, mem, to)
+    with pytest.raises(ValueError, match="no leader"):
+        switchover_target(ORDER, Memory(), "")
+    with pytest.raises(ValueError, match="no synchronous follower"):
+        switchover_target(ORDER, Memory(leader=A, leader_id=1, max_leader_id=1), "")
+    mem.handover = B
+    with pytest.raises(ValueError, match="under way"):
+        switchover_target(ORDER, mem, C)

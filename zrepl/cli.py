@@ -168,6 +168,15 @@ STATUS_KEYS = [
     Key("trust", "--trust DIR", default=""),
 ]
 
+SWITCHOVER_KEYS = [
+    Key("supervisor", "--supervisor ENDPOINT", required=True),
+    Key("to", "--to NODE", default=""),
+    Key("timeout", "--timeout", float, default=5.0),
+    Key("json", "--json", bool, default=False),
+    Key("key", "--key FILE", default=""),
+    Key("trust", "--trust DIR", default=""),
+]
+
 DEMO_KEYS = [
     Key("seconds", "--seconds", float, default=4.0),
     Key("clients", "--clients", int, default=4),
@@ -459,6 +468,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_supervisor(values: dict[str, Any], op: str, wait: float, **args: Any) -> Any:
+    """One call to the supervisor's --listen endpoint; CommandError with
+    the supervisor's reason when it refuses or does not answer."""
+    from .engine.rpc import RpcClient
+    from .engine.security import from_config
+    supervisor = values["supervisor"]
+    try:
+        security = from_config(Config(key=values["key"], trust=values["trust"]))
+        with RpcClient(supervisor, wait, security=security) as rpc:
+            return rpc.call(op, **args)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    except ReplicationError as exc:
+        hint = " (is it the supervisor's --listen endpoint?)" if isinstance(exc, Timeout) else ""
+        raise CommandError(f"supervisor {supervisor}: {exc}{hint}") from None
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    values, _ = settings(args, SWITCHOVER_KEYS, with_config=False)
+    timeout = values["timeout"]
+    if not 0 < timeout <= 600:
+        raise CommandError(f"--timeout must be a number of seconds in (0, 600]; got {timeout}")
+    result = _ask_supervisor(values, "switchover", 2 * timeout + 2, to=values["to"],
+                             timeout=timeout)
+    if values["json"]:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    else:
+        sys.stdout.write(f"switched over from {result['from']} to {result['leader']} "
+                         f"(epoch {result['epoch']}): writes paused {result['pause_ms']:.1f} ms"
+                         + ("" if result["writable"] else
+                            "; the new leader has no synchronous follower yet") + "\n")
+    return 0 if result["writable"] else 1
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line naming the problem (argparse prints usage)."""
 
@@ -564,6 +607,25 @@ def build_parser() -> argparse.ArgumentParser:
     _key_flags(st)
     _common(st, "nodes, supervisor, json, timeout, key, trust", logging_flags=False)
     st.set_defaults(func=cmd_status)
+
+    so = sub.add_parser(
+        "switchover", help="hand the leadership over to another node, losing nothing",
+        description="Ask the supervisor for a planned switchover: the leader stops taking "
+                    "writes, the target (default: the leader's synchronous follower) is "
+                    "promoted with a new epoch once it holds everything the leader logged, "
+                    "and the old leader follows at the tail.  Prints how long writes were "
+                    "paused.  Refused, changing nothing, when the target is not synchronous "
+                    "within --timeout.  Exit status 1 if refused.")
+    so.add_argument("--supervisor", metavar="ENDPOINT",
+                    help="the supervisor's --listen endpoint (required)")
+    so.add_argument("--to", metavar="NODE", help="the node to hand over to")
+    so.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="how long the target may take to be synchronous and catch up "
+                         "(default 5)")
+    so.add_argument("--json", help="machine-readable output", **flag)
+    _key_flags(so)
+    _common(so, "supervisor, to, timeout, json, key, trust", logging_flags=False)
+    so.set_defaults(func=cmd_switchover)
 
     kg = sub.add_parser(
         "keygen", help="make a CURVE key pair for a node, supervisor, operator or client",

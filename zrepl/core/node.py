@@ -179,6 +179,9 @@ class NodeCore:
         # ids to other entries: either way it writes nothing more in this
         # epoch (the supervisor gives it, or another node, a new one).
         self.epoch_spent = role == NodeRole.LEADER and (bool(follower) or config.require_sync)
+        # a planned switchover spent the epoch (step_down): the successor
+        # the redirects name
+        self.successor = ""
         self.leader_address = ""  # the upstream, or the leader last heard of
         self.running = False
         # upstream side
@@ -220,6 +223,9 @@ class NodeCore:
             raise NotLeader(f"node {self.address} is not running", "")
         if self.role != NodeRole.LEADER:
             raise NotLeader(f"{self.address} is not the leader", self.leader_address)
+        if self.epoch_spent and self.successor:
+            raise NotLeader(f"{self.address} is handing over to {self.successor} (switchover)",
+                            self.successor)
         if self.epoch_spent:
             raise NotLeader(f"{self.address} writes nothing more in epoch {self.leader_id} (it "
                             "restarted, or could not log a batch it sent): waiting for a new "
@@ -242,6 +248,31 @@ class NodeCore:
         # renewal (a mistaken or hostile caller) would defeat the fencing
         lease = min(float(lease), self.cfg.lease)
         self.lease_until = max(self.lease_until, now + lease)  # a late renewal never shortens it
+
+    def step_down(self, leader_id: Any, successor: Any, now: float) -> Effects:
+        """A planned switchover: this leader of ``leader_id`` takes no more
+        writes and answers no more leader reads in its epoch (it is spent),
+        while what it already logged goes on to its follower and is
+        acknowledged as usual.  The supervisor promotes ``successor`` once
+        it holds all of it.  Refused (StaleLeader) unless this node leads
+        that epoch; saying it again is harmless."""
+        leader_id = check_leader_id(leader_id)
+        if not isinstance(successor, str) or not successor:
+            raise ProtocolError("step_down takes the successor's address")
+        if self.role != NodeRole.LEADER or leader_id != self.leader_id:
+            raise StaleLeader(f"step_down for epoch {leader_id} refused: {self.address} is "
+                              f"{self.role.name} of epoch {self.leader_id}",
+                              leader_id, self.leader_id)
+        if self.epoch_spent and self.successor == successor:
+            return []
+        self.epoch_spent = True
+        self.successor = successor
+        self.leader_address = successor
+        return [FailPending(NotLeader(f"{self.address} is handing over to {successor} "
+                                      "(switchover)", successor)),
+                ReadsReady(),
+                Log(INFO, f"stepping down for {successor}: no more writes in epoch "
+                          f"{leader_id}")]
 
     def _check_jump(self, leader_id: int, why: str) -> None:
         if leader_id > self.leader_id + self.cfg.max_epoch_jump:
@@ -289,6 +320,7 @@ class NodeCore:
             self.leader_id = leader_id
             self.role = NodeRole.LEADER
             self.epoch_spent = False
+            self.successor = ""
             self._leading_since = now
             self._last_seen.clear()
             # (epochs that began after what this node holds wrote nothing
@@ -307,12 +339,14 @@ class NodeCore:
             self.leader_id = leader_id
             self.role = role
             self.epoch_spent = False
+            handed_over, self.successor = bool(self.successor), ""
             out.append(Persist(role=role, leader_id=leader_id))
             if was == NodeRole.LEADER:
                 out.append(FailPending(NotLeader(f"{self.address} stepped down",
                                                  self.leader_address)))
                 out.append(ReadsReady())
-                out.append(Log(WARNING, f"stepped down to {role.name} (leader_id {leader_id})"))
+                out.append(Log(INFO if handed_over else WARNING,
+                               f"stepped down to {role.name} (leader_id {leader_id})"))
         if leader_id != current or was != role:
             out += self._restart_link("role or epoch changed", now)
         return out
@@ -376,10 +410,15 @@ class NodeCore:
                                   f"obeys {current}", leader_id, current)
             self.leader_id = leader_id
             self.role = NodeRole.FOLLOWER
+            handed_over = self.successor == address
+            self.successor = ""
+            self.epoch_spent = False
             out = [Persist(role=NodeRole.FOLLOWER, leader_id=leader_id),
                    FailPending(NotLeader(f"{self.address} stepped down", address)),
                    ReadsReady(),
-                   Log(WARNING, f"deposed by {address} (leader_id {leader_id}): now FOLLOWER")]
+                   Log(INFO if handed_over else WARNING,
+                       f"{'following my successor' if handed_over else 'deposed by'} {address} "
+                       f"(leader_id {leader_id}): now FOLLOWER")]
         else:
             out = self._adopt_epoch(leader_id, f"connect from {address}")
         self.up_stream = stream
@@ -1232,6 +1271,7 @@ class NodeCore:
                       "commit_index": self.commit_index,
                       "in_flight": len(link.inflight), "depth": self.depth,
                       "epoch_spent": self.epoch_spent,
+                      "stepped_down": bool(self.successor),
                       "clock": now,  # echoed by the supervisor's next renewal
                       "boot": self.boot,
                       "acks_durable": self.cfg.fsync == "always",

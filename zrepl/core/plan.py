@@ -66,9 +66,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .config import Config
-from .effects import ERROR, WARNING
+from .effects import ERROR, INFO, WARNING
 from .epochs import epoch_at
 from .types import FollowerState, NodeRole, NodeStatus
 
@@ -79,7 +80,7 @@ STATE_FORMAT = 1
 class Call:
     """One call the supervisor makes to a node."""
 
-    op: str  # set_role | set_leader | set_follower | renew
+    op: str  # set_role | set_leader | set_follower | renew | step_down
     address: str
     role: NodeRole | None = None
     leader_id: int = 0
@@ -90,6 +91,8 @@ class Call:
             return f"{self.address}: set_role({self.role.name}, {self.leader_id})"  # type: ignore[union-attr]
         if self.op == "renew":
             return f"{self.address}: renew lease (epoch {self.leader_id})"
+        if self.op == "step_down":
+            return f"{self.address}: step_down(epoch {self.leader_id}, for {self.target})"
         return f"{self.address}: {self.op}({self.target!r})"
 
 
@@ -119,6 +122,10 @@ class Memory:
     link_down: dict[tuple[str, str], float] = field(default_factory=dict)
     # (upstream, follower) -> until when that link is avoided (it broke)
     cut: dict[tuple[str, str], float] = field(default_factory=dict)
+    # a planned switchover under way (see handover): its target, and when
+    # it is given up unless done
+    handover: str = ""
+    handover_until: float = 0.0
     note: str = ""
 
     def key(self) -> tuple:
@@ -154,6 +161,9 @@ class Plan:
     new_epoch: int = 0  # persist this before making the calls (0: none)
     persist: bool = False  # the persisted part of the memory changed
     events: list[tuple[int, str]] = field(default_factory=list)  # (logging level, text) to log
+    # a switchover ended this tick: (promoted, why) - True with the target
+    # promoted, False with the reason it was given up
+    handover: tuple[bool, str] | None = None
 
 
 def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
@@ -279,9 +289,17 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     seen_max = max([st.leader_id for st in alive.values()] + [0])
     mem.max_leader_id = max(mem.max_leader_id, seen_max)
 
+    handover: list[tuple[bool, str]] = []
+
     def done(note: str) -> Plan:
         mem.note = note
-        return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events)
+        return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events,
+                    handover[0] if handover else None)
+
+    def give_up(why: str) -> None:
+        events.append((WARNING, f"switchover to {mem.handover} given up: {why}"))
+        handover.append((False, why))
+        mem.handover, mem.handover_until = "", 0.0
 
     def nobody(why: str) -> Plan:
         """No node surely holds every acknowledged write: say so (once, as
@@ -352,8 +370,20 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
             mem.leader = ""
             return done(f"{leader} no longer leads epoch {mem.leader_id}: re-adopting")
 
-    # --- 3. failover --------------------------------------------------------------
-    if leader in dead:
+    # --- 3. failover (or a planned switchover) ----------------------------------
+    successor = ""
+    if mem.handover:
+        successor = handover_step(leader, observed, alive, dead, mem, now, calls, give_up)
+        if successor.startswith("wait:"):
+            return done(successor[5:])
+    if successor:
+        new_epoch = promote(successor)
+        events.append((INFO, f"switchover: {successor} leads epoch {new_epoch} (it holds "
+                                f"everything {leader} logged)"))
+        handover.append((True, f"{successor} leads epoch {new_epoch}"))
+        mem.handover, mem.handover_until = "", 0.0
+        leader = successor
+    elif leader in dead:
         if now < mem.lease_safe_at:
             return done(f"leader {leader} is {'deposed' if deposed else 'dead'}; waiting "
                         f"{mem.lease_safe_at - now:.2f}s for its lease to run out")
@@ -491,6 +521,76 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     synced = [a for a, _ in mem.sync_chain]
     return done(f"leader {leader} (epoch {mem.leader_id}); chain {' -> '.join(full)}; "
                 f"synchronous: {', '.join(synced) if synced else 'none'}")
+
+
+def handover_step(leader: str, observed: dict[str, NodeStatus | None],
+                  alive: dict[str, NodeStatus], dead: set[str], mem: Memory, now: float,
+                  calls: list[Call], give_up: Callable[[str], None]) -> str:
+    """One tick of a planned switchover to ``mem.handover``; returns the
+    node to promote now, ``"wait:" + note`` to do nothing else this tick,
+    or "" to go on as usual (the switchover goes on, or was given up).
+
+    1. While the target is in the leader's synchronous chain (it holds
+       every acknowledged write), the leader is told to ``step_down``: it
+       takes no more writes and answers no leader reads in its epoch (the
+       epoch is spent), while what it logged goes on down the chain.
+    2. Once the leader reports it stepped down and the target holds
+       everything the leader logged, the target is promoted with a new
+       epoch - at once: the old leader, alive and spent, can neither write
+       nor answer a leader read whatever its lease says, so there is no
+       lease to wait out.  The old leader rejoins at the tail.
+    3. Past ``handover_until`` the switchover is given up.  Before the
+       step-down nothing changed; after it, the usual rule for a spent
+       epoch gives the leader (which holds the most) a new epoch."""
+    target = mem.handover
+    lst = alive.get(leader)
+    tst = alive.get(target)
+    if lst is None or leader in dead or lst.role != NodeRole.LEADER or \
+            lst.leader_id != mem.leader_id:
+        give_up(f"leader {leader} stopped answering or leading epoch {mem.leader_id}")
+        return ""
+    stepped = bool(lst.extra.get("stepped_down"))
+    if lst.extra.get("epoch_spent") and not stepped:
+        give_up(f"leader {leader} writes nothing more in epoch {mem.leader_id} (it restarted "
+                "or failed to log)")
+        return ""
+    if tst is None or target in dead or tst.leader_id != mem.leader_id:
+        give_up(f"{target} stopped answering or following epoch {mem.leader_id}")
+        return ""
+    if not stepped:
+        if target in dict(synchronous_chain(leader, observed)):
+            calls.append(Call("step_down", leader, leader_id=mem.leader_id, target=target))
+        elif now >= mem.handover_until:
+            give_up(f"{target} is not synchronous ({tst.role.name}, WAL {tst.position} of "
+                    f"{lst.position}); nothing changed")
+        return ""
+    if tst.position >= lst.position:
+        return target
+    if now >= mem.handover_until:
+        give_up(f"{target} holds WAL {tst.position} of the {lst.position} {leader} logged")
+        return ""
+    return (f"wait:switching over from {leader} to {target}: it holds WAL {tst.position} of "
+            f"{lst.position}")
+
+
+def switchover_target(order: list[str], memory: Memory, to: str) -> str:
+    """The node a switchover requested now would hand over to (``to``, or
+    the leader's synchronous follower); ValueError with the reason it is
+    refused at once."""
+    if memory.handover:
+        raise ValueError(f"a switchover to {memory.handover} is under way")
+    if not memory.leader:
+        raise ValueError("there is no leader to switch over from")
+    if to:
+        if to not in order:
+            raise ValueError(f"{to} is not a member (members: {', '.join(order)})")
+        if to == memory.leader:
+            raise ValueError(f"{to} leads already")
+        return to
+    if not memory.sync_chain:
+        raise ValueError(f"the leader {memory.leader} has no synchronous follower to hand "
+                         "over to")
+    return memory.sync_chain[0][0]
 
 
 def reroute(leader: str, chain: list[str], alive: dict[str, NodeStatus], mem: Memory,

@@ -31,8 +31,8 @@ def check_datas(datas: Any) -> list[bytes]:
 # role's key may make.  Roles, links, epochs, leases, stop, checkpoints and
 # the state itself are the supervisor's and operators'; the handshake and
 # the follower's calls are another node's; clients make none.
-_ADMIN = frozenset({"status", "set_role", "set_leader", "set_follower", "stop", "ping",
-                    "max_applied_wal", "dump_state", "state_digest", "checkpoint"})
+_ADMIN = frozenset({"status", "set_role", "set_leader", "set_follower", "step_down", "stop",
+                    "ping", "max_applied_wal", "dump_state", "state_digest", "checkpoint"})
 ALLOWED = {"supervisor": _ADMIN, "operator": _ADMIN,
            "node": frozenset({"connect", "clear_state", "apply_state", "apply_wal",
                               "max_applied_wal", "ping"}),
@@ -40,8 +40,8 @@ ALLOWED = {"supervisor": _ADMIN, "operator": _ADMIN,
 
 
 class ControlServer:
-    OPS = ("status", "set_role", "set_leader", "set_follower", "stop", "ping", "connect",
-           "max_applied_wal", "clear_state", "apply_state", "apply_wal", "dump_state",
+    OPS = ("status", "set_role", "set_leader", "set_follower", "step_down", "stop", "ping",
+           "connect", "max_applied_wal", "clear_state", "apply_state", "apply_wal", "dump_state",
            "state_digest", "checkpoint")
 
     def __init__(self, node: "Replica"):
@@ -128,6 +128,9 @@ class ControlServer:
 
     def op_set_role(self, role: Any, leader_id: Any) -> None:
         self.node.set_role(role, leader_id)
+
+    def op_step_down(self, leader_id: Any, successor: Any) -> None:
+        self.node.step_down(leader_id, successor)
 
     def op_set_leader(self, address: Any) -> None:
         self.node.set_leader(address)

@@ -51,6 +51,10 @@ class NodeClient(Node):
     def set_leader(self, address: str) -> None:
         self.call("set_leader", address=address)
 
+    def step_down(self, leader_id: int, successor: str) -> None:
+        """A planned switchover's first step (the supervisor's to make)."""
+        self.call("step_down", leader_id=leader_id, successor=successor)
+
     def set_follower(self, address: str) -> None:
         self.call("set_follower", address=address)
 

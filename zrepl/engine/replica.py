@@ -527,6 +527,17 @@ class Replica(Node):
                 effects = self.core.set_role(role, leader_id, self.clock.now())
             self.run(effects)
 
+    def step_down(self, leader_id: int, successor: str) -> None:
+        """A planned switchover (see NodeCore.step_down)."""
+        successor = self._check_peer(successor, "step_down")
+        self._on_engine(self._step_down, leader_id, successor)
+
+    def _step_down(self, leader_id: int, successor: str) -> None:
+        with self.applier.lock:
+            with self.core_lock:
+                effects = self.core.step_down(leader_id, successor, self.clock.now())
+            self.run(effects)
+
     def set_leader(self, address: str) -> None:
         address = self._check_peer(address, "set_leader")
         with self.core_lock:

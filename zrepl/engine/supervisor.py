@@ -30,8 +30,8 @@ from typing import Any
 
 from ..core import protocol
 from ..core.config import Config
-from ..core.errors import ProtocolError, ReplicationError, Timeout
-from ..core.plan import Call, Memory, Plan, plan, renewal_at, renews
+from ..core.errors import PermissionDenied, ProtocolError, ReplicationError, Timeout
+from ..core.plan import Call, Memory, Plan, plan, renewal_at, renews, switchover_target
 from ..core.types import NodeRole, NodeStatus
 from ..storage.fsutil import atomic_write
 from .clock import MONOTONIC, Clock
@@ -96,6 +96,15 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._opened = False
         self._last_note: str | None = None
+        # a switchover an operator asked for: the request to answer, when
+        # the old leader was told to step down, and (once promoted) the
+        # new leader and epoch that must become writable
+        self._handover_handle: Any = None
+        self._handover_sent_at = 0.0
+        self._handover_new: tuple[str, int, float] | None = None  # (leader, epoch, give up at)
+        self._handover_started = 0.0
+        self._handover_timeout = 5.0
+        self._handover_from = ""
         # After a restart the old leader may have been renewed just before.
         self.memory.lease_safe_at = self.clock.now() + self.config.lease * self.config.lease_margin
 
@@ -192,6 +201,8 @@ class Supervisor:
             if not self._waiting and not any(self._calls.values()):
                 self._phase = IDLE
                 self.ticks += 1
+                if self.memory.handover or self._handover_new:
+                    self._tick_at = now  # a switchover: poll again at once
         if self._phase == IDLE:
             return max(0.0, self._tick_at - now)
         deadlines = [d for _, _, d in self._waiting.values()]
@@ -298,6 +309,16 @@ class Supervisor:
             self._reset(address)
         self.last_observed = dict(self._observed)
         result = self.tick_with(self._observed, now)
+        if result.handover is not None:
+            promoted, why = result.handover
+            if promoted:
+                self._handover_new = (self.memory.leader, self.memory.leader_id,
+                                      now + self._handover_timeout)
+            else:
+                self._handover_reply(protocol.control_err(ReplicationError(
+                    f"switchover refused: {why}")))
+        if self._handover_new is not None:
+            self._handover_check(now)
         for call in result.calls:
             self._calls.setdefault(call.address, collections.deque()).append(call)
         self._phase = CALLING
@@ -327,6 +348,11 @@ class Supervisor:
             if call.op == "set_role":
                 args = {"role": int(call.role), "leader_id": call.leader_id}  # type: ignore[arg-type]
                 self._send(address, "set_role", args, call, deadline)
+            elif call.op == "step_down":
+                if not self._handover_sent_at:
+                    self._handover_sent_at = now
+                self._send(address, "step_down", {"leader_id": call.leader_id,
+                                                  "successor": call.target}, call, deadline)
             elif call.op == "renew":
                 if address not in self._node_clock:
                     continue  # no status from it yet: no lease (the next poll renews)
@@ -338,17 +364,86 @@ class Supervisor:
             else:
                 self._send(address, call.op, {"address": call.target}, call, deadline)
 
+    # --- switchover ----------------------------------------------------------------------
+
+    def switchover(self, to: str = "", timeout: float = 5.0, now: float | None = None) -> str:
+        """Begin a planned switchover to ``to`` (default: the leader's
+        synchronous follower); returns the target.  ValueError with the
+        reason when it is refused at once; the rest is decided tick by tick
+        (:func:`~zrepl.core.plan.handover_step`)."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not 0 < timeout <= 600:
+            raise ValueError(f"timeout must be a number of seconds in (0, 600], got {timeout!r}")
+        if self._handover_new is not None:
+            raise ValueError("a switchover is under way")
+        target = switchover_target(self.nodes, self.memory, to)
+        now = self.clock.now() if now is None else now
+        self.memory.handover, self.memory.handover_until = target, now + timeout
+        self._handover_timeout = float(timeout)
+        self._handover_sent_at = 0.0
+        self._handover_started = now
+        self._handover_from = self.memory.leader
+        self._tick_at = min(self._tick_at, now)
+        log.info("switchover to %s requested (within %gs)", target, timeout)
+        return target
+
+    def _handover_check(self, now: float) -> None:
+        """After the promotion: is the new leader writable yet (leading its
+        epoch with a synchronous follower, or without require_sync)?"""
+        leader, epoch, give_up_at = self._handover_new  # type: ignore[misc]
+        st = self._observed.get(leader)
+        writable = st is not None and st.role == NodeRole.LEADER and st.leader_id == epoch and \
+            not st.extra.get("epoch_spent") and \
+            (st.follower_sync or not st.extra.get("require_sync"))
+        if not writable and now < give_up_at:
+            return
+        self._handover_new = None
+        start = self._handover_sent_at or self._handover_started
+        result = {"from": self._handover_from, "leader": leader, "epoch": epoch,
+                  "writable": writable,
+                  "pause_ms": round((now - start) * 1000, 1),
+                  "total_ms": round((now - self._handover_started) * 1000, 1)}
+        if writable:
+            log.info("switchover done: %s leads epoch %d; writes paused %.1f ms", leader, epoch,
+                     result["pause_ms"])
+        else:
+            log.warning("switchover: %s leads epoch %d but has no synchronous follower yet",
+                        leader, epoch)
+        self._handover_reply(protocol.control_ok(result))
+
+    def _handover_reply(self, reply: bytes) -> None:
+        handle, self._handover_handle = self._handover_handle, None
+        self._handover_sent_at = 0.0
+        if handle is not None and self._router is not None:
+            self._router.reply(handle, reply)
+
+    # --- the listen endpoint ----------------------------------------------------------------
+
     def _answer_listeners(self) -> None:
-        """Serve the supervisor's status on its listen endpoint."""
+        """Serve the supervisor's status, and an operator's switchover, on
+        its listen endpoint."""
         router = self._router
         if router is None:
             return
         for handle, payload in router.drain(16):
             try:
-                op, _ = protocol.parse_control_request(payload)
-                if op != "status":
-                    raise ProtocolError(f"the supervisor answers only 'status', not {op!r}")
-                reply = protocol.control_ok(self.status())
+                op, args = protocol.parse_control_request(payload)
+                if op == "status":
+                    reply = protocol.control_ok(self.status())
+                elif op == "switchover":
+                    role = getattr(handle, "role", None)
+                    if role is not None and role != "operator":
+                        raise PermissionDenied(f"a {role} key may not ask for a switchover")
+                    try:
+                        self.switchover(str(args.get("to", "") or ""),
+                                        args.get("timeout", 5.0))
+                    except ValueError as exc:
+                        raise ReplicationError(f"switchover refused: {exc}") from None
+                    self._handover_handle = handle  # answered when it ends
+                    continue
+                else:
+                    raise ProtocolError(f"the supervisor answers 'status' and 'switchover', "
+                                        f"not {op!r}")
             except ReplicationError as exc:
                 reply = protocol.control_err(exc)
             router.reply(handle, reply)

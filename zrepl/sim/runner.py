@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Callable, TextIO
 
-from .world import FAULT_KINDS, Fault, Result, Run, Settings, load_app
+from .world import EXTRA_FAULT_KINDS, FAULT_KINDS, Fault, Result, Run, Settings, load_app
 
 
 def shrink(seed: int, settings: Settings, failed: Result, budget: int = 80,
@@ -142,8 +142,8 @@ def _flags(settings: Settings) -> str:
 
 def parse_faults(text: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in FAULT_KINDS and k != "none"]
+    bad = [k for k in kinds if k not in FAULT_KINDS + EXTRA_FAULT_KINDS and k != "none"]
     if bad:
         raise ValueError(f"unknown fault kind(s) {', '.join(bad)}; the kinds are "
-                         f"{', '.join(FAULT_KINDS)} (or none)")
+                         f"{', '.join(FAULT_KINDS + EXTRA_FAULT_KINDS)} (or none)")
     return tuple(k for k in kinds if k != "none")

@@ -28,6 +28,13 @@ Faults (``FAULT_KINDS``), each with a duration, then healed:
 ``disk``       a node's WAL writes fail (ENOSPC) or its fsync fails (EIO)
 ``slow``       a node's WAL writes or its App's applies take 5 to 50 ms
 
+Opt-in (``--faults ...,switchover``; not in the default mix, whose seeds
+the regression list pins):
+
+``switchover`` an operator asks the supervisor for a planned switchover,
+               to a random node or to the leader's synchronous follower,
+               within 0.2 to 3 s (it may be refused, or given up)
+
 At most one machine may have lost unsynced data (``power``) at a time: two
 power losses before the cluster has healed can lose acknowledged writes
 with ``fsync="batch"`` by design (both copies were in page caches).
@@ -58,6 +65,7 @@ from .workload import Planned, Workload, workload_for
 
 FAULT_KINDS = ("delay", "drop", "dup", "partition", "crash", "power", "pause", "skew", "disk",
                "slow")
+EXTRA_FAULT_KINDS = ("switchover",)
 SUPERVISOR = "sim-supervisor"
 
 
@@ -438,6 +446,9 @@ class Run:
         if kind == "disk":
             return Fault(at, kind, (rng.choice(names),), rng.uniform(0.05, 1.0),
                          {"fail": rng.choice(["write", "fsync"])})
+        if kind == "switchover":
+            return Fault(at, kind, (rng.choice(names + ["sync"]),), 0.01,
+                         {"timeout": rng.uniform(0.2, 3.0)})
         if kind == "slow":
             return Fault(at, kind, (rng.choice(names),), rng.uniform(0.5, 3.0),
                          {"what": rng.choice(["write", "apply"]),
@@ -490,6 +501,14 @@ class Run:
             self.clocks[t[0] if t[0] != "supervisor" else SUPERVISOR].set_rate(f.params["rate"])
         elif f.kind == "disk":
             self._node(t[0]).storage.fail = f.params["fail"]  # type: ignore[attr-defined]
+        elif f.kind == "switchover":
+            sup = self.supervisor.sup
+            if sup is not None and "supervisor" not in self.down:
+                to = "" if t[0] == "sync" else self._host(t[0])
+                try:
+                    self.note("switchover", f"to {sup.switchover(to, f.params['timeout'])}")
+                except ValueError as exc:
+                    self.note("switchover", f"refused: {exc}")
         elif f.kind == "slow":
             if f.params["what"] == "write":
                 self._node(t[0]).storage.slow_write = f.params["seconds"]  # type: ignore

@@ -3,14 +3,12 @@ changes, backup and restore."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
-import signal
 import time
 
 import pytest
-
-from zrepl import NodeRole
 
 from .helpers import wait_for
 from .helpers.cluster import ROOT, Cluster, kv_incr

@@ -3,6 +3,7 @@ changes, backup and restore."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -81,3 +82,67 @@ def test_switchover_to_a_named_node_and_refusals():
             victim.kill(signal.SIGCONT)
         assert out.returncode == 1 and "switchover refused" in out.stderr, out.stderr
         assert leader_of(nodes) is tail
+
+
+def test_members_join_and_leave_under_writes_and_survive_a_supervisor_restart():
+    with Cluster(**SUPERVISED) as c:
+        nodes, sup, chain = supervised_chain(c)
+        sup.wait_synchronous(2)
+        writer = Writer(c, nodes, timeout=0.5)
+        writer.start()
+        d = c.node("D").start()
+        try:
+            out = zrepl("member", "add", "--supervisor", sup.address, d.address,
+                        "--timeout", "60")
+            assert out.returncode == 0, out.stderr + sup.log_tail()
+            assert "joined: synchronous at WAL" in out.stdout, out.stdout
+            wait_for(lambda: chain_ok(nodes + [d]), 30, "a chain of four")
+            # refusals, changing nothing
+            for who, why in [(leader_of(nodes).address, "switch over first"),
+                             (d.address, None), ("tcp://127.0.0.1:1", "not a member")]:
+                if why is None:
+                    continue
+                out = zrepl("member", "remove", "--supervisor", sup.address, who)
+                assert out.returncode == 1 and why in out.stderr, out.stderr
+            # the leader's synchronous follower leaves: the others close up first
+            first = chain_ok(nodes + [d])[1]
+            n = len(writer.acked)
+            out = zrepl("member", "remove", "--supervisor", sup.address, first.address,
+                        "--timeout", "30")
+            assert out.returncode == 0, out.stderr + sup.log_tail()
+            rest = [x for x in nodes + [d] if x is not first]
+            wait_for(lambda: chain_ok(rest), 30, "a chain of the three left")
+            wait_for(lambda: len(writer.acked) > n + 50, 30, "writes after the removal")
+            listed = zrepl("member", "list", "--supervisor", sup.address)
+            assert listed.returncode == 0 and first.address not in listed.stdout
+            assert all(x.address in listed.stdout for x in rest), listed.stdout
+        finally:
+            writer.stop()
+        acked = list(writer.acked)
+        for x in rest:
+            wait_for(lambda: not missing(x, acked[-1:]), 30, "catch-up")
+            assert missing(x, acked) == []
+        # a restarted supervisor keeps the changed list, not its --node flags
+        sup.kill()
+        sup.start()
+        view = wait_for(sup.view, 30, "the restarted supervisor")
+        assert view["members"] == [x.address for x in nodes + [d] if x is not first]
+        wait_for(lambda: chain_ok(rest), 30, "the same chain")
+        assert c.client(*rest, timeout=0.5).apply(kv_incr("after")) == 0
+
+
+def test_the_last_synchronous_copy_cannot_be_removed_and_a_silent_node_cannot_join():
+    with Cluster(**SUPERVISED) as c:
+        nodes, sup, chain = supervised_chain(c, names="AB")
+        sup.wait_synchronous(1)
+        out = zrepl("member", "remove", "--supervisor", sup.address, chain[1].address)
+        assert out.returncode == 1 and "last synchronous copy" in out.stderr, out.stderr
+        ghost = f"ipc://{c.root}/ghost.sock"
+        out = zrepl("member", "add", "--supervisor", sup.address, ghost)
+        assert out.returncode == 1 and "does not answer" in out.stderr, out.stderr
+        assert sup.view()["members"] == [n.address for n in nodes]
+        out = zrepl("member", "list", "--supervisor", sup.address, "--json")
+        assert out.returncode == 0
+        listed = json.loads(out.stdout)
+        assert [m["address"] for m in listed] == [n.address for n in nodes]
+        assert [m["synchronous"] for m in listed] == [False, True]

@@ -657,3 +657,42 @@ def test_switchover_target_refusals():
     mem.handover = B
     with pytest.raises(ValueError, match="under way"):
         switchover_target(ORDER, mem, C)
+
+
+# --- membership ----------------------------------------------------------------------------
+
+
+def test_a_leaving_first_synchronous_copy_goes_to_the_tail_and_leaves_once_others_are_ahead():
+    mem = steady_memory()
+    mem.leaving = {B: 30.0}
+    p = plan(ORDER, steady(), mem, CFG, now=1.0)
+    assert p.removals == [] and p.memory.chain == [C, B]  # moved to the tail first
+    assert f"{A}: set_follower({C!r})" in ops(p)
+    # A -> C -> B seen synchronous: B holds nothing C lacks
+    obs = {A: s(A, L, 1, 100, C, SYNC), C: s(C, FW, 1, 100, B, SYNC, leader=A),
+           B: s(B, F, 1, 100, leader=C)}
+    p = plan(ORDER, obs, p.memory, CFG, now=1.2)
+    assert p.removals == [(B, True, "removed")] and p.memory.members == [A, C]
+    assert B not in p.memory.chain and B not in dict(p.memory.sync_chain) and p.persist
+    p = plan([A, C], {A: obs[A], C: obs[C]}, p.memory, CFG, now=1.3)
+    assert ops(p) == [f"{C}: set_role(FOLLOWER, 1)", f"{C}: set_follower('')"]
+
+
+def test_a_removal_that_cannot_become_safe_is_given_up():
+    mem = steady_memory()
+    mem.leaving = {B: 2.0}
+    obs = steady()
+    obs[C] = None  # nobody can get ahead of B
+    p = plan(ORDER, obs, mem, CFG, now=2.0)
+    assert p.removals and p.removals[0][:2] == (B, False) and "first synchronous" in \
+        p.removals[0][2]
+    assert not p.memory.leaving and B in (p.memory.members or ORDER)
+
+
+def test_removal_refusals():
+    from zrepl.core.plan import removal_refused
+    mem = steady_memory()
+    assert removal_refused(ORDER, mem, C) == ""
+    assert "switch over first" in removal_refused(ORDER, mem, A)
+    assert "not a member" in removal_refused(ORDER, mem, "tcp://x:1")
+    assert "last synchronous copy" in removal_refused([A, B], mem, B)

@@ -21,6 +21,7 @@ from . import __version__
 from . import logs
 from .core.config import Config
 from .core.errors import ReplicationError, Timeout
+from .core.protocol import endpoints as protocol_endpoints
 from .storage.wal import iter_wal
 
 
@@ -172,6 +173,16 @@ SWITCHOVER_KEYS = [
     Key("supervisor", "--supervisor ENDPOINT", required=True),
     Key("to", "--to NODE", default=""),
     Key("timeout", "--timeout", float, default=5.0),
+    Key("json", "--json", bool, default=False),
+    Key("key", "--key FILE", default=""),
+    Key("trust", "--trust DIR", default=""),
+]
+
+MEMBER_KEYS = [
+    Key("action", "ACTION", required=True),
+    Key("node", "NODE", default=""),
+    Key("supervisor", "--supervisor ENDPOINT", required=True),
+    Key("timeout", "--timeout", float, default=120.0),
     Key("json", "--json", bool, default=False),
     Key("key", "--key FILE", default=""),
     Key("trust", "--trust DIR", default=""),
@@ -502,6 +513,76 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     return 0 if result["writable"] else 1
 
 
+def _fmt_members(members: list[dict]) -> str:
+    rows = [("NODE", "ROLE", "ANSWERS", "SYNCHRONOUS", "WAL")]
+    for m in members:
+        rows.append((m["address"], m["role"] + (" (leaving)" if m["leaving"] else ""),
+                     "yes" if m["answering"] else "NO", "yes" if m["synchronous"] else "no",
+                     "-" if m["wal"] is None else str(m["wal"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n"
+                   for r in rows)
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    import time
+    from .engine.remote import NodeClient
+    values, _ = settings(args, MEMBER_KEYS, with_config=False)
+    action, node, timeout = values["action"], values["node"], values["timeout"]
+    if not 0 < timeout <= 3600:
+        raise CommandError(f"--timeout must be a number of seconds in (0, 3600]; got {timeout}")
+    if action != "list" and not node:
+        raise CommandError(f"member {action} needs the node's address (zrepl member {action} "
+                           "--supervisor ENDPOINT NODE)")
+    if action == "list":
+        members = _ask_supervisor(values, "members", 5.0)
+        sys.stdout.write(json.dumps(members, indent=1) + "\n" if values["json"]
+                         else _fmt_members(members))
+        return 0
+    if action == "remove":
+        result = _ask_supervisor(values, "member_remove", timeout + 5, address=node,
+                                 timeout=timeout)
+        sys.stdout.write(f"{node} removed; members: {', '.join(result['members'])}\n"
+                         "(it still runs: stop it; its data directory is no longer needed)\n")
+        return 0
+    # add: the node must answer first (a typo would be a member that never does)
+    try:
+        protocol_endpoints(node)
+        with NodeClient(node, timeout=2.0, config=Config(key=values["key"],
+                                                         trust=values["trust"])) as c:
+            st = c.status()
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    except ReplicationError as exc:
+        raise CommandError(f"{node} does not answer ({exc}): start it first "
+                           "(zrepl node ... --listen NODE)") from None
+    start = time.monotonic()
+    _ask_supervisor(values, "member_add", 5.0, address=node)
+    sys.stderr.write(f"{node} is a member (it holds WAL {st.position}); joining at the tail\n")
+    shown = start
+    while True:
+        members = {m["address"]: m for m in _ask_supervisor(values, "members", 5.0)}
+        me = members.get(node)
+        if me is None:
+            raise CommandError(f"{node} is no longer a member (removed meanwhile?)")
+        if me["synchronous"]:
+            took = time.monotonic() - start
+            sys.stdout.write(f"{node} joined: synchronous at WAL {me['wal']} after {took:.1f} s; "
+                             "promotable from now on\n")
+            return 0
+        now = time.monotonic()
+        if now - start > timeout:
+            raise CommandError(f"{node} is a member but not yet synchronous after {timeout:g} s "
+                               f"(it holds WAL {me['wal']}); it goes on catching up - see "
+                               "'zrepl member list'")
+        if now - shown >= 2.0:
+            shown = now
+            top = max((m["wal"] or 0) for m in members.values())
+            sys.stderr.write(f"  catching up: WAL {me['wal'] if me['wal'] is not None else '-'}"
+                             f" of {top}\n")
+        time.sleep(0.2)  # polling the supervisor's view
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line naming the problem (argparse prints usage)."""
 
@@ -626,6 +707,33 @@ def build_parser() -> argparse.ArgumentParser:
     _key_flags(so)
     _common(so, "supervisor, to, timeout, json, key, trust", logging_flags=False)
     so.set_defaults(func=cmd_switchover)
+
+    mb = sub.add_parser(
+        "member", help="add, remove or list the supervised nodes at run time",
+        description="The supervisor keeps the member list in its --state file; its --node "
+                    "flags are only the initial list.")
+    mb_sub = mb.add_subparsers(dest="action", metavar="ACTION")
+    mb.set_defaults(func=lambda _a: _need_sub(mb))
+    for action, text in [
+            ("add", "a running node joins at the tail of the chain (a state sync or a "
+                    "catch-up) and is promotable once synchronous; waits until then"),
+            ("remove", "the node moves to the tail and leaves once the others are "
+                       "synchronous ahead of it; refused for the leader and for the last "
+                       "synchronous copy of the acknowledged writes"),
+            ("list", "each member's role, whether it answers and is synchronous, its WAL")]:
+        p = mb_sub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        if action != "list":
+            p.add_argument("node", metavar="NODE", help="the node's address")
+        p.add_argument("--supervisor", metavar="ENDPOINT",
+                       help="the supervisor's --listen endpoint (required)")
+        if action != "list":
+            p.add_argument("--timeout", type=float, metavar="SECONDS",
+                           help="how long to wait for the join or the removal (default 120)")
+        else:
+            p.add_argument("--json", help="machine-readable output", **flag)
+        _key_flags(p)
+        _common(p, "supervisor, timeout, json, key, trust", logging_flags=False)
+        p.set_defaults(func=cmd_member)
 
     kg = sub.add_parser(
         "keygen", help="make a CURVE key pair for a node, supervisor, operator or client",

@@ -126,6 +126,11 @@ class Memory:
     # it is given up unless done
     handover: str = ""
     handover_until: float = 0.0
+    # members being removed (see removable) -> when that is given up unless done
+    leaving: dict[str, float] = field(default_factory=dict)
+    # the member list as changed at run time (persisted; empty: the
+    # configured nodes)
+    members: list[str] = field(default_factory=list)
     note: str = ""
 
     def key(self) -> tuple:
@@ -134,13 +139,15 @@ class Memory:
         not worth a write per tick)."""
         return (self.max_leader_id, self.leader, self.leader_id,
                 tuple(a for a, _ in self.sync_chain), tuple(self.chain),
-                tuple(sorted(self.sync_boot.items())), tuple(self.unconfirmed))
+                tuple(sorted(self.sync_boot.items())), tuple(self.unconfirmed),
+                tuple(self.members))
 
     def persisted(self) -> dict:
         return {"format": STATE_FORMAT, "max_leader_id": self.max_leader_id,
                 "leader": self.leader, "leader_id": self.leader_id,
                 "sync_chain": [list(x) for x in self.sync_chain], "chain": list(self.chain),
-                "sync_boot": dict(self.sync_boot), "unconfirmed": list(self.unconfirmed)}
+                "sync_boot": dict(self.sync_boot), "unconfirmed": list(self.unconfirmed),
+                "members": list(self.members)}
 
     @classmethod
     def from_persisted(cls, d: dict) -> "Memory":
@@ -151,7 +158,8 @@ class Memory:
                    sync_chain=[(str(a), int(p)) for a, p in d.get("sync_chain", [])],
                    chain=[str(a) for a in d.get("chain", [])],
                    sync_boot={str(a): str(b) for a, b in d.get("sync_boot", {}).items()},
-                   unconfirmed=[str(a) for a in d.get("unconfirmed", [])])
+                   unconfirmed=[str(a) for a in d.get("unconfirmed", [])],
+                   members=[str(a) for a in d.get("members", [])])
 
 
 @dataclass
@@ -164,6 +172,9 @@ class Plan:
     # a switchover ended this tick: (promoted, why) - True with the target
     # promoted, False with the reason it was given up
     handover: tuple[bool, str] | None = None
+    # removals that ended this tick: (address, removed, why); a removed
+    # node is out of ``memory.members`` already
+    removals: list[tuple[str, bool, str]] = field(default_factory=list)
 
 
 def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
@@ -246,6 +257,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     memory is not modified and nothing is logged (what is worth logging
     comes back in ``Plan.events``)."""
     mem = dataclasses.replace(memory, sync_chain=list(memory.sync_chain),
+                              leaving=dict(memory.leaving), members=list(memory.members),
                               sync_boot=dict(memory.sync_boot),
                               unconfirmed=list(memory.unconfirmed),
                               chain=list(memory.chain), misses=dict(memory.misses),
@@ -290,11 +302,27 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     mem.max_leader_id = max(mem.max_leader_id, seen_max)
 
     handover: list[tuple[bool, str]] = []
+    removals: list[tuple[str, bool, str]] = []
 
     def done(note: str) -> Plan:
         mem.note = note
+        for a, until in list(mem.leaving.items()):
+            why = removable(a, order, mem, alive)
+            if why == "":
+                del mem.leaving[a]
+                mem.members = [m for m in (mem.members or order) if m != a]
+                mem.chain = [m for m in mem.chain if m != a]
+                mem.sync_chain = [(m, p) for m, p in mem.sync_chain if m != a]
+                mem.sync_boot.pop(a, None)
+                mem.misses.pop(a, None)
+                removals.append((a, True, "removed"))
+                events.append((INFO, f"{a} is no longer a member"))
+            elif now >= until:
+                del mem.leaving[a]
+                removals.append((a, False, why))
+                events.append((WARNING, f"removal of {a} given up: {why}"))
         return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events,
-                    handover[0] if handover else None)
+                    handover[0] if handover else None, removals)
 
     def give_up(why: str) -> None:
         events.append((WARNING, f"switchover to {mem.handover} given up: {why}"))
@@ -471,6 +499,8 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         if a != leader and a not in chain and a in alive:
             chain.append(a)
     chain = reroute(leader, chain, alive, mem, cfg, now, events)
+    # members being removed go to the tail, out of the way of the others
+    chain = [a for a in chain if a not in mem.leaving] + [a for a in chain if a in mem.leaving]
     # A node holding more than the forwarder it follows refuses it (only the
     # leader can judge entries it holds beyond its upstream).  When that
     # forwarder is itself synchronous, the extra entries are in no log
@@ -571,6 +601,44 @@ def handover_step(leader: str, observed: dict[str, NodeStatus | None],
         return ""
     return (f"wait:switching over from {leader} to {target}: it holds WAL {tst.position} of "
             f"{lst.position}")
+
+
+def removable(address: str, order: list[str], mem: Memory, alive: dict[str, NodeStatus]
+              ) -> str:
+    """May ``address`` leave the membership now?  "" if so, else why not.
+
+    Not the leader (switch over first).  Not a node that may hold
+    acknowledged writes nobody else is known to hold: the leader's
+    follower not yet seen synchronous (``unconfirmed``), or a member of the
+    recorded synchronous chain unless a member before it remains (a node
+    ahead of it in that chain holds at least what it holds).  While it is
+    leaving the plan moves it to the tail, so the others become synchronous
+    ahead of it and it becomes removable."""
+    if address == mem.leader:
+        return f"{address} leads: switch over first"
+    if address in mem.unconfirmed:
+        return f"{address} is the leader's follower and not yet seen synchronous"
+    sync = [a for a, _ in mem.sync_chain]
+    if not sync:
+        return "no synchronous chain seen yet"
+    if address in sync and not [a for a in sync[:sync.index(address)] if a != address]:
+        return (f"{address} is the first synchronous copy of the acknowledged writes (synchronous "
+                f"chain {', '.join(sync)}): the others are not yet synchronous ahead of it")
+    return ""
+
+
+def removal_refused(order: list[str], memory: Memory, address: str) -> str:
+    """Why a removal of ``address`` is refused at once ("" if it may begin)."""
+    if address not in order:
+        return f"{address} is not a member (members: {', '.join(order)})"
+    if address in memory.leaving:
+        return f"{address} is being removed already"
+    if address == memory.leader:
+        return f"{address} leads: switch over first (zrepl switchover --to another node)"
+    if not [a for a in order if a not in (address, memory.leader)] and memory.leader:
+        return (f"{address} is the leader's only follower: it holds the last synchronous copy "
+                "of the acknowledged writes")
+    return ""
 
 
 def switchover_target(order: list[str], memory: Memory, to: str) -> str:

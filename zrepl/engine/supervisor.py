@@ -31,7 +31,8 @@ from typing import Any
 from ..core import protocol
 from ..core.config import Config
 from ..core.errors import PermissionDenied, ProtocolError, ReplicationError, Timeout
-from ..core.plan import Call, Memory, Plan, plan, renewal_at, renews, switchover_target
+from ..core.plan import (Call, Memory, Plan, plan, removal_refused, renewal_at, renews,
+                         switchover_target)
 from ..core.types import NodeRole, NodeStatus
 from ..storage.fsutil import atomic_write
 from .clock import MONOTONIC, Clock
@@ -75,6 +76,14 @@ class Supervisor:
             raise ReplicationError(f"supervisor state {self.state_path}: cannot write to "
                                    f"{self.state_path.parent}")
         self.memory = self._load_state()
+        if self.memory.members:
+            if self.memory.members != self.nodes:
+                log.info("members as last changed at run time (%s): %s - the configured "
+                         "list is only the initial one", self.state_path,
+                         ", ".join(self.memory.members))
+            self.nodes = list(self.memory.members)
+        else:
+            self.memory.members = list(self.nodes)
         self.last_observed: dict[str, NodeStatus | None] = {}
         self.ticks = 0
         self.promotions = 0  # new epochs this process issued
@@ -105,6 +114,7 @@ class Supervisor:
         self._handover_started = 0.0
         self._handover_timeout = 5.0
         self._handover_from = ""
+        self._removing: dict[str, Any] = {}  # address -> the request to answer
         # After a restart the old leader may have been renewed just before.
         self.memory.lease_safe_at = self.clock.now() + self.config.lease * self.config.lease_margin
 
@@ -180,6 +190,7 @@ class Supervisor:
                 "synchronous_chain": [a for a, _ in m.sync_chain], "note": m.note,
                 "ticks": self.ticks, "promotions": self.promotions,
                 "fenced": dict(m.fenced),  # node -> an epoch this supervisor never issued
+                "members": list(self.nodes),
                 "dead": [a for a in self.nodes
                          if m.misses.get(a, 0) >= self.config.missed_heartbeats]}
 
@@ -319,6 +330,15 @@ class Supervisor:
                     f"switchover refused: {why}")))
         if self._handover_new is not None:
             self._handover_check(now)
+        for address, removed, why in result.removals:
+            if removed:
+                self._reset(address)
+                self._node_clock.pop(address, None)
+            handle = self._removing.pop(address, None)
+            if handle is not None and self._router is not None:
+                self._router.reply(handle, protocol.control_ok({"members": self.nodes})
+                                   if removed else protocol.control_err(ReplicationError(
+                                       f"removal of {address} refused: {why}")))
         for call in result.calls:
             self._calls.setdefault(call.address, collections.deque()).append(call)
         self._phase = CALLING
@@ -327,6 +347,8 @@ class Supervisor:
         """Plan from ``observed`` and keep the memory (the new epoch is
         durable before any call carries it)."""
         result = plan(self.nodes, observed, self.memory, self.config, now)
+        if result.memory.members != self.nodes:
+            self.nodes = list(result.memory.members)
         for level, text in result.events:
             log.log(level, "%s", text)
         if result.new_epoch:
@@ -417,6 +439,56 @@ class Supervisor:
         if handle is not None and self._router is not None:
             self._router.reply(handle, reply)
 
+    # --- membership -------------------------------------------------------------------------
+
+    def add_member(self, address: str) -> list[str]:
+        """A node joins at the tail of the chain (a state sync or a
+        catch-up) and becomes promotable once seen synchronous.  The new
+        member list is in the state file before this returns."""
+        try:
+            protocol.endpoints(address)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        if address in self.nodes:
+            raise ValueError(f"{address} is a member already")
+        self.nodes.append(address)
+        self.memory.members = list(self.nodes)
+        self._save_state()
+        log.info("%s joins as a member", address)
+        return list(self.nodes)
+
+    def remove_member(self, address: str, timeout: float = 30.0,
+                      now: float | None = None) -> None:
+        """Begin removing ``address``: it moves to the tail, and leaves once
+        the others are synchronous ahead of it (:func:`~zrepl.core.plan.
+        removable`).  ValueError with the reason when refused at once."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not 0 < timeout <= 3600:
+            raise ValueError(f"timeout must be a number of seconds in (0, 3600], got {timeout!r}")
+        why = removal_refused(self.nodes, self.memory, address)
+        if why:
+            raise ValueError(why)
+        now = self.clock.now() if now is None else now
+        self.memory.leaving[address] = now + timeout
+        self._tick_at = min(self._tick_at, now)
+        log.info("removing %s (within %gs)", address, timeout)
+
+    def members(self) -> list[dict]:
+        """Each member with what the last poll saw of it."""
+        m = self.memory
+        sync = [a for a, _ in m.sync_chain]
+        out = []
+        for a in self.nodes:
+            st = self.last_observed.get(a)
+            out.append({"address": a,
+                        "role": "LEADER" if a == m.leader else
+                        (st.role.name if st is not None else "UNKNOWN"),
+                        "answering": st is not None, "synchronous": a in sync,
+                        "promotable": a in sync or a == m.leader,
+                        "leaving": a in m.leaving,
+                        "wal": st.position if st is not None else None})
+        return out
+
     # --- the listen endpoint ----------------------------------------------------------------
 
     def _answer_listeners(self) -> None:
@@ -430,10 +502,26 @@ class Supervisor:
                 op, args = protocol.parse_control_request(payload)
                 if op == "status":
                     reply = protocol.control_ok(self.status())
+                elif op in ("switchover", "member_add", "member_remove") and \
+                        getattr(handle, "role", None) not in (None, "operator"):
+                    raise PermissionDenied(f"a {handle.role} key may not call {op}")
+                elif op == "members":
+                    reply = protocol.control_ok(self.members())
+                elif op == "member_add":
+                    try:
+                        reply = protocol.control_ok({"members": self.add_member(
+                            str(args.get("address", "")))})
+                    except ValueError as exc:
+                        raise ReplicationError(f"member add refused: {exc}") from None
+                elif op == "member_remove":
+                    address = str(args.get("address", ""))
+                    try:
+                        self.remove_member(address, args.get("timeout", 30.0))
+                    except ValueError as exc:
+                        raise ReplicationError(f"removal refused: {exc}") from None
+                    self._removing[address] = handle  # answered when it ends
+                    continue
                 elif op == "switchover":
-                    role = getattr(handle, "role", None)
-                    if role is not None and role != "operator":
-                        raise PermissionDenied(f"a {role} key may not ask for a switchover")
                     try:
                         self.switchover(str(args.get("to", "") or ""),
                                         args.get("timeout", 5.0))
@@ -442,8 +530,9 @@ class Supervisor:
                     self._handover_handle = handle  # answered when it ends
                     continue
                 else:
-                    raise ProtocolError(f"the supervisor answers 'status' and 'switchover', "
-                                        f"not {op!r}")
+                    raise ProtocolError(f"unknown supervisor operation {op!r} (it answers "
+                                        "status, switchover, members, member_add, "
+                                        "member_remove)")
             except ReplicationError as exc:
                 reply = protocol.control_err(exc)
             router.reply(handle, reply)

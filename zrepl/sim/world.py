@@ -34,6 +34,8 @@ the regression list pins):
 ``switchover`` an operator asks the supervisor for a planned switchover,
                to a random node or to the leader's synchronous follower,
                within 0.2 to 3 s (it may be refused, or given up)
+``member``     an operator removes a node from the membership (it may be
+               refused, or given up), and adds it back when the fault heals
 
 At most one machine may have lost unsynced data (``power``) at a time: two
 power losses before the cluster has healed can lose acknowledged writes
@@ -65,7 +67,7 @@ from .workload import Planned, Workload, workload_for
 
 FAULT_KINDS = ("delay", "drop", "dup", "partition", "crash", "power", "pause", "skew", "disk",
                "slow")
-EXTRA_FAULT_KINDS = ("switchover",)
+EXTRA_FAULT_KINDS = ("switchover", "member")
 SUPERVISOR = "sim-supervisor"
 
 
@@ -446,6 +448,9 @@ class Run:
         if kind == "disk":
             return Fault(at, kind, (rng.choice(names),), rng.uniform(0.05, 1.0),
                          {"fail": rng.choice(["write", "fsync"])})
+        if kind == "member":
+            return Fault(at, kind, (rng.choice(names),), rng.uniform(0.5, 5.0),
+                         {"timeout": rng.uniform(0.2, 3.0)})
         if kind == "switchover":
             return Fault(at, kind, (rng.choice(names + ["sync"]),), 0.01,
                          {"timeout": rng.uniform(0.2, 3.0)})
@@ -501,6 +506,14 @@ class Run:
             self.clocks[t[0] if t[0] != "supervisor" else SUPERVISOR].set_rate(f.params["rate"])
         elif f.kind == "disk":
             self._node(t[0]).storage.fail = f.params["fail"]  # type: ignore[attr-defined]
+        elif f.kind == "member":
+            sup = self.supervisor.sup
+            if sup is not None and "supervisor" not in self.down:
+                try:
+                    sup.remove_member(self._host(t[0]), f.params["timeout"])
+                    self.note("member", f"removing {t[0]}")
+                except ValueError as exc:
+                    self.note("member", f"removal refused: {exc}")
         elif f.kind == "switchover":
             sup = self.supervisor.sup
             if sup is not None and "supervisor" not in self.down:
@@ -515,6 +528,17 @@ class Run:
             else:
                 self.slow_apply[self._host(t[0])] = f.params["seconds"]
         self.active.append((self.sim.clock.now() + f.duration, f))
+
+    def _rejoin(self, address: str) -> None:
+        """A node removed by a ``member`` fault is a member again (a removal
+        still under way is called off)."""
+        sup = self.supervisor.sup
+        if sup is None:
+            return  # (the supervisor is down: retried at the final heal)
+        sup.memory.leaving.pop(address, None)
+        if address not in sup.nodes:
+            sup.add_member(address)
+            self.note("member", f"{address} added back")
 
     def _cuts(self, f: Fault) -> list[tuple[str, str, bool]]:
         shape = f.params["shape"]
@@ -557,6 +581,8 @@ class Run:
             self._node(t[0]).storage.fail = ""  # type: ignore[attr-defined]
         elif f.kind == "slow":
             self._node(t[0]).storage.slow_write = 0.0  # type: ignore[attr-defined]
+        elif f.kind == "member":
+            self._rejoin(self._host(t[0]))
             self.slow_apply.pop(self._host(t[0]), None)
 
     def _heal_due(self, everything: bool = False) -> None:
@@ -691,6 +717,9 @@ class Run:
     def _quiesce(self) -> None:
         sim, s = self.sim, self.settings
         self._heal_due(everything=True)
+        if "member" in s.faults:
+            for n in self.nodes:  # (a heal may have found the supervisor down)
+                self._rejoin(n.address)
         for c in self.clocks.values():
             c.set_rate(1.0)
         self.note("quiesce", "every fault healed")

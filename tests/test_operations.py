@@ -7,12 +7,15 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from zrepl import ReplicationError
+
 from .helpers import wait_for
-from .helpers.cluster import ROOT, Cluster, kv_incr
+from .helpers.cluster import ROOT, Cluster, kv_incr, kv_set
 from .helpers.load import SUPERVISED, Writer, chain_ok, leader_of, missing, supervised_chain
 
 pytestmark = pytest.mark.timeout(240)
@@ -146,3 +149,81 @@ def test_the_last_synchronous_copy_cannot_be_removed_and_a_silent_node_cannot_jo
         listed = json.loads(out.stdout)
         assert [m["address"] for m in listed] == [n.address for n in nodes]
         assert [m["synchronous"] for m in listed] == [False, True]
+
+
+class WalWriter(threading.Thread):
+    """Unique keys, each acknowledged one with the WAL id it got."""
+
+    def __init__(self, client):
+        super().__init__(daemon=True)
+        self.client = client
+        self.acked: list[tuple[str, int]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.halt.is_set():
+            i += 1
+            try:
+                if self.client.apply(kv_set(f"k{i}", i)) == 0:
+                    self.acked.append((f"k{i}", self.client.last_wal_id))
+            except ReplicationError:
+                pass
+
+
+def test_online_backup_verify_and_point_in_time_restore_match_the_cluster():
+    with Cluster(**SUPERVISED) as c:
+        nodes, sup, chain = supervised_chain(c)
+        sup.wait_synchronous(2)
+        writer = WalWriter(c.client(*nodes, timeout=0.5, retry_for=5.0))
+        writer.start()
+        try:
+            wait_for(lambda: len(writer.acked) > 300, 60, "writes")
+            b1 = c.root / "b1"
+            out = zrepl("backup", "--node", chain[2].address, "--out", str(b1))
+            assert out.returncode == 0, out.stderr
+            assert "backed up" in out.stdout
+            n = len(writer.acked)
+            wait_for(lambda: len(writer.acked) > n + 100, 60, "writes after the backup")
+        finally:
+            writer.halt.set()
+            writer.join(timeout=30)
+        out = zrepl("backup", "--verify", str(b1))
+        assert out.returncode == 0 and "whole" in out.stdout, out.stderr
+        m = json.loads((b1 / "manifest.json").read_text())
+        start, last = m["checkpoint"]["wal_id"], m["wal"]["last"]
+        assert m["app"] == "workers.kv:KV" and start < last
+
+        def keys_at(wal: int) -> tuple[set, set]:
+            return ({k for k, w in writer.acked if w <= wal},
+                    {k for k, w in writer.acked if w > wal})
+
+        # the whole backup, then a point in time between its checkpoint and its end
+        mid = (start + last) // 2
+        for name, to_wal in [("R1", None), ("R2", mid)]:
+            args = ["restore", str(b1), "--data", str(c.root / name)]
+            out = zrepl(*args + (["--to-wal", str(to_wal)] if to_wal else []))
+            assert out.returncode == 0, out.stderr
+            r = c.node(name).start()
+            assert r.status().max_applied_wal == (to_wal or last)
+            state = r.state()
+            held, later = keys_at(to_wal or last)
+            assert held <= set(state) and not (later & set(state))
+        # R1 joins the cluster as a follower and catches up: same digest at the same WAL id
+        r1 = c.nodes["R1"]
+        out = zrepl("member", "add", "--supervisor", sup.address, r1.address, "--timeout", "60")
+        assert out.returncode == 0, out.stderr + sup.log_tail()
+        leader = leader_of(nodes)
+        top = leader.status().max_applied_wal
+        wait_for(lambda: r1.status().max_applied_wal == top, 30, "R1 to catch up")
+        assert r1.digest() == leader.digest()
+        # damage is found, and nothing is restored from it
+        (b1 / "wal.zwal").write_bytes(b"\0" + (b1 / "wal.zwal").read_bytes()[1:])
+        out = zrepl("backup", "--verify", str(b1))
+        assert out.returncode == 1 and "damaged" in out.stderr, out.stderr
+        out = zrepl("restore", str(b1), "--data", str(c.root / "R3"))
+        assert out.returncode == 1 and "damaged" in out.stderr and not (c.root / "R3").exists()
+        out = zrepl("restore", str(b1), "--data", str(c.root / "R1"))
+        assert out.returncode == 1, out.stdout
+        out = zrepl("backup", "--node", chain[2].address, "--out", str(b1))
+        assert out.returncode == 1 and "not an empty directory" in out.stderr, out.stderr

@@ -188,6 +188,20 @@ MEMBER_KEYS = [
     Key("trust", "--trust DIR", default=""),
 ]
 
+BACKUP_KEYS = [
+    Key("node", "--node ENDPOINT", default=""),
+    Key("out", "--out DIR", default=""),
+    Key("verify", "--verify DIR", default=""),
+    Key("key", "--key FILE", default=""),
+    Key("trust", "--trust DIR", default=""),
+]
+
+RESTORE_KEYS = [
+    Key("dir", "DIR", required=True),
+    Key("data", "--data NEWDIR", required=True),
+    Key("to_wal", "--to-wal", int),
+]
+
 DEMO_KEYS = [
     Key("seconds", "--seconds", float, default=4.0),
     Key("clients", "--clients", int, default=4),
@@ -583,6 +597,66 @@ def cmd_member(args: argparse.Namespace) -> int:
         time.sleep(0.2)  # polling the supervisor's view
 
 
+def _progress_every(seconds: float = 2.0) -> Any:
+    """A progress callback printing at most every ``seconds`` on stderr."""
+    import time
+    last = [0.0]
+
+    def say(text: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= seconds:
+            last[0] = now
+            sys.stderr.write(f"  {text}\n")
+    return say
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from . import backup
+    values, _ = settings(args, BACKUP_KEYS, with_config=False)
+    try:
+        if values["verify"]:
+            if values["node"] or values["out"]:
+                raise CommandError("backup --verify DIR takes no --node or --out")
+            m = backup.verify(values["verify"])
+            sys.stdout.write(f"{values['verify']}: whole - app {m['app']}, checkpoint at WAL id "
+                             f"{m['checkpoint']['wal_id']} ({m['entries']} entries) and WAL "
+                             f"{m['wal']['first']}..{m['wal']['last']}; taken from {m['node']} "
+                             f"at {m['created']}\n")
+            return 0
+        if not values["node"] or not values["out"]:
+            raise CommandError("backup needs --node ENDPOINT and --out DIR (or --verify DIR)")
+        m = backup.backup(values["node"], values["out"],
+                          Config(key=values["key"], trust=values["trust"]),
+                          progress=_progress_every())
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    except ReplicationError as exc:
+        raise CommandError(f"backup failed: {exc}") from None
+    sys.stdout.write(f"backed up {m['node']} into {values['out']}: checkpoint at WAL id "
+                     f"{m['checkpoint']['wal_id']} + WAL {m['wal']['first']}..{m['wal']['last']} "
+                     f"({(m['checkpoint']['bytes'] + m['wal']['bytes']) / 1e6:.1f} MB), app "
+                     f"{m['app']}\n")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from . import backup
+    values, _ = settings(args, RESTORE_KEYS, with_config=False)
+    try:
+        r = backup.restore(values["dir"], values["data"], values["to_wal"],
+                           progress=_progress_every())
+    except ReplicationError as exc:
+        raise CommandError(f"restore failed: {exc}") from None
+    sys.stdout.write(
+        f"restored {values['data']}: state at WAL id {r['wal_id']} (checkpoint {r['checkpoint']} "
+        f"+ {r['replayed']} WAL entries), epoch {r['leader_id']}.\n"
+        f"Start it with: python3 -m zrepl node --app {r['app']} --data {values['data']} "
+        "--listen ENDPOINT\n"
+        "then either run a new supervisor over it (the first node of a new cluster, with a new "
+        "epoch) or join it to a running cluster: zrepl member add --supervisor ENDPOINT NODE\n")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line naming the problem (argparse prints usage)."""
 
@@ -734,6 +808,33 @@ def build_parser() -> argparse.ArgumentParser:
         _key_flags(p)
         _common(p, "supervisor, timeout, json, key, trust", logging_flags=False)
         p.set_defaults(func=cmd_member)
+
+    bk = sub.add_parser(
+        "backup", help="back a running node up, or check a backup",
+        description="Online: the node writes a checkpoint at its current WAL id; it and the "
+                    "WAL after it are copied into --out (a new or empty directory) with a "
+                    "manifest (App, epoch history, WAL range, SHA-256 of each file), checked "
+                    "before the manifest is written.  From a leader, only what it confirmed.  "
+                    "--verify DIR checks a backup without restoring it.")
+    bk.add_argument("--node", metavar="ENDPOINT", help="the node to back up")
+    bk.add_argument("--out", metavar="DIR", help="where to write the backup")
+    bk.add_argument("--verify", metavar="DIR", help="check the backup in DIR")
+    _key_flags(bk)
+    _common(bk, "node, out, verify, key, trust", logging_flags=False)
+    bk.set_defaults(func=cmd_backup)
+
+    rs = sub.add_parser(
+        "restore", help="a data directory from a backup, up to any WAL id it covers",
+        description="Verify the backup in DIR, then build the data directory NEWDIR (new or "
+                    "empty) holding the state at --to-wal (default: all of it).  A node started "
+                    "on it has no role: a new supervisor makes it the first node of a new "
+                    "cluster, or 'zrepl member add' joins it to a running one as a follower.")
+    rs.add_argument("dir", metavar="DIR", help="the backup")
+    rs.add_argument("--data", metavar="NEWDIR", help="the data directory to create (required)")
+    rs.add_argument("--to-wal", type=int, metavar="ID",
+                    help="restore the state at this WAL id (point in time)")
+    _common(rs, "data, to_wal", logging_flags=False)
+    rs.set_defaults(func=cmd_restore)
 
     kg = sub.add_parser(
         "keygen", help="make a CURVE key pair for a node, supervisor, operator or client",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..core import protocol
 from ..core.errors import PermissionDenied, ProtocolError, ReplicationError
 from ..core.types import NodeRole, WALEntry
+from ..storage.snapshot import FileCheckpoints
 from .applier import state_digest
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ def check_datas(datas: Any) -> list[bytes]:
 # the state itself are the supervisor's and operators'; the handshake and
 # the follower's calls are another node's; clients make none.
 _ADMIN = frozenset({"status", "set_role", "set_leader", "set_follower", "step_down", "stop",
-                    "ping", "max_applied_wal", "dump_state", "state_digest", "checkpoint"})
+                    "ping", "max_applied_wal", "dump_state", "state_digest", "checkpoint",
+                    "backup_info", "backup_read", "backup_wal"})
 ALLOWED = {"supervisor": _ADMIN, "operator": _ADMIN,
            "node": frozenset({"connect", "clear_state", "apply_state", "apply_wal",
                               "max_applied_wal", "ping"}),
@@ -42,7 +44,7 @@ ALLOWED = {"supervisor": _ADMIN, "operator": _ADMIN,
 class ControlServer:
     OPS = ("status", "set_role", "set_leader", "set_follower", "step_down", "stop", "ping",
            "connect", "max_applied_wal", "clear_state", "apply_state", "apply_wal", "dump_state",
-           "state_digest", "checkpoint")
+           "state_digest", "checkpoint", "backup_info", "backup_read", "backup_wal")
 
     def __init__(self, node: "Replica"):
         self.node = node
@@ -225,6 +227,60 @@ class ControlServer:
         node = self.node
         with node.applier.lock:
             return {"wal_id": node.core.position, **state_digest(node.applier.app)}
+
+    # --- online backup (zrepl.backup drives these) --------------------------------------
+
+    def op_backup_info(self) -> dict:
+        """What a backup needs to know: the App, the epochs, the WAL's range,
+        the checkpoints on disk and whether the last one failed."""
+        node = self.node
+        store = node.checkpointer.store
+        if not isinstance(store, FileCheckpoints):
+            raise ReplicationError(f"{node.address} keeps no checkpoint files (MemoryStorage): "
+                                   "nothing to back up from")
+        cls = type(node.applier.app)
+        with node.core_lock:
+            core = node.core
+            info = {"app": f"{cls.__module__}:{cls.__qualname__}", "role": core.role.name,
+                    "leader_id": core.leader_id, "position": core.position,
+                    "commit_index": core.commit_index,
+                    "epoch_history": [list(x) for x in core.history]}
+        info.update(min_wal=node.storage.min_wal(), max_wal=node.storage.max_wal(),
+                    checkpoints=[[wal_id, path.stat().st_size] for wal_id, path in store.list()
+                                 if path.exists()],
+                    checkpoint_error=node.checkpointer.last_error,
+                    checkpoint_running=node.checkpointer.child is not None or
+                    node.checkpointer.requested)
+        return info
+
+    def op_backup_read(self, wal_id: Any, offset: Any, length: Any) -> bytes:
+        """Up to ``length`` bytes (at most 4 MiB) of the checkpoint at
+        ``wal_id`` from ``offset`` (b"" at its end)."""
+        for name, v in (("wal_id", wal_id), ("offset", offset), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProtocolError(f"backup_read: {name} must be an int >= 0, got {v!r}")
+        store = self.node.checkpointer.store
+        path = dict(store.list()).get(wal_id) if isinstance(store, FileCheckpoints) else None
+        try:
+            if path is None:
+                raise FileNotFoundError
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(min(length, 4 << 20))
+        except FileNotFoundError:
+            raise ReplicationError(f"no checkpoint at WAL id {wal_id} any more (a newer one "
+                                   "replaced it): start the backup again") from None
+
+    def op_backup_wal(self, start: Any, count: Any) -> list[bytes]:
+        """Up to ``count`` (at most 10,000) raw WAL entries from ``start``."""
+        for name, v in (("start", start), ("count", count)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ProtocolError(f"backup_wal: {name} must be an int >= 1, got {v!r}")
+        st = self.node.storage
+        if start < st.min_wal():
+            raise ReplicationError(f"WAL entries from {start} are gone (the WAL starts at "
+                                   f"{st.min_wal()}): start the backup again")
+        return st.read_wal_data(start, min(count, 10_000))
 
     def op_checkpoint(self) -> int:
         """Start a checkpoint now; the WAL id it will capture (0 when this

@@ -101,6 +101,8 @@ def test_node_serves_its_metrics(data_dir):
         assert m["zrepl_wal_max_id"][0][1] == st.max_wal == 5
         assert m["zrepl_client_requests_total"][0][1] == 5
         assert m["zrepl_process_resident_memory_bytes"][0][1] > 0
+        assert m["process_resident_memory_bytes"][0][1] > 0  # prometheus-client's collectors
+        assert m["process_cpu_seconds_total"][0][1] > 0
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
         assert err.value.code == 404
@@ -152,3 +154,30 @@ def test_supervisor_serves_its_metrics():
         b.kill()
         wait_for(lambda: ({"node": b.address}, 0.0) in (scrape(port) or {}).get(
             "zrepl_supervisor_node_up", []), 30, "the dead follower to show as down")
+
+
+def test_reader_processes_count_their_reads_in_the_nodes_metrics():
+    """prometheus-client's multiprocess mode: each reader process writes its
+    counter into the node's directory for them; a scrape of the node sums
+    them, and the directory goes with the node."""
+    import msgpack
+
+    from .helpers.cluster import Cluster, kv_set
+    port = free_tcp_base(1)
+    with Cluster() as c:
+        node = c.node("A", readers=2, metrics=f"127.0.0.1:{port}").start()
+        node.client.set_role(NodeRole.LEADER, 1)
+        wait_for(lambda: node.status().extra["readers"] == 2, 20, "2 readers")
+        client = c.client(node)
+        assert client.apply(kv_set("k", 1)) == 0
+        for _ in range(40):
+            client.query(msgpack.packb(("get", "k")))
+        # (the first read went to the node, whose reply named its readers)
+        m = wait_for(lambda: (s := scrape(port)) and s.get("zrepl_reader_queries_total", [])
+                     and s["zrepl_reader_queries_total"][0][1] >= 39 and s, 20,
+                     "the readers' reads in the node's metrics")
+        assert m["zrepl_reader_queries_total"][0][1] + m["zrepl_queries_total"][0][1] == 40
+        counters = node.data / "reader-metrics"
+        assert len(list(counters.iterdir())) == 2  # one file per reader process
+        node.stop()
+        assert not counters.exists()

@@ -288,7 +288,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     import threading
 
     from . import sdnotify
-    from .metrics import open_metrics, render_supervisor
+    from .metrics import open_metrics, supervisor_families
     from .engine.security import check_exposure
     from .engine.supervisor import Supervisor
     from .node_main import raise_fd_limit
@@ -306,7 +306,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     if values["metrics"]:
         try:
             server = open_metrics(values["metrics"],
-                                  lambda: render_supervisor(sup.status(), sup.nodes))
+                                  lambda: supervisor_families(sup.status(), sup.nodes))
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     stop = threading.Event()

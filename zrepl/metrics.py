@@ -1,33 +1,45 @@
 """Prometheus metrics: ``zrepl node --metrics HOST:PORT`` (and ``zrepl
-supervisor --metrics``) serve ``GET /metrics`` in the Prometheus text
-format (version 0.0.4), rendered from the process's own status at each
-scrape.  Standard library only: one ``http.server`` thread, off by default.
+supervisor --metrics``) serve ``GET /metrics``, through prometheus-client:
+its exposition (text format, or OpenMetrics when a scraper asks for it),
+its escaping, its standard ``process_*`` and ``python_*`` collectors, and
+its WSGI server on one daemon thread.  Off by default.
 
-Every series carries ``node="<address>"``.  Gauges: the node's role and
-its follower's state (one series each, value 1, the state as a label),
-the epoch, WAL positions, the follower's lag, RSS and CPU, queued and
-in-flight submissions; counters (``_total``): client requests, replies,
-queries, duplicates answered, dropped messages, refused batches,
-replication failures, state syncs and log catch-ups.
+zrepl's own series are rendered from the process's status at each scrape
+(a custom collector: nothing is counted twice).  Every node series carries
+``node="<address>"``.  Gauges: the node's role and its follower's state
+(one series each, value 1, the state as a label), the epoch, WAL
+positions, the follower's lag, RSS and CPU, queued and in-flight
+submissions; counters (``_total``): client requests, replies, queries,
+duplicates answered, dropped messages, refused batches, replication
+failures, state syncs and log catch-ups.
+
+Reader processes (``--readers``) count the reads they answer in
+prometheus-client's multiprocess mode: each writes its counters into a
+directory the node made for them (``PROMETHEUS_MULTIPROC_DIR`` in their
+environment) and the node's scrape sums them (``zrepl_reader_queries_total``).
 
 The supervisor's series start with ``zrepl_supervisor_``: the epoch in
-force and the largest issued, one ``node_up`` per configured node, the
-lengths of the chain and of its synchronous part, and counters of polls
-and of promotions this process made.
+force and the largest issued, one ``node_up`` per member, the lengths of
+the chain and of its synchronous part, and counters of polls and of
+promotions this process made.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import (CollectorRegistry, GCCollector, PlatformCollector,
+                               ProcessCollector, generate_latest, make_wsgi_app)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from .core.types import NodeStatus
 
 log = logging.getLogger("zrepl.metrics")
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # (name, help, status attribute) for plain gauges
 _GAUGES = [
@@ -81,93 +93,131 @@ _EXTRA_GAUGES = [
 ]
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-
-def _number(value: Any) -> str | None:
+def _number(value: Any) -> float | None:
     if isinstance(value, bool):
-        return "1" if value else "0"
+        return 1.0 if value else 0.0
     if isinstance(value, (int, float)):
-        return repr(float(value)) if isinstance(value, float) else str(value)
+        return float(value)
     return None
 
 
-class _Text:
-    """Prometheus text, one metric family after another."""
+def _family(kind: str, name: str, help_: str, labels: list[str],
+            samples: list[tuple[list[str], Any]]) -> Iterator[Metric]:
+    """One family; samples whose value is None are left out (no sample
+    rather than a made-up one), and a family with none is not shown."""
+    shown = [(values, v) for values, value in samples if (v := _number(value)) is not None]
+    if not shown:
+        return
+    fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+        name, help_, labels=labels)
+    for values, v in shown:
+        fam.add_metric(values, v)
+    yield fam
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
 
-    def family(self, name: str, help_: str, kind: str,
-               samples: list[tuple[str, Any]]) -> None:
-        """``samples``: (labels, value); a None value is left out (no sample
-        rather than a made-up one)."""
-        shown = [(labels, text) for labels, value in samples
-                 if (text := _number(value)) is not None]
-        if shown:
-            self.lines.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}")
-            self.lines += [f"{name}{{{labels}}} {text}" if labels else f"{name} {text}"
-                           for labels, text in shown]
+def node_families(st: NodeStatus) -> Iterator[Metric]:
+    """One node's status as metric families."""
+    node = [st.address]
+    yield from _family("gauge", "zrepl_role", "This node's role (the role is the label).",
+                       ["node", "role"], [([st.address, st.role.name], 1)])
+    if st.follower:
+        yield from _family("gauge", "zrepl_follower_state", "The follower link's state (the "
+                           "state is the label).", ["node", "follower", "state"],
+                           [([st.address, st.follower, st.follower_state.name], 1)])
+    for name, help_, attr in _GAUGES:
+        yield from _family("gauge", name, help_, ["node"], [(node, getattr(st, attr))])
+    for name, help_, key in _EXTRA_COUNTERS:
+        yield from _family("counter", name, help_, ["node"], [(node, st.extra.get(key, 0))])
+    for name, help_, key in _EXTRA_GAUGES:
+        yield from _family("gauge", name, help_, ["node"], [(node, st.extra.get(key))])
 
-    def __str__(self) -> str:
-        return "\n".join(self.lines) + "\n"
+
+def supervisor_families(view: dict[str, Any], nodes: list[str]) -> Iterator[Metric]:
+    """The supervisor's view (``Supervisor.status()``) as metric families."""
+    leader = view.get("leader") or ""
+    yield from _family("gauge", "zrepl_supervisor_leader", "The node the supervisor made "
+                       "leader (the address is the label); absent while there is none.",
+                       ["node"], [([leader], 1 if leader else None)])
+    yield from _family("gauge", "zrepl_supervisor_epoch", "The epoch (leader_id) in force.",
+                       [], [([], view.get("leader_id"))])
+    yield from _family("gauge", "zrepl_supervisor_max_epoch", "The largest epoch ever issued "
+                       "(persisted).", [], [([], view.get("max_leader_id"))])
+    dead = set(view.get("dead", []))
+    yield from _family("gauge", "zrepl_supervisor_node_up", "1 while a member answers its "
+                       "polls (0 once it missed missed_heartbeats in a row).", ["node"],
+                       [([a], 0 if a in dead else 1) for a in nodes])
+    yield from _family("gauge", "zrepl_supervisor_chain_nodes", "Nodes in the chain, the "
+                       "leader included.", [], [([], len(view.get("chain", [])))])
+    yield from _family("gauge", "zrepl_supervisor_synchronous_nodes", "Nodes behind the leader "
+                       "known to hold every acknowledged write.", [],
+                       [([], len(view.get("synchronous_chain", [])))])
+    yield from _family("counter", "zrepl_supervisor_polls_total", "Rounds of status polls.",
+                       [], [([], view.get("ticks", 0))])
+    fenced = view.get("fenced") or {}
+    yield from _family("gauge", "zrepl_supervisor_fenced", "1 while a node reports an epoch "
+                       "this supervisor never issued (it is left out of the cluster: an "
+                       "alarm).", ["node"], [([a], 1 if a in fenced else 0) for a in nodes])
+    yield from _family("counter", "zrepl_supervisor_promotions_total", "Leaders this "
+                       "supervisor process promoted (a fresh cluster's first leader "
+                       "included).", [], [([], view.get("promotions", 0))])
+
+
+class _Families:
+    """A collector calling ``families()`` at each scrape."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families())
+
+
+def registry_for(families: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
+    """A registry of zrepl's families plus prometheus-client's standard
+    process, platform and garbage-collector collectors."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def render(st: NodeStatus) -> str:
-    """One node's status in the Prometheus text format."""
-    node = f'node="{_label(st.address)}"'
-    text = _Text()
-
-    def series(name: str, help_: str, kind: str, value: Any, labels: str = node) -> None:
-        text.family(name, help_, kind, [(labels, value)])
-
-    series("zrepl_role", "This node's role (the role is the label).", "gauge", 1,
-           f'{node},role="{st.role.name}"')
-    if st.follower:
-        series("zrepl_follower_state", "The follower link's state (the state is the label).",
-               "gauge", 1, f'{node},follower="{_label(st.follower)}",'
-               f'state="{st.follower_state.name}"')
-    for name, help_, attr in _GAUGES:
-        series(name, help_, "gauge", getattr(st, attr))
-    for name, help_, key in _EXTRA_COUNTERS:
-        series(name, help_, "counter", st.extra.get(key, 0))
-    for name, help_, key in _EXTRA_GAUGES:
-        series(name, help_, "gauge", st.extra.get(key))
-    return str(text)
+    """One node's status in the Prometheus text format (what a scrape of
+    its --metrics gets, without the process collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(lambda: node_families(st)))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
 
 
 def render_supervisor(view: dict[str, Any], nodes: list[str]) -> str:
-    """The supervisor's view (``Supervisor.status()``) in the Prometheus
-    text format."""
-    text = _Text()
-    leader = view.get("leader") or ""
-    text.family("zrepl_supervisor_leader", "The node the supervisor made leader (the "
-                "address is the label); absent while there is none.", "gauge",
-                [(f'node="{_label(leader)}"', 1 if leader else None)])
-    text.family("zrepl_supervisor_epoch", "The epoch (leader_id) in force.", "gauge",
-                [("", view.get("leader_id"))])
-    text.family("zrepl_supervisor_max_epoch", "The largest epoch ever issued (persisted).",
-                "gauge", [("", view.get("max_leader_id"))])
-    dead = set(view.get("dead", []))
-    text.family("zrepl_supervisor_node_up", "1 while a configured node answers its polls "
-                "(0 once it missed missed_heartbeats in a row).", "gauge",
-                [(f'node="{_label(a)}"', 0 if a in dead else 1) for a in nodes])
-    text.family("zrepl_supervisor_chain_nodes", "Nodes in the chain, the leader included.",
-                "gauge", [("", len(view.get("chain", [])))])
-    text.family("zrepl_supervisor_synchronous_nodes", "Nodes behind the leader known to "
-                "hold every acknowledged write.", "gauge",
-                [("", len(view.get("synchronous_chain", [])))])
-    text.family("zrepl_supervisor_polls_total", "Rounds of status polls.", "counter",
-                [("", view.get("ticks", 0))])
-    fenced = view.get("fenced") or {}
-    text.family("zrepl_supervisor_fenced", "1 while a node reports an epoch this supervisor "
-                "never issued (it is left out of the cluster: an alarm).", "gauge",
-                [(f'node="{_label(a)}"', 1 if a in fenced else 0) for a in nodes])
-    text.family("zrepl_supervisor_promotions_total", "Leaders this supervisor process "
-                "promoted (a fresh cluster's first leader included).", "counter",
-                [("", view.get("promotions", 0))])
-    return str(text)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(lambda: supervisor_families(view, nodes)))  # type: ignore
+    return generate_latest(registry).decode()
+
+
+# --- reader processes (multiprocess mode) ---------------------------------------------------
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def reader_queries_counter() -> Any:
+    """In a reader process started with ``PROMETHEUS_MULTIPROC_DIR``: the
+    counter of reads it answers (None without that directory)."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return None
+    from prometheus_client import Counter
+    return Counter("zrepl_reader_queries", "Reads answered by this node's reader processes "
+                   "(--readers), all of them together.")
+
+
+def add_reader_metrics(registry: CollectorRegistry, directory: str) -> None:
+    """Sum the reader processes' counters (written into ``directory``) into
+    the node's scrape."""
+    from prometheus_client import multiprocess
+    multiprocess.MultiProcessCollector(registry, path=directory)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -178,43 +228,41 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def open_metrics(listen: str, render_text: Callable[[], str]) -> "MetricsServer":
+def open_metrics(listen: str, families: Callable[[], Iterable[Metric]]) -> "MetricsServer":
     """A server bound to ``listen`` (not started yet), or ValueError with a
     one-line reason: a malformed address or a port that is taken."""
     try:
-        return MetricsServer(listen, render_text)
+        return MetricsServer(listen, registry_for(families))
     except OSError as exc:
         raise ValueError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
 
 
 class MetricsServer:
-    """``GET /metrics`` answered with ``render_text()`` from a daemon thread."""
+    """``GET /metrics`` answered by prometheus-client's WSGI app from a
+    daemon thread (any other path: 404)."""
 
-    def __init__(self, listen: str, render_text: Callable[[], str]):
+    def __init__(self, listen: str, registry: CollectorRegistry):
         host, port = parse_listen(listen)
+        self.registry = registry
+        metrics_app = make_wsgi_app(registry)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?", 1)[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = render_text().encode()
-                except Exception as exc:  # a scrape must never take the node down
-                    log.warning("metrics scrape failed: %s", exc)
-                    self.send_error(500, f"{type(exc).__name__}: {exc}")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            if environ.get("PATH_INFO", "/") != "/metrics":
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"only /metrics is served here\n"]
+            try:
+                return metrics_app(environ, start_response)
+            except Exception as exc:  # a scrape must never take the process down
+                log.warning("metrics scrape failed: %s", exc)
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+                return [f"{type(exc).__name__}: {exc}\n".encode()]
 
+        class Quiet(WSGIRequestHandler):
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("metrics: " + fmt, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)  # OSError if taken
-        self._server.daemon_threads = True
+        self._server = make_server(host, port, app, ThreadingWSGIServer,
+                                   handler_class=Quiet)  # OSError if taken
         self.address = self._server.server_address
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="zrepl-metrics", daemon=True)

@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from .core import protocol
 from .core.errors import NotLeader, ProtocolError, ReplicationError, StorageError
 from .storage.file import FileStorage
 from .core.interfaces import App
-from .metrics import MetricsServer, open_metrics, parse_listen, render
+from .metrics import (MULTIPROC_ENV, MetricsServer, add_reader_metrics, node_families,
+                      open_metrics, parse_listen, reader_queries_counter)
 from .core.protocol import endpoints, read_endpoints
 from .engine.replica import Replica
 from .engine.clients import ask_app, query_reply
@@ -114,7 +116,7 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         replica = Replica(app, storage, listen, config)
         if metrics:  # bound before the node starts: a taken port is a setup error
             try:
-                server = open_metrics(metrics, lambda: render(replica.status()))
+                server = open_metrics(metrics, lambda: node_families(replica.status()))
             except ValueError as exc:
                 raise SetupError(str(exc)) from None
         try:
@@ -126,7 +128,11 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
                 readers = ReaderPool(replica, app_spec, config.readers,
                                      logging.getLevelName(logging.getLogger().level))
                 readers.start()
+                if server is not None:
+                    add_reader_metrics(server.registry, readers.metrics_dir)
             except (SetupError, ReplicationError, ValueError) as exc:
+                if readers is not None:
+                    shutil.rmtree(readers.metrics_dir, ignore_errors=True)
                 replica.stop()
                 raise SetupError(str(exc)) from None
         if server is not None:
@@ -199,6 +205,7 @@ def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Con
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     query, reply = app.query, protocol.submit_reply
+    queries = reader_queries_counter()  # (multiprocess mode: the node sums the readers')
 
     def parse(raw: bytes) -> tuple[Any, bytes, int] | bytes:
         """(request id, request, min_wal_id), or the reply refusing it."""
@@ -248,6 +255,8 @@ def run_reader(app_spec: str, root: str, endpoint: str, parent: int, config: Con
             else:
                 answer = answers[i]
             sock.send_multipart([*frames[:-1], answer])
+        if queries is not None:
+            queries.inc(sum(1 for job in jobs if type(job) is not bytes))
 
     try:
         while not stopping and os.getppid() == parent:
@@ -290,6 +299,11 @@ class ReaderPool:
         self.log_level = log_level
         self.root = str(store.root)
         self.endpoints = read_endpoints(replica.address, count)
+        # prometheus-client's multiprocess mode: the readers' counters, in
+        # the data directory (a SIGKILLed node leaves nothing elsewhere)
+        self.metrics_dir = os.path.join(replica.storage.path, "reader-metrics")
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.mkdir(self.metrics_dir)
         self.log = logging.getLogger("zrepl.node")
         self.procs: list[Any] = []
         self.restarts = 0
@@ -312,7 +326,8 @@ class ReaderPool:
                 "--shared", self.root, "--endpoint", endpoint, "--parent", str(os.getpid()),
                 "--log-level", self.log_level]
         # (the node's settings - keys, limits - travel on stdin, not in ps)
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE)
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE,
+                                env={**os.environ, MULTIPROC_ENV: self.metrics_dir})
         assert proc.stdin is not None
         proc.stdin.write(config.encode())
         proc.stdin.close()
@@ -355,3 +370,4 @@ class ReaderPool:
                 except OSError:
                     pass
         self.replica.read_endpoint = ""
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)

@@ -302,8 +302,12 @@ def test_status_and_supervisor_from_the_command_line(data_dir):
         doc = json.loads(proc.stdout)
         assert doc["supervisor"]["leader"] == a.address
         assert [n["address"] for n in doc["nodes"]] == [a.address, b.address]
-        assert doc["nodes"][0]["status"]["role"] == "LEADER" or \
-            doc["nodes"][0]["status"]["role"] == 1, doc["nodes"][0]["status"]["role"]
+        assert doc["nodes"][0]["status"]["role"] == "LEADER"
+        assert doc["nodes"][0]["status"]["follower_state"] == "SYNCHRONOUS"
+        # the same shape when only nodes are asked (no supervisor: null)
+        proc = run("status", "--node", a.address, "--json")
+        only = json.loads(proc.stdout)
+        assert only["supervisor"] is None and only["nodes"][0]["status"]["role"] == "LEADER"
         # (issue "day-two operations") a node's address given as the supervisor's
         proc = run("status", "--supervisor", a.address)
         assert proc.returncode == 1 and proc.stdout == ""
@@ -356,3 +360,47 @@ def test_demo_keep_refuses_a_directory_in_use(data_dir):
     afile.write_text("x")
     proc = run("demo", "--keep", str(afile))
     assert proc.returncode == 1 and "not a directory" in proc.stderr
+
+
+def test_the_console_script_imports_an_app_from_the_working_directory(tmp_path):
+    """(issue "day-two operations") 'zrepl node --app mymodule:Counter' as the
+    installed console script: sys.path[0] is the script's directory, not
+    the working directory, unlike 'python3 -m zrepl'.  Both import from the
+    working directory."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    script = bin_dir / "zrepl"  # what pip writes for [project.scripts]
+    script.write_text("import sys\nfrom zrepl.cli import main\nsys.exit(main())\n")
+    (work / "mymodule.py").write_text("Counter = 42\n")  # found, and refused by name
+    from .helpers.cluster import ROOT
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for cmd in ([sys.executable, str(script)], [sys.executable, "-m", "zrepl"]):
+        proc = subprocess.run(cmd + ["node", "--app", "mymodule:Counter", "--data",
+                                     str(work / "d"), "--listen", f"ipc://{work}/n.sock"],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert "mymodule:Counter is not a zrepl.App subclass" in proc.stderr, (cmd, proc.stderr)
+
+
+def test_a_node_that_cannot_bind_leaves_no_data_directory_and_no_address_behind(tmp_path):
+    import json
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        bad = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        fresh = tmp_path / "fresh"
+        one_line_error(run("node", "--app", "workers.kv:KV", "--data", str(fresh),
+                           "--listen", bad), "127.0.0.1")
+        assert not fresh.exists()
+        # a directory that held a node keeps its own address
+        used = tmp_path / "used"
+        good = f"ipc://{tmp_path}/n.sock"
+        FileStorage(used).close()
+        st = FileStorage(used)
+        st.set_address(good)
+        st.close()
+        one_line_error(run("node", "--app", "workers.kv:KV", "--data", str(used),
+                           "--listen", bad), "127.0.0.1")
+        assert json.loads((used / "meta.json").read_text())["address"] == good

@@ -227,3 +227,24 @@ def test_online_backup_verify_and_point_in_time_restore_match_the_cluster():
         assert out.returncode == 1, out.stdout
         out = zrepl("backup", "--node", chain[2].address, "--out", str(b1))
         assert out.returncode == 1 and "not an empty directory" in out.stderr, out.stderr
+
+
+def test_a_returning_old_leader_rejoins_quietly_and_leaves_no_failure_behind():
+    with Cluster(**SUPERVISED) as c:
+        nodes, sup, chain = supervised_chain(c)
+        sup.wait_synchronous(2)
+        client = c.client(*nodes, timeout=0.5)
+        for i in range(50):
+            assert client.apply(kv_set(f"k{i}", i)) == 0
+        old = chain[0]
+        old.kill()
+        wait_for(lambda: leader_of(nodes) not in (None, old), 30, "a new leader")
+        assert client.apply(kv_set("after", 1)) == 0
+        old.start()
+        wait_for(lambda: chain_ok(nodes), 30, "the old leader back at the tail")
+        st = old.status()
+        assert st.extra.get("failures", 0) == 0 and not st.extra.get("last_failure"), st.extra
+        log = old.log_tail(400)
+        assert "ERROR" not in log and "WARNING" not in log.split("serving: role LEADER")[-1], log
+        assert "serving: role LEADER" in log and "waits for the supervisor" in log
+        assert "INFO zrepl.replica" in log.split("stepped down to FOLLOWER")[0].splitlines()[-1]

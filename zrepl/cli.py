@@ -473,12 +473,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from None
     results = poll_statuses(nodes, timeout=timeout, config=config)
     if values["json"]:
-        doc = [{"address": a, "ok": not isinstance(st, Exception),
-                **({"status": st.to_dict()} if not isinstance(st, Exception)
-                   else {"error": f"{type(st).__name__}: {st}"})} for a, st in results.items()]
-        if sup_view is not None:
-            doc = {"supervisor": sup_view, "nodes": doc}  # type: ignore[assignment]
-        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        # One shape whatever was asked: the supervisor's view (null when not
+        # asked) and the nodes, roles and states by name as in the table.
+        nodes_doc = []
+        for a, st in results.items():
+            if isinstance(st, Exception):
+                nodes_doc.append({"address": a, "ok": False,
+                                  "error": f"{type(st).__name__}: {st}"})
+                continue
+            d = st.to_dict()
+            d["role"], d["follower_state"] = st.role.name, st.follower_state.name
+            nodes_doc.append({"address": a, "ok": True, "status": d})
+        sys.stdout.write(json.dumps({"supervisor": sup_view, "nodes": nodes_doc}, indent=1)
+                         + "\n")
     else:
         if sup_view is not None:
             sys.stdout.write(f"supervisor: {sup_view.get('note', '')}\n"
@@ -938,6 +945,11 @@ def _own_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # --app MODULE:CLASS is imported from the working directory first, as
+    # 'python3 -m zrepl' does: the installed console script would otherwise
+    # see only its own bin directory and the installed packages.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

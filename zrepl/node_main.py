@@ -106,10 +106,14 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         raise SetupError(str(exc)) from None
     raise_fd_limit()
     app = load_app(app_spec)
+    # a directory this run creates goes again if the node cannot start (an
+    # address it cannot bind, say): nothing of a node that never ran is kept
+    created = not os.path.exists(data)
     try:
         storage = FileStorage(data, config=config)
     except ReplicationError as exc:
         raise SetupError(str(exc)) from None
+    started = False
     server: MetricsServer | None = None
     readers: ReaderPool | None = None
     try:
@@ -123,6 +127,7 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
             replica.start()
         except (ReplicationError, ValueError) as exc:
             raise SetupError(str(exc)) from None
+        started = True
         if config.readers:
             try:
                 readers = ReaderPool(replica, app_spec, config.readers,
@@ -161,6 +166,8 @@ def run_node(app_spec: str, data: str, listen: str, config: Config,
         except StorageError as exc:
             # (a full disk: what the WAL holds is whole, and a restart replays it)
             raise SetupError(f"could not close {data}: {exc}") from None
+        if created and not started:
+            shutil.rmtree(data, ignore_errors=True)
 
 
 # --- reader processes (docs/shared.md) ---------------------------------------------------

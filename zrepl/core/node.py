@@ -338,14 +338,16 @@ class NodeCore:
         else:
             self.leader_id = leader_id
             self.role = role
+            # (a handover, or a restarted leader rejoining: expected, INFO)
+            expected = bool(self.successor) or self.epoch_spent
             self.epoch_spent = False
-            handed_over, self.successor = bool(self.successor), ""
+            self.successor = ""
             out.append(Persist(role=role, leader_id=leader_id))
             if was == NodeRole.LEADER:
                 out.append(FailPending(NotLeader(f"{self.address} stepped down",
                                                  self.leader_address)))
                 out.append(ReadsReady())
-                out.append(Log(INFO if handed_over else WARNING,
+                out.append(Log(INFO if expected else WARNING,
                                f"stepped down to {role.name} (leader_id {leader_id})"))
         if leader_id != current or was != role:
             out += self._restart_link("role or epoch changed", now)

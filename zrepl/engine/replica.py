@@ -228,8 +228,6 @@ class Replica(Node):
             finally:
                 self.applier.rebuilding = False
         st = self.storage
-        if st.address() != self.address:
-            st.set_address(self.address)
         self.core = NodeCore(self.address, self.config, role=st.role(), leader_id=st.leader_id(),
                              history=st.epoch_history(), follower=st.follower_address(),
                              position=position, sessions=sessions, rng=self.rng,
@@ -243,6 +241,8 @@ class Replica(Node):
             if self._own_transport:
                 self.transport.close()
             raise
+        if st.address() != self.address:  # (only an address it could bind)
+            st.set_address(self.address)
         self.core.running = True
         if self.transport.threaded:
             self._wake_r, self._wake_w = os.pipe()
@@ -253,8 +253,10 @@ class Replica(Node):
             self._thread.start()
         else:
             self.engine_ident = threading.get_ident()
-        self.log.info("serving: role %s, leader_id %d, WAL %d..%d, applied %d",
-                      st.role().name, st.leader_id(), st.min_wal(), st.max_wal(), position)
+        self.log.info("serving: role %s, leader_id %d, WAL %d..%d, applied %d%s",
+                      st.role().name, st.leader_id(), st.min_wal(), st.max_wal(), position,
+                      " (restarted: it writes nothing more in that epoch and waits for the "
+                      "supervisor to give it a role)" if self.core.epoch_spent else "")
         return self
 
     def _open_store(self) -> None:

@@ -404,3 +404,28 @@ def test_a_node_that_cannot_bind_leaves_no_data_directory_and_no_address_behind(
         one_line_error(run("node", "--app", "workers.kv:KV", "--data", str(used),
                            "--listen", bad), "127.0.0.1")
         assert json.loads((used / "meta.json").read_text())["address"] == good
+
+
+def test_the_embedded_engine_logs_through_logging_only(tmp_path):
+    """(issue "day-two operations") no bare lines on stderr from a library:
+    silent until the application configures logging, then in its format."""
+    from .helpers.cluster import ROOT
+    script = (
+        "import logging, sys, zrepl\n"
+        "from workers.kv import KV\n"
+        "if sys.argv[1] == 'configured':\n"
+        "    logging.basicConfig(format='APP %(levelname)s %(name)s %(message)s')\n"
+        f"r = zrepl.Replica(KV(), zrepl.FileStorage({str(tmp_path)!r} + '/' + sys.argv[1]), "
+        f"address='ipc://{tmp_path}/n.sock')\n"
+        "r.start()\n"
+        "r.set_role(zrepl.NodeRole.LEADER, 1)\n"
+        "r.stop()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    quiet = subprocess.run([sys.executable, "-c", script, "quiet"], capture_output=True,
+                           text=True, timeout=60, env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", script, "configured"], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert loud.returncode == 0
+    assert [line for line in loud.stderr.splitlines() if "now LEADER" in line][0].startswith(
+        "APP WARNING zrepl.replica"), loud.stderr

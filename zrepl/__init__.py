@@ -4,6 +4,8 @@ The public surface is documented in the README and ``docs/``; everything
 listed in ``__all__`` is stable.
 """
 
+import logging as _logging
+
 from .core.config import Config
 from .core.errors import (CorruptStorage, FollowerMismatch, NotLeader, PermissionDenied,
                           ProtocolError, ReplicationError, SessionExpired, StaleLeader,
@@ -19,6 +21,13 @@ from .engine.supervisor import Supervisor
 from .core.types import FollowerState, NodeRole, NodeStatus, WALEntry
 
 __version__ = "0.1.0"
+
+# A library logs through ``logging`` only: without a handler configured by
+# the application, Python's last-resort handler would print bare WARNING
+# lines on stderr.  The zrepl processes (node, supervisor) configure their
+# own; an embedding application sees zrepl's events once it configures
+# logging (``logging.basicConfig()``, say).
+_logging.getLogger("zrepl").addHandler(_logging.NullHandler())
 
 __all__ = [
     "App", "Client", "Config", "CorruptStorage", "FileStorage", "Follower", "FollowerMismatch",

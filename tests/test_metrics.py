@@ -181,3 +181,21 @@ def test_reader_processes_count_their_reads_in_the_nodes_metrics():
         assert len(list(counters.iterdir())) == 2  # one file per reader process
         node.stop()
         assert not counters.exists()
+
+
+def test_a_node_with_readers_and_metrics_exits_promptly_on_sigterm():
+    """(issue "day-two operations": it took 2-5 s after logging "stopped")
+    The readers and the metrics server each notice within a tenth of a
+    second; the bound here is generous (the figure is ~0.2 s)."""
+    import signal
+    import time
+
+    from .helpers.cluster import Cluster
+    with Cluster() as c:
+        node = c.node("A", readers=2, metrics=f"127.0.0.1:{free_tcp_base(1)}").start()
+        wait_for(lambda: node.status().extra["readers"] == 2, 20, "2 readers")
+        t = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(timeout=30) == 0
+        took = time.monotonic() - t
+        assert took < 2.0, f"{took:.2f} s from SIGTERM to exit"

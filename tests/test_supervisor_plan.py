@@ -696,3 +696,23 @@ def test_removal_refusals():
     assert "switch over first" in removal_refused(ORDER, mem, A)
     assert "not a member" in removal_refused(ORDER, mem, "tcp://x:1")
     assert "last synchronous copy" in removal_refused([A, B], mem, B)
+
+
+def test_a_poll_missed_now_and_then_is_not_news(caplog):
+    """(issue "day-two operations") under CPU load a leader's poll is late
+    now and then: one DEBUG line, and the steady state is not said again."""
+    from zrepl.engine.clock import FakeClock
+    from zrepl.engine.inmem import InmemNetwork, InmemTransport
+    from zrepl.engine.supervisor import Supervisor
+    sup = Supervisor(ORDER, config=CFG, transport=InmemTransport(InmemNetwork(FakeClock()), "sup"))
+    sup.memory = steady_memory()
+    caplog.set_level(logging.DEBUG, logger="zrepl.supervisor")
+    blip = dict(steady())
+    blip[A] = None
+    for now, obs in [(1.0, steady()), (1.1, blip), (1.2, steady()), (1.3, blip), (1.4, steady())]:
+        sup.tick_with(obs, now)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(info) == 1 and info[0].startswith(f"leader {A} (epoch 1)"), info
+    assert debug == [f"leader {A} missed 1 poll(s)"] * 2
+    sup.close()

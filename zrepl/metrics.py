@@ -264,7 +264,8 @@ class MetricsServer:
         self._server = make_server(host, port, app, ThreadingWSGIServer,
                                    handler_class=Quiet)  # OSError if taken
         self.address = self._server.server_address
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        # (polled every 0.05 s: a stopping node does not wait half a second)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name="zrepl-metrics", daemon=True)
 
     def start(self) -> "MetricsServer":

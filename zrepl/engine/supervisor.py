@@ -105,6 +105,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._opened = False
         self._last_note: str | None = None
+        self._last_steady: str | None = None  # the last note not about a missed poll
         # a switchover an operator asked for: the request to answer, when
         # the old leader was told to step down, and (once promoted) the
         # new leader and epoch that must become writable
@@ -347,8 +348,8 @@ class Supervisor:
         """Plan from ``observed`` and keep the memory (the new epoch is
         durable before any call carries it)."""
         result = plan(self.nodes, observed, self.memory, self.config, now)
-        if result.memory.members != self.nodes:
-            self.nodes = list(result.memory.members)
+        if result.memory.members and result.memory.members != self.nodes:
+            self.nodes = list(result.memory.members)  # (a removal)
         for level, text in result.events:
             log.log(level, "%s", text)
         if result.new_epoch:
@@ -356,9 +357,18 @@ class Supervisor:
         self.memory = result.memory
         if result.new_epoch or result.persist:
             self._save_state()
-        if result.memory.note != self._last_note:
-            log.info("%s", result.memory.note)
-            self._last_note = result.memory.note
+        note = result.memory.note
+        if note != self._last_note:
+            # A poll missed now and then (a busy machine) is not news: DEBUG,
+            # and the steady state it interrupted is not said again after.
+            # Declaring a node dead and what follows come as events.
+            if note.endswith("poll(s)") and " missed " in note:
+                log.debug("%s", note)
+            elif note != self._last_steady:
+                log.info("%s", note)
+            if not (note.endswith("poll(s)") and " missed " in note):
+                self._last_steady = note
+            self._last_note = note
         return result
 
     def _send_calls(self, now: float) -> None:

@@ -538,7 +538,8 @@ def _fmt_members(members: list[dict]) -> str:
     rows = [("NODE", "ROLE", "ANSWERS", "SYNCHRONOUS", "WAL")]
     for m in members:
         rows.append((m["address"], m["role"] + (" (leaving)" if m["leaving"] else ""),
-                     "yes" if m["answering"] else "NO", "yes" if m["synchronous"] else "no",
+                     "yes" if m["answering"] else "NO",
+                     "-" if m["role"] == "LEADER" else "yes" if m["synchronous"] else "no",
                      "-" if m["wal"] is None else str(m["wal"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n"
@@ -617,6 +618,14 @@ def _progress_every(seconds: float = 2.0) -> Any:
     return say
 
 
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return ""
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from . import backup
     values, _ = settings(args, BACKUP_KEYS, with_config=False)
@@ -641,7 +650,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise CommandError(f"backup failed: {exc}") from None
     sys.stdout.write(f"backed up {m['node']} into {values['out']}: checkpoint at WAL id "
                      f"{m['checkpoint']['wal_id']} + WAL {m['wal']['first']}..{m['wal']['last']} "
-                     f"({(m['checkpoint']['bytes'] + m['wal']['bytes']) / 1e6:.1f} MB), app "
+                     f"({_size(m['checkpoint']['bytes'] + m['wal']['bytes'])}), app "
                      f"{m['app']}\n")
     return 0
 

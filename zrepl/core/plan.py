@@ -55,6 +55,15 @@ What :func:`plan` decides, in order:
    the others answer is deposed (:func:`isolated`): treated as dead, so it
    gets no more renewals, and replaced once its lease has run out.
 
+6. **A planned switchover** (:func:`handover_step`, ``zrepl switchover``):
+   the leader steps down (its epoch spent) while the target is
+   synchronous, and the target is promoted once it holds everything the
+   leader logged - no lease to wait out, the old leader being alive and
+   spent.  Given up when either stops answering or the time runs out.
+7. **Membership** (:func:`removable`, ``zrepl member``): a new member joins
+   at the tail; a leaving one goes to the tail and leaves once another
+   node is synchronous ahead of it.
+
 The synchronous chain is the safety record.  With ``require_sync`` a
 leader cannot acknowledge anything while its chain is broken, so the last
 non-empty synchronous chain still holds every acknowledged write and is

@@ -36,6 +36,13 @@ def test_demo_runs_to_completion_and_removes_everything():
     assert acked > 0
     rows = [line.split() for line in out.splitlines() if re.match(r"^[abc] ", line)]
     assert len(rows) == 3 and all(r[-2:-1] == ["0"] for r in rows), rows  # TWICE column
+    # (issue "day-two operations") the timeline in order, no "0 writes" line,
+    # and no stale lag of the killed leader's old link once it is back
+    times = [float(m.group(1)) for m in re.finditer(r"^\s+(\d+\.\d)s  ", out, re.M)]
+    assert len(times) > 4 and times == sorted(times), out
+    assert not re.search(r"^\s+[\d.]+s\s+0 writes", out, re.M), out
+    after = out[out.index("restarted a;"):out.index("stopped writing")]
+    assert "lag a->" not in after, after
     assert not _root(out).exists()
 
 

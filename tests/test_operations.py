@@ -30,7 +30,7 @@ def test_switchover_under_writes_loses_nothing_and_applies_nothing_twice():
     with Cluster(**SUPERVISED) as c:
         nodes, sup, chain = supervised_chain(c)
         sup.wait_synchronous(2)
-        writer = Writer(c, nodes, timeout=0.5)
+        writer = Writer(c, nodes, timeout=2.0)  # (each write retried for 2 s)
         writer.start()
         try:
             counter = c.client(*nodes, timeout=0.5, retry_for=5.0)
@@ -51,6 +51,7 @@ def test_switchover_under_writes_loses_nothing_and_applies_nothing_twice():
                 assert counter.apply(kv_incr("switches")) == 0
         finally:
             writer.stop()
+        assert writer.failed == 0  # the clients' retries absorbed every pause
         acked = list(writer.acked)
         final = wait_for(lambda: chain_ok(nodes), 30, "the final chain")
         for n in final:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from zrepl import ReplicationError
+from zrepl import NodeRole, ReplicationError
 
 from .helpers import wait_for
 from .helpers.cluster import ROOT, Cluster, kv_incr, kv_set
@@ -144,6 +144,10 @@ def test_the_last_synchronous_copy_cannot_be_removed_and_a_silent_node_cannot_jo
         ghost = f"ipc://{c.root}/ghost.sock"
         out = zrepl("member", "add", "--supervisor", sup.address, ghost)
         assert out.returncode == 1 and "does not answer" in out.stderr, out.stderr
+        stranger = c.node("E").start()
+        stranger.client.set_role(NodeRole.FOLLOWER, 99)  # an epoch this supervisor never issued
+        out = zrepl("member", "add", "--supervisor", sup.address, stranger.address)
+        assert out.returncode == 1 and "never issued" in out.stderr, out.stderr
         assert sup.view()["members"] == [n.address for n in nodes]
         out = zrepl("member", "list", "--supervisor", sup.address, "--json")
         assert out.returncode == 0

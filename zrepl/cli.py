@@ -578,6 +578,11 @@ def cmd_member(args: argparse.Namespace) -> int:
     except ReplicationError as exc:
         raise CommandError(f"{node} does not answer ({exc}): start it first "
                            "(zrepl node ... --listen NODE)") from None
+    view = _ask_supervisor(values, "status", 5.0)
+    if st.leader_id > view.get("max_leader_id", 0):
+        raise CommandError(f"{node} obeys epoch {st.leader_id}, which this supervisor never "
+                           f"issued (largest {view.get('max_leader_id', 0)}): it belongs to "
+                           "another cluster or was given a role by hand; it would be fenced")
     start = time.monotonic()
     _ask_supervisor(values, "member_add", 5.0, address=node)
     sys.stderr.write(f"{node} is a member (it holds WAL {st.position}); joining at the tail\n")

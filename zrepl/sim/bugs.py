@@ -17,7 +17,10 @@ real node.
   epochs than itself;
 - ``no-lease-check``: a leader accepts writes without a valid lease;
 - ``forgetful-session-table``: a retry from a client the session table
-  forgot is taken as a new command.
+  forgot is taken as a new command;
+- ``switchover-without-step-down``: a planned switchover promotes its
+  target as soon as it is synchronous, without the old leader stepping
+  down first (whose lease still runs).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from ..core import plan as plan_module
 from ..core.link import Link
 from ..core.node import NodeCore
 from ..core.errors import NotLeader
@@ -77,6 +81,17 @@ def _lookup_forgetting(self: SessionTable, client_id: bytes, seq: int, active: A
     return _LOOKUP(self, client_id, seq)
 
 
+_HANDOVER_STEP = plan_module.handover_step
+
+
+def _handover_without_step_down(leader: str, observed: Any, alive: Any, dead: Any, mem: Any,
+                                now: float, calls: list, give_up: Any) -> str:
+    target = mem.handover
+    if target in dict(plan_module.synchronous_chain(leader, observed)):
+        return target
+    return _HANDOVER_STEP(leader, observed, alive, dead, mem, now, calls, give_up)
+
+
 BUGS: dict[str, list[tuple[Any, str, Any]]] = {
     "forwarder-calls-empty-follower-synchronous": [
         (NodeCore, "_jump", _jump_without_restart),
@@ -87,6 +102,8 @@ BUGS: dict[str, list[tuple[Any, str, Any]]] = {
                              (NodeCore, "_check_not_behind", lambda self, *args: None)],
     "no-lease-check": [(NodeCore, "check_writable", _writable_without_lease)],
     "forgetful-session-table": [(SessionTable, "lookup", _lookup_forgetting)],
+    "switchover-without-step-down": [(plan_module, "handover_step",
+                                      _handover_without_step_down)],
 }
 
 

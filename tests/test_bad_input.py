@@ -103,6 +103,10 @@ def test_control_endpoints_answer_bad_frames_with_errors(pair):
                 p.control_request("set_role", {"wrong": 1}),
                 p.control_request("set_follower", {"address": "udp://x"}),
                 p.control_request("apply_wal", {"leader_id": 1, "first_id": 1, "datas": [1]}),
+                p.control_request("step_down", {"leader_id": "one", "successor": F.address}),
+                p.control_request("step_down", {"leader_id": 1, "successor": 7}),
+                p.control_request("backup_read", {"wal_id": -1, "offset": 0, "length": 1}),
+                p.control_request("backup_wal", {"start": True, "count": 5}),
             ]
             for payload in bad_calls:
                 with pytest.raises(ProtocolError):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from zrepl import NodeRole, ReplicationError
+from zrepl import NodeRole, ProtocolError, ReplicationError
 
 from .helpers import wait_for
 from .helpers.cluster import ROOT, Cluster, kv_incr, kv_set
@@ -253,3 +253,25 @@ def test_a_returning_old_leader_rejoins_quietly_and_leaves_no_failure_behind():
         assert "ERROR" not in log and "WARNING" not in log.split("serving: role LEADER")[-1], log
         assert "serving: role LEADER" in log and "waits for the supervisor" in log
         assert "INFO zrepl.replica" in log.split("stepped down to FOLLOWER")[0].splitlines()[-1]
+
+
+def test_the_supervisor_answers_bad_operator_calls_with_errors_and_keeps_going():
+    from zrepl.core import protocol as p
+    from zrepl.engine.rpc import RpcClient
+    with Cluster(**SUPERVISED) as c:
+        nodes, sup, chain = supervised_chain(c, names="AB")
+        sup.wait_synchronous(1)
+        with RpcClient(sup.address, 5.0) as rpc:
+            for op, args, why in [("switchover", {"timeout": "soon"}, "timeout must be"),
+                                  ("switchover", {"to": 5}, "not a member"),
+                                  ("member_add", {"address": "udp://x"}, "refused"),
+                                  ("member_remove", {"address": chain[1].address,
+                                                     "timeout": -1}, "timeout must be"),
+                                  ("no_such", {}, "unknown supervisor operation")]:
+                with pytest.raises(ReplicationError, match=why):
+                    p.parse_control_reply(rpc.request(p.control_request(op, args), what=op))
+            reply = rpc.request(b"\x93garbage", what="garbage")
+            with pytest.raises(ProtocolError):
+                p.parse_control_reply(reply)
+        assert sup.view()["members"] == [n.address for n in nodes]
+        assert c.client(*nodes, timeout=0.5).apply(kv_set("still", 1)) == 0

@@ -50,8 +50,10 @@ def test_readme_documents_every_setting():
     missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in text]
     assert not missing, f"README does not document: {missing}"
     for keys in (cli.NODE_KEYS, cli.SUPERVISOR_KEYS, cli.STATUS_KEYS, cli.DEMO_KEYS,
-                 cli.WAL_DUMP_KEYS):
-        missing = [k.name for k in keys if f"`{k.name}`" not in text]
+                 cli.WAL_DUMP_KEYS, cli.SWITCHOVER_KEYS, cli.MEMBER_KEYS, cli.BACKUP_KEYS,
+                 cli.RESTORE_KEYS):
+        missing = [k.name for k in keys if f"`{k.name}`" not in text and
+                   f"`{k.name.upper()}`" not in text and k.name != "action"]
         assert not missing, f"README does not document command keys: {missing}"
 
 

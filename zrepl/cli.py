@@ -464,8 +464,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "role" in sup_view else "something else")
             raise CommandError(f"{supervisor} answered, but not as a supervisor: it looks "
                                f"like {what}; give a supervisor's --listen endpoint")
-        if not nodes:
-            nodes = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", [])))
+        if not nodes:  # every member (a fenced one too), the chain's order first
+            nodes = list(dict.fromkeys(sup_view.get("chain", []) + sup_view.get("dead", []) +
+                                       sup_view.get("members", [])))
     for a in nodes:
         try:
             endpoints(a)

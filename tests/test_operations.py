@@ -222,12 +222,35 @@ def test_online_backup_verify_and_point_in_time_restore_match_the_cluster():
         top = leader.status().max_applied_wal
         wait_for(lambda: r1.status().max_applied_wal == top, 30, "R1 to catch up")
         assert r1.digest() == leader.digest()
+        # the point-in-time copy starts a new cluster: a new epoch above its history
+        r2 = c.nodes["R2"]
+        r3 = c.node("R3")
+        out = zrepl("restore", str(b1), "--data", str(r3.data), "--to-wal", str(mid))
+        assert out.returncode == 0, out.stderr
+        r3.start()
+        (c.root / "new.toml").write_text("\n".join(f"{k} = {json.dumps(v)}"
+                                                   for k, v in SUPERVISED.items()) + "\n")
+        new_sup = subprocess.Popen(
+            [sys.executable, "-m", "zrepl", "supervisor", "--node", r2.address, "--node",
+             r3.address, "--state", str(c.root / "new.state"), "--config",
+             str(c.root / "new.toml")], cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: chain_ok([r2, r3]), 30, "the new cluster's chain")
+            epochs = [e for e, _ in m["epoch_history"]]
+            assert r2.status().leader_id == max(epochs) + 1
+            assert c.client(r2, r3, timeout=0.5).apply(kv_set("new", 1)) == 0
+            held, later = keys_at(mid)
+            assert held <= set(r3.state()) and not (later & set(r3.state()))
+        finally:
+            new_sup.kill()
+            new_sup.wait(timeout=30)
         # damage is found, and nothing is restored from it
         (b1 / "wal.zwal").write_bytes(b"\0" + (b1 / "wal.zwal").read_bytes()[1:])
         out = zrepl("backup", "--verify", str(b1))
         assert out.returncode == 1 and "damaged" in out.stderr, out.stderr
-        out = zrepl("restore", str(b1), "--data", str(c.root / "R3"))
-        assert out.returncode == 1 and "damaged" in out.stderr and not (c.root / "R3").exists()
+        out = zrepl("restore", str(b1), "--data", str(c.root / "R4"))
+        assert out.returncode == 1 and "damaged" in out.stderr and not (c.root / "R4").exists()
         out = zrepl("restore", str(b1), "--data", str(c.root / "R1"))
         assert out.returncode == 1, out.stdout
         out = zrepl("backup", "--node", chain[2].address, "--out", str(b1))

@@ -633,13 +633,28 @@ def test_switchover_whose_target_never_catches_up_gives_the_leader_a_new_epoch()
     assert p.new_epoch == 2 and p.memory.leader == A
 
 
-def test_switchover_is_given_up_when_the_leader_dies_and_failover_takes_over():
+def test_switchover_waits_out_a_missed_poll_and_gives_up_on_a_dead_node():
+    # the target misses a poll right after the step-down (a busy machine):
+    # wait - neither give up nor let the spent-epoch rule re-promote the leader
+    obs = steady()
+    obs[A].extra.update(epoch_spent=True, stepped_down=True)
+    obs[B] = None
+    p = plan(ORDER, obs, _switching(), CFG, now=1.0)
+    assert p.handover is None and p.calls == [] and p.new_epoch == 0
+    assert "waiting for" in p.memory.note and p.memory.handover == B
+    obs[B] = steady()[B]
+    p = plan(ORDER, obs, p.memory, CFG, now=1.1)
+    assert p.handover == (True, f"{B} leads epoch 2")
+    # the leader dies (missed_heartbeats polls): given up, failover takes over
     mem = _switching()
     obs = steady()
     obs[A] = None
-    p = plan(ORDER, obs, mem, CFG, now=1.0)
+    for i, now in enumerate([1.0, 1.1, 1.2]):
+        p = plan(ORDER, obs, mem, CFG, now=now)
+        mem = p.memory
+        if i < 2:
+            assert p.handover is None and mem.handover == B
     assert p.handover[0] is False and "stopped answering" in p.handover[1]
-    assert p.memory.leader == A and p.new_epoch == 0  # an ordinary missed poll
 
 
 def test_switchover_target_refusals():

@@ -584,18 +584,26 @@ def handover_step(leader: str, observed: dict[str, NodeStatus | None],
     target = mem.handover
     lst = alive.get(leader)
     tst = alive.get(target)
-    if lst is None or leader in dead or lst.role != NodeRole.LEADER or \
-            lst.leader_id != mem.leader_id:
+    if leader in dead or lst is not None and (lst.role != NodeRole.LEADER or
+                                              lst.leader_id != mem.leader_id):
         give_up(f"leader {leader} stopped answering or leading epoch {mem.leader_id}")
         return ""
-    stepped = bool(lst.extra.get("stepped_down"))
-    if lst.extra.get("epoch_spent") and not stepped:
+    if target in dead or target not in alive and target not in mem.misses or \
+            tst is not None and tst.leader_id != mem.leader_id:
+        give_up(f"{target} stopped answering or following epoch {mem.leader_id}")
+        return ""
+    stepped = lst is not None and bool(lst.extra.get("stepped_down"))
+    if lst is not None and lst.extra.get("epoch_spent") and not stepped:
         give_up(f"leader {leader} writes nothing more in epoch {mem.leader_id} (it restarted "
                 "or failed to log)")
         return ""
-    if tst is None or target in dead or tst.leader_id != mem.leader_id:
-        give_up(f"{target} stopped answering or following epoch {mem.leader_id}")
-        return ""
+    if lst is None or tst is None:
+        # A poll missed (a busy machine): not dead yet - wait, within the time
+        if now >= mem.handover_until:
+            give_up(f"{leader if lst is None else target} did not answer in time")
+            return ""
+        return f"wait:switching over to {target}: waiting for {target} to answer" \
+            if stepped else ""
     if not stepped:
         if target in dict(synchronous_chain(leader, observed)):
             calls.append(Call("step_down", leader, leader_id=mem.leader_id, target=target))

@@ -92,7 +92,9 @@ def backup(node: str, out: str | os.PathLike, config: Config | None = None,
         start, size = max((w, s) for w, s in info["checkpoints"])
         last = max(info["max_wal"], start)
         if info["role"] == NodeRole.LEADER.name:
-            last = min(last, max(info["commit_index"], start))  # only what it confirmed
+            # (the WAL tail only to what it confirmed; its checkpoint may hold
+            # a window of writes still in flight - outcome unknown to clients)
+            last = min(last, max(info["commit_index"], start))
         ckpt_sha = hashlib.sha256()
         with open(out / CHECKPOINT, "wb") as f:
             offset = 0

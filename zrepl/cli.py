@@ -836,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Online: the node writes a checkpoint at its current WAL id; it and the "
                     "WAL after it are copied into --out (a new or empty directory) with a "
                     "manifest (App, epoch history, WAL range, SHA-256 of each file), checked "
-                    "before the manifest is written.  From a leader, only what it confirmed.  "
+                    "before the manifest is written.  Back up a follower: it holds what was "
+                    "acknowledged, and the leader is spared the work.  "
                     "--verify DIR checks a backup without restoring it.")
     bk.add_argument("--node", metavar="ENDPOINT", help="the node to back up")
     bk.add_argument("--out", metavar="DIR", help="where to write the backup")

@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,18 @@ from zrepl.local import LocalCluster, free_tcp_base, wait_until  # noqa: E402,F4
 
 def tcp_address() -> str:
     return f"tcp://127.0.0.1:{free_tcp_base()}"
+
+
+def bare_round_trips(sock: Any, n: int, payload: bytes) -> list[float]:
+    """``n`` REQ/REP round trips of ``payload`` on ``sock`` (to an echo), in
+    seconds: the bare ZeroMQ reference the scripts compare against."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        sock.send(payload)
+        sock.recv()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def pct(samples: list[float], q: float) -> float:

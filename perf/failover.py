@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import ECHO_SERVER, Workdir, tcp_address, wait_until
+from _common import ECHO_SERVER, Workdir, bare_round_trips, pct, tcp_address, wait_until
 
 from zrepl import Client, Config, FollowerState, NodeClient, NodeRole, ReplicationError  # noqa: E402
 
@@ -122,14 +122,9 @@ def switchovers(args: argparse.Namespace) -> int:
         ctx = zmq.Context.instance()
         req = ctx.socket(zmq.REQ)
         req.connect(echo_addr)
-        samples = []
-        for _ in range(500):
-            t = time.perf_counter()
-            req.send(b"x" * 64)
-            req.recv()
-            samples.append(time.perf_counter() - t)
+        bare_round_trips(req, 100, b"x" * 64)  # warm up
+        bare = statistics.median(bare_round_trips(req, 400, b"x" * 64))
         req.close(linger=0)
-        bare = statistics.median(samples[100:])
         writer = Writer(addrs, args.client_timeout)
         writer.start()
         try:
@@ -159,19 +154,12 @@ def switchovers(args: argparse.Namespace) -> int:
             writer.halt.set()
             writer.join(timeout=30)
             writer.client.close()
-        final_leader = wait_until(lambda: healthy_chain(addrs), 60, "the final chain")
-        with NodeClient(final_leader) as c:
-            top = c.status().max_wal
-        for a in addrs:
-            wait_until(lambda: (s := status(a)) is not None and s.max_applied_wal >= top, 60,
-                       "replicas to catch up")
-        missing = {a: len(set(writer.acked) - keys_on(a)) for a in addrs}
+        missing = missing_at_the_end(addrs, writer.acked)
     rtt = statistics.median(rtts)
     p50 = statistics.median(gaps)
     print(f"\n{len(gaps)} switchovers under writes; settings require_sync, lease_required")
     print(f"longest gap between acknowledged writes: median {p50 * 1000:.1f} ms, p90 "
-          f"{sorted(gaps)[int(len(gaps) * 0.9) - 1 if len(gaps) >= 10 else -1] * 1000:.1f} ms, "
-          f"max {max(gaps) * 1000:.1f} ms")
+          f"{pct(gaps, 0.9) * 1000:.1f} ms, max {max(gaps) * 1000:.1f} ms")
     print(f"the supervisor's reported pause: median {statistics.median(reported) * 1000:.1f} ms")
     print(f"bare pyzmq REQ/REP round trip to another process (idle, same run): median "
           f"{bare * 1e6:.0f} µs; write gap / round trip = {p50 / bare:.0f}x")
@@ -186,6 +174,18 @@ def switchovers(args: argparse.Namespace) -> int:
                                                "rtt": rtt, "bare": bare, "missing": missing},
                                               indent=1))
     return 0 if not any(missing.values()) else 1
+
+
+def missing_at_the_end(addrs: list[str], acked: list[str]) -> dict[str, int]:
+    """Once the chain is whole and every node applied the leader's last
+    entry: how many acknowledged keys each node lacks."""
+    final_leader = wait_until(lambda: healthy_chain(addrs), 60, "the final chain")
+    with NodeClient(final_leader) as c:
+        top = c.status().max_wal
+    for a in addrs:
+        wait_until(lambda: (s := status(a)) is not None and s.max_applied_wal >= top, 60,
+                   "replicas to catch up")
+    return {a: len(set(acked) - keys_on(a)) for a in addrs}
 
 
 def keys_on(address: str) -> set[str]:
@@ -249,14 +249,7 @@ def main() -> int:
             writer.halt.set()
             writer.join(timeout=30)
             writer.client.close()
-        wait_until(lambda: healthy_chain(addrs), 60, "the final chain")
-        final_leader = healthy_chain(addrs)
-        with NodeClient(final_leader) as c:
-            top = c.status().max_wal
-        for a in addrs:
-            wait_until(lambda: (s := status(a)) is not None and s.max_applied_wal >= top, 60,
-                       "replicas to catch up")
-        missing = {a: len(set(writer.acked) - keys_on(a)) for a in addrs}
+        missing = missing_at_the_end(addrs, writer.acked)
     print(f"\n{len(times)} failovers; settings: heartbeat_interval {cfg.heartbeat_interval}s, "
           f"missed_heartbeats {cfg.missed_heartbeats}, lease {cfg.lease}s x "
           f"{cfg.lease_margin}, require_sync, lease_required; client timeout "

@@ -35,7 +35,8 @@ from pathlib import Path
 import psutil
 import zmq
 
-from _common import (ECHO_SERVER, RELAY_C_SERVER, RELAY_SERVER, Workdir, keys_for, pct,
+from _common import (ECHO_SERVER, RELAY_C_SERVER, RELAY_SERVER, Workdir, bare_round_trips,
+                     keys_for, pct,
                      process_stats, tcp_address, wait_until)
 
 from workers.kv import KV  # noqa: E402
@@ -44,16 +45,6 @@ from zrepl import (Config, FileStorage, FollowerState, NodeClient, NodeRole, Rep
 
 RELAYS = {"Python": RELAY_SERVER, "C": RELAY_C_SERVER}
 VALUE = b"v" * 50  # ("set", "k12345", VALUE) encodes to 64 bytes
-
-
-def bare_round_trips(sock: zmq.Socket, n: int, payload: bytes) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        sock.send(payload)
-        sock.recv()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def commits(manager, n: int, start: int) -> list[float]:

@@ -43,7 +43,7 @@ from .engine.remote import NodeClient
 from .storage.file import FileStorage
 from .storage.fsutil import atomic_write, fsync_dir
 from .storage.snapshot import (FILE_HEADER, FILE_MAGIC, FORMAT, FrameReader, FrameWriter,
-                               checkpoint_name, read_checkpoint)
+                               checkpoint_name, frame, read_checkpoint)
 
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.zck"
@@ -74,14 +74,14 @@ def backup(node: str, out: str | os.PathLike, config: Config | None = None,
     out = Path(out)
     _empty_dir(out, "backup directory")
     with NodeClient(node, timeout=30.0, config=config) as c:
-        info = c.call("backup_info")
+        c.call("backup_info")  # (refuses a node that keeps no checkpoint files)
         wanted = c.checkpoint()
         _say(progress, f"checkpoint at WAL id {wanted} requested from {node}")
         deadline = time.monotonic() + wait
         while True:
             info = c.call("backup_info")
-            have = [w for w, _ in info["checkpoints"] if w >= wanted]
-            if have and not info["checkpoint_running"]:
+            if any(w >= wanted for w, _ in info["checkpoints"]) and \
+                    not info["checkpoint_running"]:
                 break
             if info["checkpoint_error"] and not info["checkpoint_running"]:
                 raise BackupError(f"{node}: {info['checkpoint_error']}")
@@ -109,17 +109,24 @@ def backup(node: str, out: str | os.PathLike, config: Config | None = None,
             f.flush()
             os.fsync(f.fileno())
         n = 0
+        # (hashed as received, like the checkpoint: the check below then
+        # compares the file with what came, not with itself)
+        wal_sha = hashlib.sha256()
         fd = os.open(out / WAL, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, FILE_HEADER.pack(FILE_MAGIC, FORMAT, 0))
             writer = FrameWriter(fd)
+            piece = FILE_HEADER.pack(FILE_MAGIC, FORMAT, 0)
+            wal_sha.update(piece)
+            writer.write_bytes(piece)
             nxt = start + 1
             while nxt <= last:
                 datas = c.call("backup_wal", start=nxt, count=min(WAL_BATCH, last - nxt + 1))
                 if not datas:
                     raise BackupError(f"{node} returned no WAL entries from {nxt} (its WAL ends "
                                       f"at {last}?)")
-                writer.write(["wal", nxt, datas])
+                piece = frame(["wal", nxt, datas])
+                wal_sha.update(piece)
+                writer.write_bytes(piece)
                 nxt += len(datas)
                 n += len(datas)
                 _say(progress, f"WAL: {n} of {last - start} entries")
@@ -135,7 +142,7 @@ def backup(node: str, out: str | os.PathLike, config: Config | None = None,
         "checkpoint": {"file": CHECKPOINT, "wal_id": start, "bytes": offset,
                        "sha256": ckpt_sha.hexdigest()},
         "wal": {"file": WAL, "first": start + 1, "last": start + n,
-                "bytes": (out / WAL).stat().st_size, "sha256": _sha256(out / WAL)},
+                "bytes": (out / WAL).stat().st_size, "sha256": wal_sha.hexdigest()},
     }
     _check(out, manifest)  # what was written reads back whole
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1).encode())

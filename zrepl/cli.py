@@ -360,6 +360,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     transport=values["transport"], keep=values["keep"])
 
 
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as lines of left-aligned columns two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def _fmt_status_table(results: dict) -> str:
     head = ["NODE", "ROLE", "EPOCH", "WAL", "APPLIED", "FOLLOWER", "FOLLOWER STATE", "LAG",
             "LAG s", "SYNC"]
@@ -377,8 +383,7 @@ def _fmt_status_table(results: dict) -> str:
             str(st.follower_lag) if st.follower else "-",
             f"{st.follower_lag_seconds:.3f}" if st.follower else "-",
             ("yes" if st.follower_sync else "no") if st.follower else "-"])
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    lines = _columns([head] + rows)
     if errors:
         lines += ["", "DOWN:"] + [f"  {e}" for e in errors]
     return "\n".join(lines) + "\n"
@@ -434,8 +439,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .core.protocol import endpoints
-    from .engine.rpc import RpcClient
     from .engine.remote import poll_statuses
     from .engine.security import from_config
     values, _ = settings(args, STATUS_KEYS, with_config=False)
@@ -446,18 +449,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CommandError("status needs --node ENDPOINT (repeatable) or --supervisor ENDPOINT")
     try:
         config = Config(key=values["key"], trust=values["trust"])
-        security = from_config(config)
+        from_config(config)  # (a bad key file or trust directory is reported now)
     except (ValueError, ReplicationError) as exc:
         raise CommandError(str(exc)) from None
     sup_view = None
     if supervisor:
-        try:
-            with RpcClient(supervisor, timeout, security=security) as rpc:
-                sup_view = rpc.call("status")
-        except ReplicationError as exc:
-            hint = "" if security is not None or not isinstance(exc, Timeout) else \
-                " (a secured cluster answers only with --key and --trust)"
-            raise CommandError(f"supervisor {supervisor}: {exc}{hint}") from None
+        sup_view = _ask_supervisor(values, "status", timeout)
         if not isinstance(sup_view, dict) or not {"leader", "chain", "synchronous_chain"} \
                 <= set(sup_view):
             what = (f"a node (role {sup_view['role']})" if isinstance(sup_view, dict) and
@@ -469,7 +466,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                                        sup_view.get("members", [])))
     for a in nodes:
         try:
-            endpoints(a)
+            protocol_endpoints(a)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     results = poll_statuses(nodes, timeout=timeout, config=config)
@@ -514,7 +511,11 @@ def _ask_supervisor(values: dict[str, Any], op: str, wait: float, **args: Any) -
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except ReplicationError as exc:
-        hint = " (is it the supervisor's --listen endpoint?)" if isinstance(exc, Timeout) else ""
+        hint = ""
+        if isinstance(exc, Timeout):
+            hint = " (is it the supervisor's --listen endpoint?" + (
+                "" if values["key"] else " A secured cluster answers only with --key and --trust.") \
+                + ")"
         raise CommandError(f"supervisor {supervisor}: {exc}{hint}") from None
 
 
@@ -542,9 +543,7 @@ def _fmt_members(members: list[dict]) -> str:
                      "yes" if m["answering"] else "NO",
                      "-" if m["role"] == "LEADER" else "yes" if m["synchronous"] else "no",
                      "-" if m["wal"] is None else str(m["wal"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n"
-                   for r in rows)
+    return "".join(line + "\n" for line in _columns(rows))
 
 
 def cmd_member(args: argparse.Namespace) -> int:
@@ -625,11 +624,14 @@ def _progress_every(seconds: float = 2.0) -> Any:
 
 
 def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return ""
+    if n < 1024:
+        return f"{n} bytes"
+    size, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
 
 
 def cmd_backup(args: argparse.Namespace) -> int:

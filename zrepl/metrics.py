@@ -192,12 +192,6 @@ def render(st: NodeStatus) -> str:
     return generate_latest(registry).decode()
 
 
-def render_supervisor(view: dict[str, Any], nodes: list[str]) -> str:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(lambda: supervisor_families(view, nodes)))  # type: ignore
-    return generate_latest(registry).decode()
-
-
 # --- reader processes (multiprocess mode) ---------------------------------------------------
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -184,6 +184,8 @@ class Plan:
     # removals that ended this tick: (address, removed, why); a removed
     # node is out of ``memory.members`` already
     removals: list[tuple[str, bool, str]] = field(default_factory=list)
+    # the note is a passing state (a poll missed now and then), not news
+    quiet: bool = False
 
 
 def synchronous_chain(leader: str, observed: dict[str, NodeStatus | None]
@@ -313,10 +315,11 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     handover: list[tuple[bool, str]] = []
     removals: list[tuple[str, bool, str]] = []
 
-    def done(note: str) -> Plan:
+    def done(note: str, quiet: bool = False) -> Plan:
         mem.note = note
+        # (removals are judged at every tick, whichever way it ends)
         for a, until in list(mem.leaving.items()):
-            why = removable(a, order, mem, alive)
+            why = removable(a, mem)
             if why == "":
                 del mem.leaving[a]
                 mem.members = [m for m in (mem.members or order) if m != a]
@@ -331,7 +334,7 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                 removals.append((a, False, why))
                 events.append((WARNING, f"removal of {a} given up: {why}"))
         return Plan(calls, mem, new_epoch, mem.key() != persisted_before, events,
-                    handover[0] if handover else None, removals)
+                    handover[0] if handover else None, removals, quiet)
 
     def give_up(why: str) -> None:
         events.append((WARNING, f"switchover to {mem.handover} given up: {why}"))
@@ -410,9 +413,10 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
     # --- 3. failover (or a planned switchover) ----------------------------------
     successor = ""
     if mem.handover:
-        successor = handover_step(leader, observed, alive, dead, mem, now, calls, give_up)
-        if successor.startswith("wait:"):
-            return done(successor[5:])
+        successor, waiting = handover_step(leader, observed, alive, dead, mem, now, calls,
+                                           give_up)
+        if waiting:
+            return done(waiting)
     if successor:
         new_epoch = promote(successor)
         events.append((INFO, f"switchover: {successor} leads epoch {new_epoch} (it holds "
@@ -434,8 +438,9 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
                                         f"with epoch {new_epoch}"))
         leader = new_leader
     elif leader not in alive:
-        return done(f"leader {leader} " + ("deposed: it reaches no follower" if deposed else
-                                           f"missed {mem.misses.get(leader, 0)} poll(s)"))
+        if deposed:
+            return done(f"leader {leader} deposed: it reaches no follower")
+        return done(f"leader {leader} missed {mem.misses.get(leader, 0)} poll(s)", quiet=True)
     elif alive[leader].role == NodeRole.LEADER and (
             alive[leader].extra.get("epoch_spent") and alive[leader].leader_id == mem.leader_id
             or alive[leader].leader_id < mem.leader_id and not new_epoch and
@@ -564,10 +569,11 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
 
 def handover_step(leader: str, observed: dict[str, NodeStatus | None],
                   alive: dict[str, NodeStatus], dead: set[str], mem: Memory, now: float,
-                  calls: list[Call], give_up: Callable[[str], None]) -> str:
-    """One tick of a planned switchover to ``mem.handover``; returns the
-    node to promote now, ``"wait:" + note`` to do nothing else this tick,
-    or "" to go on as usual (the switchover goes on, or was given up).
+                  calls: list[Call], give_up: Callable[[str], None]) -> tuple[str, str]:
+    """One tick of a planned switchover to ``mem.handover``; returns (the
+    node to promote now, or ""; a note to do nothing else this tick, or
+    "").  Both empty: go on as usual (the switchover goes on, or was given
+    up).
 
     1. While the target is in the leader's synchronous chain (it holds
        every acknowledged write), the leader is told to ``step_down``: it
@@ -587,41 +593,40 @@ def handover_step(leader: str, observed: dict[str, NodeStatus | None],
     if leader in dead or lst is not None and (lst.role != NodeRole.LEADER or
                                               lst.leader_id != mem.leader_id):
         give_up(f"leader {leader} stopped answering or leading epoch {mem.leader_id}")
-        return ""
+        return "", ""
     if target in dead or target not in alive and target not in mem.misses or \
             tst is not None and tst.leader_id != mem.leader_id:
         give_up(f"{target} stopped answering or following epoch {mem.leader_id}")
-        return ""
+        return "", ""
     stepped = lst is not None and bool(lst.extra.get("stepped_down"))
     if lst is not None and lst.extra.get("epoch_spent") and not stepped:
         give_up(f"leader {leader} writes nothing more in epoch {mem.leader_id} (it restarted "
                 "or failed to log)")
-        return ""
+        return "", ""
     if lst is None or tst is None:
         # A poll missed (a busy machine): not dead yet - wait, within the time
         if now >= mem.handover_until:
             give_up(f"{leader if lst is None else target} did not answer in time")
-            return ""
-        return f"wait:switching over to {target}: waiting for {target} to answer" \
-            if stepped else ""
+            return "", ""
+        return "", (f"switching over to {target}: waiting for {target} to answer"
+                    if stepped else "")
     if not stepped:
         if target in dict(synchronous_chain(leader, observed)):
             calls.append(Call("step_down", leader, leader_id=mem.leader_id, target=target))
         elif now >= mem.handover_until:
             give_up(f"{target} is not synchronous ({tst.role.name}, WAL {tst.position} of "
                     f"{lst.position}); nothing changed")
-        return ""
+        return "", ""
     if tst.position >= lst.position:
-        return target
+        return target, ""
     if now >= mem.handover_until:
         give_up(f"{target} holds WAL {tst.position} of the {lst.position} {leader} logged")
-        return ""
-    return (f"wait:switching over from {leader} to {target}: it holds WAL {tst.position} of "
-            f"{lst.position}")
+        return "", ""
+    return "", (f"switching over from {leader} to {target}: it holds WAL {tst.position} of "
+                f"{lst.position}")
 
 
-def removable(address: str, order: list[str], mem: Memory, alive: dict[str, NodeStatus]
-              ) -> str:
+def removable(address: str, mem: Memory) -> str:
     """May ``address`` leave the membership now?  "" if so, else why not.
 
     Not the leader (switch over first).  Not a node that may hold

@@ -28,6 +28,13 @@ def check_datas(datas: Any) -> list[bytes]:
     return datas
 
 
+def _int_args(op: str, minimum: int, **args: Any) -> None:
+    """ProtocolError unless every argument is an int >= ``minimum``."""
+    for name, v in args.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ProtocolError(f"{op}: {name} must be an int >= {minimum}, got {v!r}")
+
+
 # On a secured node (CURVE keys, see zrepl.engine.security): the calls each
 # role's key may make.  Roles, links, epochs, leases, stop, checkpoints and
 # the state itself are the supervisor's and operators'; the handshake and
@@ -256,9 +263,7 @@ class ControlServer:
     def op_backup_read(self, wal_id: Any, offset: Any, length: Any) -> bytes:
         """Up to ``length`` bytes (at most 4 MiB) of the checkpoint at
         ``wal_id`` from ``offset`` (b"" at its end)."""
-        for name, v in (("wal_id", wal_id), ("offset", offset), ("length", length)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ProtocolError(f"backup_read: {name} must be an int >= 0, got {v!r}")
+        _int_args("backup_read", 0, wal_id=wal_id, offset=offset, length=length)
         store = self.node.checkpointer.store
         path = dict(store.list()).get(wal_id) if isinstance(store, FileCheckpoints) else None
         try:
@@ -273,9 +278,7 @@ class ControlServer:
 
     def op_backup_wal(self, start: Any, count: Any) -> list[bytes]:
         """Up to ``count`` (at most 10,000) raw WAL entries from ``start``."""
-        for name, v in (("start", start), ("count", count)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ProtocolError(f"backup_wal: {name} must be an int >= 1, got {v!r}")
+        _int_args("backup_wal", 1, start=start, count=count)
         st = self.node.storage
         if start < st.min_wal():
             raise ReplicationError(f"WAL entries from {start} are gone (the WAL starts at "

@@ -521,24 +521,21 @@ class Replica(Node):
 
     def set_role(self, role: NodeRole, leader_id: int) -> None:
         role = check_role(role, ProtocolError)
-        self._on_engine(self._set_role, role, leader_id)
+        self._on_engine(self._core_call, "set_role", role, leader_id)
 
-    def _set_role(self, role: NodeRole, leader_id: int) -> None:
+    def _core_call(self, name: str, *args: Any) -> None:
+        """The core's ``name(*args, now)`` - a change of role - under the App
+        lock and the core lock, then its effects (on the engine thread)."""
         with self.applier.lock:
             with self.core_lock:
-                effects = self.core.set_role(role, leader_id, self.clock.now())
+                effects = getattr(self.core, name)(*args, self.clock.now())
             self.run(effects)
 
     def step_down(self, leader_id: int, successor: str) -> None:
         """A planned switchover (see NodeCore.step_down)."""
         successor = self._check_peer(successor, "step_down")
-        self._on_engine(self._step_down, leader_id, successor)
+        self._on_engine(self._core_call, "step_down", leader_id, successor)
 
-    def _step_down(self, leader_id: int, successor: str) -> None:
-        with self.applier.lock:
-            with self.core_lock:
-                effects = self.core.step_down(leader_id, successor, self.clock.now())
-            self.run(effects)
 
     def set_leader(self, address: str) -> None:
         address = self._check_peer(address, "set_leader")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+from dataclasses import dataclass
 import logging
 import os
 import threading
@@ -42,6 +43,24 @@ from .transport import Requester, Router, Transport, ZmqTransport
 log = logging.getLogger("zrepl.supervisor")
 
 IDLE, POLLING, CALLING = "idle", "polling", "calling"
+
+
+@dataclass
+class _Switch:
+    """A switchover an operator asked for, as this process follows it."""
+
+    old_leader: str
+    started: float
+    timeout: float
+    stepped_at: float = 0.0  # when the step-down call went out (the pause starts)
+    promoted: tuple[str, int] | None = None  # (new leader, epoch): must become writable
+    writable_by: float = 0.0  # ... by then, or the switchover ends without it
+    handle: Any = None  # the operator's request, answered when it ends
+
+
+def _check_seconds(value: Any, most: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+        raise ValueError(f"timeout must be a number of seconds in (0, {most:g}], got {value!r}")
 
 
 class Supervisor:
@@ -106,15 +125,7 @@ class Supervisor:
         self._opened = False
         self._last_note: str | None = None
         self._last_steady: str | None = None  # the last note not about a missed poll
-        # a switchover an operator asked for: the request to answer, when
-        # the old leader was told to step down, and (once promoted) the
-        # new leader and epoch that must become writable
-        self._handover_handle: Any = None
-        self._handover_sent_at = 0.0
-        self._handover_new: tuple[str, int, float] | None = None  # (leader, epoch, give up at)
-        self._handover_started = 0.0
-        self._handover_timeout = 5.0
-        self._handover_from = ""
+        self._switch: _Switch | None = None  # a switchover under way (see switchover)
         self._removing: dict[str, Any] = {}  # address -> the request to answer
         # After a restart the old leader may have been renewed just before.
         self.memory.lease_safe_at = self.clock.now() + self.config.lease * self.config.lease_margin
@@ -213,7 +224,7 @@ class Supervisor:
             if not self._waiting and not any(self._calls.values()):
                 self._phase = IDLE
                 self.ticks += 1
-                if self.memory.handover or self._handover_new:
+                if self._switch is not None:
                     self._tick_at = now  # a switchover: poll again at once
         if self._phase == IDLE:
             return max(0.0, self._tick_at - now)
@@ -321,16 +332,17 @@ class Supervisor:
             self._reset(address)
         self.last_observed = dict(self._observed)
         result = self.tick_with(self._observed, now)
-        if result.handover is not None:
+        switch = self._switch
+        if switch is not None and result.handover is not None:
             promoted, why = result.handover
             if promoted:
-                self._handover_new = (self.memory.leader, self.memory.leader_id,
-                                      now + self._handover_timeout)
+                switch.promoted = (self.memory.leader, self.memory.leader_id)
+                switch.writable_by = now + switch.timeout
             else:
-                self._handover_reply(protocol.control_err(ReplicationError(
+                self._switch_ends(protocol.control_err(ReplicationError(
                     f"switchover refused: {why}")))
-        if self._handover_new is not None:
-            self._handover_check(now)
+        if self._switch is not None and self._switch.promoted:
+            self._switch_check(now)
         for address, removed, why in result.removals:
             if removed:
                 self._reset(address)
@@ -362,11 +374,11 @@ class Supervisor:
             # A poll missed now and then (a busy machine) is not news: DEBUG,
             # and the steady state it interrupted is not said again after.
             # Declaring a node dead and what follows come as events.
-            if note.endswith("poll(s)") and " missed " in note:
+            if result.quiet:
                 log.debug("%s", note)
-            elif note != self._last_steady:
-                log.info("%s", note)
-            if not (note.endswith("poll(s)") and " missed " in note):
+            else:
+                if note != self._last_steady:
+                    log.info("%s", note)
                 self._last_steady = note
             self._last_note = note
         return result
@@ -381,8 +393,8 @@ class Supervisor:
                 args = {"role": int(call.role), "leader_id": call.leader_id}  # type: ignore[arg-type]
                 self._send(address, "set_role", args, call, deadline)
             elif call.op == "step_down":
-                if not self._handover_sent_at:
-                    self._handover_sent_at = now
+                if self._switch is not None and not self._switch.stepped_at:
+                    self._switch.stepped_at = now
                 self._send(address, "step_down", {"leader_id": call.leader_id,
                                                   "successor": call.target}, call, deadline)
             elif call.op == "renew":
@@ -403,51 +415,45 @@ class Supervisor:
         synchronous follower); returns the target.  ValueError with the
         reason when it is refused at once; the rest is decided tick by tick
         (:func:`~zrepl.core.plan.handover_step`)."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
-                not 0 < timeout <= 600:
-            raise ValueError(f"timeout must be a number of seconds in (0, 600], got {timeout!r}")
-        if self._handover_new is not None:
+        _check_seconds(timeout, 600)
+        if self._switch is not None:
             raise ValueError("a switchover is under way")
         target = switchover_target(self.nodes, self.memory, to)
         now = self.clock.now() if now is None else now
         self.memory.handover, self.memory.handover_until = target, now + timeout
-        self._handover_timeout = float(timeout)
-        self._handover_sent_at = 0.0
-        self._handover_started = now
-        self._handover_from = self.memory.leader
+        self._switch = _Switch(self.memory.leader, now, float(timeout))
         self._tick_at = min(self._tick_at, now)
         log.info("switchover to %s requested (within %gs)", target, timeout)
         return target
 
-    def _handover_check(self, now: float) -> None:
+    def _switch_check(self, now: float) -> None:
         """After the promotion: is the new leader writable yet (leading its
         epoch with a synchronous follower, or without require_sync)?"""
-        leader, epoch, give_up_at = self._handover_new  # type: ignore[misc]
+        switch = self._switch
+        assert switch is not None and switch.promoted is not None
+        leader, epoch = switch.promoted
         st = self._observed.get(leader)
         writable = st is not None and st.role == NodeRole.LEADER and st.leader_id == epoch and \
             not st.extra.get("epoch_spent") and \
             (st.follower_sync or not st.extra.get("require_sync"))
-        if not writable and now < give_up_at:
+        if not writable and now < switch.writable_by:
             return
-        self._handover_new = None
-        start = self._handover_sent_at or self._handover_started
-        result = {"from": self._handover_from, "leader": leader, "epoch": epoch,
-                  "writable": writable,
-                  "pause_ms": round((now - start) * 1000, 1),
-                  "total_ms": round((now - self._handover_started) * 1000, 1)}
+        start = switch.stepped_at or switch.started
+        result = {"from": switch.old_leader, "leader": leader, "epoch": epoch,
+                  "writable": writable, "pause_ms": round((now - start) * 1000, 1),
+                  "total_ms": round((now - switch.started) * 1000, 1)}
         if writable:
             log.info("switchover done: %s leads epoch %d; writes paused %.1f ms", leader, epoch,
                      result["pause_ms"])
         else:
             log.warning("switchover: %s leads epoch %d but has no synchronous follower yet",
                         leader, epoch)
-        self._handover_reply(protocol.control_ok(result))
+        self._switch_ends(protocol.control_ok(result))
 
-    def _handover_reply(self, reply: bytes) -> None:
-        handle, self._handover_handle = self._handover_handle, None
-        self._handover_sent_at = 0.0
-        if handle is not None and self._router is not None:
-            self._router.reply(handle, reply)
+    def _switch_ends(self, reply: bytes) -> None:
+        switch, self._switch = self._switch, None
+        if switch is not None and switch.handle is not None and self._router is not None:
+            self._router.reply(switch.handle, reply)
 
     # --- membership -------------------------------------------------------------------------
 
@@ -472,9 +478,7 @@ class Supervisor:
         """Begin removing ``address``: it moves to the tail, and leaves once
         the others are synchronous ahead of it (:func:`~zrepl.core.plan.
         removable`).  ValueError with the reason when refused at once."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
-                not 0 < timeout <= 3600:
-            raise ValueError(f"timeout must be a number of seconds in (0, 3600], got {timeout!r}")
+        _check_seconds(timeout, 3600)
         why = removal_refused(self.nodes, self.memory, address)
         if why:
             raise ValueError(why)
@@ -537,7 +541,7 @@ class Supervisor:
                                         args.get("timeout", 5.0))
                     except ValueError as exc:
                         raise ReplicationError(f"switchover refused: {exc}") from None
-                    self._handover_handle = handle  # answered when it ends
+                    self._switch.handle = handle  # type: ignore[union-attr]
                     continue
                 else:
                     raise ProtocolError(f"unknown supervisor operation {op!r} (it answers "

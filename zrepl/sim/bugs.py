@@ -85,10 +85,10 @@ _HANDOVER_STEP = plan_module.handover_step
 
 
 def _handover_without_step_down(leader: str, observed: Any, alive: Any, dead: Any, mem: Any,
-                                now: float, calls: list, give_up: Any) -> str:
+                                now: float, calls: list, give_up: Any) -> tuple[str, str]:
     target = mem.handover
     if target in dict(plan_module.synchronous_chain(leader, observed)):
-        return target
+        return target, ""
     return _HANDOVER_STEP(leader, observed, alive, dead, mem, now, calls, give_up)
 
 

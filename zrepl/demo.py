@@ -214,10 +214,12 @@ class Demo:
                     lags.append(f"{self.names[a]}->{self.names.get(st.follower, '?')} "
                                 f"{st.follower_lag}")
             down = [self.names[a] for a, st in statuses.items() if not isinstance(st, NodeStatus)]
-            self.screen.progress(
-                f"  {tick - self.t0:5.1f}s  {acked:8,d} writes  {len(lat):7,d}/s  "
-                f"p50 {_ms(_pct(lat, 0.5))}  p99 {_ms(_pct(lat, 0.99))}  "
-                f"lag {', '.join(lags) or '-'}" + (f"  down: {', '.join(down)}" if down else ""))
+            if acked:  # (nothing to show before the first acknowledgement: a busy machine)
+                self.screen.progress(
+                    f"  {tick - self.t0:5.1f}s  {acked:8,d} writes  {len(lat):7,d}/s  "
+                    f"p50 {_ms(_pct(lat, 0.5))}  p99 {_ms(_pct(lat, 0.99))}  "
+                    f"lag {', '.join(lags) or '-'}"
+                    + (f"  down: {', '.join(down)}" if down else ""))
             for w in self.writers:
                 if w.error is not None:
                     raise RuntimeError(f"{w.name} failed: {w.error!r}")

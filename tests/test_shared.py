@@ -87,6 +87,79 @@ def test_a_full_map_grows_and_the_batch_is_run_again(data_dir):
         store.close()
 
 
+def test_a_group_of_batches_is_seen_by_readers_only_when_it_ends_and_then_whole(data_dir):
+    store = SharedStore().open(data_dir / "s")
+    reader = SharedReader(data_dir / "s")
+    try:
+        batch(store, 1, ("put", b"k", b"0"))
+        store.begin_group()
+        batch(store, 2, ("put", b"k", b"1"))
+        batch(store, 3, ("put", b"j", b"1"))
+        assert store.get(b"k") == b"1"  # the writer sees its own group
+        assert reader.get(b"k") == (b"0", 1) and reader.get(b"j") == (None, 1)
+        store.end_group()
+        assert reader.get(b"k") == (b"1", 3) and reader.get(b"j") == (b"1", 3)
+        assert store.wal_id == 3
+        store.end_group()  # nothing open: nothing happens
+        assert store.wal_id == 3
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_a_batch_that_fails_in_a_group_keeps_the_group_before_it(data_dir):
+    store = SharedStore().open(data_dir / "s")
+    try:
+        store.begin_group()
+        batch(store, 1, ("put", b"a", b"1"))
+        with pytest.raises(ZeroDivisionError):
+            store.run_batch(lambda: (store.put(b"b", b"2"), 1 / 0), 2)
+        batch(store, 3, ("put", b"c", b"3"))
+        store.end_group()
+        assert [k for k, _ in store.items()] == [b"a", b"c"] and store.wal_id == 3
+    finally:
+        store.close()
+
+
+def test_a_group_that_fills_the_map_is_grown_and_redone_with_the_same_answers(data_dir):
+    store = SharedStore().open(data_dir / "s", map_size=256 * 1024)
+    try:
+        big = b"v" * 1000
+        store.begin_group()
+        answers = [store.run_batch(lambda i=i: [store.put(b"%d-%d" % (i, j), big)
+                                                for j in range(100)] and [i], i + 1)
+                   for i in range(10)]
+        store.end_group()
+        assert answers == [[i] for i in range(10)]
+        assert store.map_size > 256 * 1024
+        assert len(list(store.items())) == 1000 and store.wal_id == 10
+    finally:
+        store.close()
+
+
+def test_a_group_redone_that_answers_differently_breaks_the_store(data_dir):
+    store = SharedStore().open(data_dir / "s", map_size=128 * 1024)
+    calls = []
+
+    def flaky() -> list:
+        calls.append(1)
+        for j in range(60):
+            store.put(b"%d-%d" % (len(calls), j), b"v" * 1000)
+        return [len(calls)]  # a different answer each time it runs
+    try:
+        store.begin_group()
+        store.run_batch(flaky, 1)
+        with pytest.raises(StorageError, match="not deterministic"):
+            for i in range(2, 10):
+                store.run_batch(flaky, i)
+            store.end_group()
+        assert store.broken
+        with pytest.raises(StorageError):
+            batch(store, 20, ("put", b"x", b"y"))
+    finally:
+        store.close()
+
+
 def test_the_map_does_not_grow_under_an_open_snapshot_it_says_so(data_dir):
     store = SharedStore().open(data_dir / "s", map_size=128 * 1024)
     try:

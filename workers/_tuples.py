@@ -21,10 +21,10 @@ def unpack(raw: bytes, what: str) -> Any:
         raise ValueError(f"not a {what}: {exc}") from None
 
 
-def tuple_codec(check: Callable[[Any], None], what: str
-                ) -> tuple[Callable[..., WALEntry], Callable[..., Any]]:
-    """``App.encode_cmd`` and ``App.decode_cmd`` for tuple commands checked
-    by ``check`` (ValueError for a malformed one).  Closures rather than a
+def tuple_codec(check: Callable[[Any], None], what: str) -> tuple[Callable[..., Any], ...]:
+    """``App.encode_cmd``, ``App.decode_cmd`` and their batch forms
+    ``encode_cmds`` and ``decode_cmds`` for tuple commands checked by
+    ``check`` (ValueError for a malformed one).  Closures rather than a
     base class: decode runs once per entry on every replica, and ``check``
     and msgpack are reached without an attribute lookup."""
     unpackb = msgpack.unpackb
@@ -34,15 +34,34 @@ def tuple_codec(check: Callable[[Any], None], what: str
         entry.data = packb(cmd)
         return entry
 
-    def decode_cmd(self: App, entry: WALEntry) -> Any:
+    def decode(data: bytes) -> Any:
         try:
-            cmd = unpackb(entry.data, raw=False, use_list=False)
+            cmd = unpackb(data, raw=False, use_list=False)
         except Exception as exc:
             raise ValueError(f"not a {what}: {exc}") from None
         check(cmd)
         return cmd
 
-    return encode_cmd, decode_cmd
+    def decode_cmd(self: App, entry: WALEntry) -> Any:
+        return decode(entry.data)
+
+    def encode_cmds(self: App, cmds: list, first_id: int) -> list[bytes]:
+        for cmd in cmds:
+            check(cmd)
+        return list(map(packb, cmds))
+
+    def decode_cmds(self: App, datas: list[bytes], first_id: int) -> list:
+        try:
+            cmds = [unpackb(d, raw=False, use_list=False) for d in datas]
+        except Exception:
+            for d in datas:
+                decode(d)  # (raises, naming what is wrong)
+            raise
+        for cmd in cmds:
+            check(cmd)
+        return cmds
+
+    return encode_cmd, decode_cmd, encode_cmds, decode_cmds
 
 
 class Closing:

@@ -47,7 +47,7 @@ def encode(cmd: tuple) -> bytes:
 
 
 class Bank(KV):
-    encode_cmd, decode_cmd = tuple_codec(check, "bank command")
+    encode_cmd, decode_cmd, encode_cmds, decode_cmds = tuple_codec(check, "bank command")
 
     def apply(self, cmds: list) -> list[int]:
         codes: list[int] = []

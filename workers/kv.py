@@ -75,7 +75,7 @@ class KV(App):
     node's data directory when a node runs it, readable by reader processes
     and ``LocalReader``; in memory when the App is used on its own."""
 
-    encode_cmd, decode_cmd = tuple_codec(check, "KV command")
+    encode_cmd, decode_cmd, encode_cmds, decode_cmds = tuple_codec(check, "KV command")
 
     def __init__(self, store: SharedStore | None = None) -> None:
         self.store = store if store is not None else SharedStore()

@@ -46,7 +46,7 @@ def check(cmd: Any) -> None:
 
 
 class Ledger(App):
-    encode_cmd, decode_cmd = tuple_codec(check, "ledger command")
+    encode_cmd, decode_cmd, encode_cmds, decode_cmds = tuple_codec(check, "ledger command")
 
     def __init__(self) -> None:
         self.balances: dict[str, int] = {}

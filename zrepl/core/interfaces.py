@@ -52,6 +52,21 @@ class App(abc.ABC):
     def decode_cmd(self, entry: WALEntry) -> Any:
         """Inverse of :meth:`encode_cmd`."""
 
+    def encode_cmds(self, cmds: list, first_id: int) -> list[bytes]:
+        """Optional: the data of a whole batch, ``cmds[i]`` at WAL id
+        ``first_id + i`` - what :meth:`encode_cmd` gives each, which is
+        what this default calls.  The engine encodes through this method;
+        an App may override it to skip a call and a WALEntry per command
+        (it must give exactly what ``encode_cmd`` would)."""
+        return [self.encode_cmd(c, WALEntry(i)).data for i, c in enumerate(cmds, first_id)]
+
+    def decode_cmds(self, datas: list[bytes], first_id: int) -> list:
+        """Optional: :meth:`decode_cmd` of a whole batch (``datas[i]`` at
+        WAL id ``first_id + i``); overriding it follows the same rule as
+        :meth:`encode_cmds`."""
+        return list(map(self.decode_cmd, map(WALEntry, range(first_id, first_id + len(datas)),
+                                             datas)))
+
     @abc.abstractmethod
     def apply(self, cmds: list) -> list[int]:
         """Apply a batch of decoded commands in order.
@@ -214,11 +229,15 @@ class Storage(abc.ABC):
 
     # --- extensions needed by the engine (epoch history, lifecycle) --------
 
-    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+    def write_wal_data(self, first_id: int, datas: list[bytes], payload: bytes | None = None
+                       ) -> None:
         """Like :meth:`write_wal` for entries ``first_id, first_id+1, ...``
         given by their data only (same checks, same atomicity).  The engine
         uses it on the commit path; implementations may override it to skip
-        building WALEntry objects."""
+        building WALEntry objects.  ``payload``, when given, is ``datas``
+        msgpack-packed (the engine has it from the wire, or packed it once
+        for the wire and the log): a log that stores that encoding may
+        write it as it is."""
         self.write_wal([WALEntry(first_id + i, d) for i, d in enumerate(datas)])
 
     def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:

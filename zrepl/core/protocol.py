@@ -68,7 +68,9 @@ STATE_END = 4
 ACK = 5
 STATE_ZREPL = 6  # zrepl's own state in a state sync (client sessions), before the App's
 
-packb = msgpack.packb
+# one Packer for every message (msgpack.packb would make one per call);
+# pack() runs holding the GIL, so threads may share it
+packb = msgpack.Packer(use_bin_type=True).pack
 
 
 def unpackb(raw: bytes) -> Any:
@@ -258,6 +260,32 @@ def wal_message(leader_id: int, stream: int, first_id: int, datas: list[bytes],
     return packb([PROTOCOL_VERSION, WAL, leader_id, stream, first_id, datas, history])
 
 
+def wal_frame(leader_id: int, stream: int, first_id: int, payload: bytes,
+              history: list | None = None) -> bytes:
+    """:func:`wal_message` around ``payload``, the entries packed already
+    (``packb(datas)``, which the WAL record stores too): the same bytes,
+    without packing the entries a second time."""
+    return b"\x97" + packb((PROTOCOL_VERSION, WAL, leader_id, stream, first_id))[1:] + \
+        payload + packb(history)
+
+
+def wal_payload(raw: bytes, msg: list) -> bytes | None:
+    """The entries of a parsed WAL message (``parse_data``) as they are
+    packed in ``raw``, for the WAL to store without packing them again;
+    None unless the message is framed as :func:`wal_frame` frames it (the
+    caller then packs them itself).  Exact: the bytes before the entries
+    must be the canonical packing of the five values decoded from them, so
+    the entries begin where those end, and a message without a history
+    ends in the one byte of msgpack's nil."""
+    if msg[6] is not None or raw[-1:] != b"\xc0":
+        return None
+    head = packb((PROTOCOL_VERSION, WAL, msg[2], msg[3], msg[4]))
+    n = len(head)
+    if raw[:1] != b"\x97" or raw[1:n] != head[1:]:
+        return None
+    return raw[n:-1]
+
+
 def state_message(kind: int, leader_id: int, stream: int, position: int, payload: Any
                   ) -> bytes:
     """A state-sync data message: STATE_BEGIN (position: the snapshot's WAL
@@ -298,6 +326,27 @@ def parse_data(raw: bytes) -> list:
     if not ok:
         raise errors.ProtocolError(f"data frame of kind {kind!r} has the wrong shape")
     return msg
+
+
+def parse_ack(raw: bytes) -> tuple[int, int, int, bytes, list | None]:
+    """An ack message's (stream, kind, position, codes, error): what
+    :func:`parse_data` checks of an ack, in one pass (acks are read on
+    every commit); ProtocolError if it is not one."""
+    try:
+        msg = unpackb(raw)
+    except Exception as exc:  # msgpack raises several types
+        raise errors.ProtocolError(f"malformed ack: {exc}") from None
+    if type(msg) is list and len(msg) == 7 and msg[0] == PROTOCOL_VERSION and msg[1] == ACK:
+        _, _, stream, kind, position, codes, err = msg
+        if type(stream) is int and type(kind) is int and type(position) is int and \
+                stream >= 0 and kind >= 0 and position >= 0 and type(codes) is bytes and \
+                not len(codes) % 2 and (err is None or type(err) is list):
+            return stream, kind, position, codes, err
+    if type(msg) is list and len(msg) >= 2:
+        _check_version(msg[0])
+        if msg[1] != ACK:
+            raise errors.ProtocolError("expected an ack on the ack endpoint")
+    raise errors.ProtocolError("ack frame has the wrong shape")
 
 
 def _history_ok(h: Any) -> bool:

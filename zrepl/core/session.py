@@ -45,6 +45,12 @@ def wrap_plain(data: bytes) -> bytes:
     return _PLAIN_TAG + data
 
 
+def wrap_plain_all(datas: list[bytes]) -> list[bytes]:
+    """:func:`wrap_plain` of a batch (TypeError if an item is not bytes)."""
+    tag = _PLAIN_TAG
+    return [tag + d for d in datas]
+
+
 def wrap_client(client_id: bytes, seq: int, data: bytes) -> bytes:
     return _CLIENT_HEAD.pack(CLIENT, client_id, seq) + data
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from functools import partial
 from typing import Any, Callable
 
 from ..core.errors import ProtocolError, StorageError
@@ -17,7 +18,6 @@ from ..core.interfaces import App, Storage
 from ..core.protocol import codes_to_bytes
 from ..core.types import WALEntry
 from ..core.session import unwrap
-from ..storage.base import entries_from
 from ..storage.shared import shared_store_of
 
 
@@ -52,11 +52,31 @@ class Applier:
         if last is not None and store.held and not self.rebuilding:
             store.publish(last - len(cmds))  # the cleared state is complete: a live batch follows
         try:
-            return store.run_batch(lambda: self.app.apply(cmds), last)
+            return store.run_batch(partial(self.app.apply, cmds), last)
         except StorageError as exc:
             if store.broken:
                 self.on_broken(exc)
             raise
+
+    def begin_group(self) -> None:
+        """The batches applied until :meth:`end_group` share one store
+        transaction (``SharedStore.begin_group``).  App lock held, and
+        ended before it is released."""
+        if self.store is not None:
+            self.store.begin_group()
+
+    def end_group(self) -> None:
+        """Commit the group.  A store that cannot take it is broken (the
+        node stops; its WAL holds every batch), so this never raises."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            store.end_group()
+        except Exception as exc:  # noqa: BLE001 - the store is broken: the node stops
+            if not store.broken:
+                store.broken = f"shared store: {exc}"
+            self.on_broken(exc)
 
     # the shared store could not be written (disk full, I/O error): the
     # Replica stops (its WAL holds every entry; a restart rebuilds the store)
@@ -88,29 +108,27 @@ class Applier:
                                     "App keeps no zrepl.SharedStore (the same App on every node?)")
             store.run_batch(lambda: store.put_pairs(datas), None)
             return
-        app = self.app
-        self.apply([app.decode_cmd(e) for e in entries_from(1, datas)], None)
+        self.apply(self.app.decode_cmds(datas, 1), None)
 
     def apply_app_datas(self, first: int, app_datas: list[bytes]) -> list[int]:
         """Decode and apply unwrapped WAL entries ``first..``."""
-        app = self.app
-        codes = self.apply([app.decode_cmd(e) for e in entries_from(first, app_datas)],
-                           first + len(app_datas) - 1)
+        codes = self.apply(self.app.decode_cmds(app_datas, first), first + len(app_datas) - 1)
         if len(codes) != len(app_datas):
             raise ValueError(f"App.apply returned {len(codes)} codes for {len(app_datas)} "
                              "commands")
         return codes
 
-    def log_and_apply(self, first: int, datas: list[bytes]
+    def log_and_apply(self, first: int, datas: list[bytes], payload: bytes | None = None
                       ) -> tuple[list[int], bytes, list[tuple[int, bytes, int]]]:
         """A batch from the upstream: checked, logged, applied.  Returns the
-        codes, as bytes, and the client sessions the batch carries."""
+        codes, as bytes, and the client sessions the batch carries.
+        ``payload``: ``datas`` as the wire packed them (written as it is)."""
         try:
             app_datas, sessions = unwrap(datas)  # checked before anything is written
         except (ValueError, TypeError) as exc:
             raise ProtocolError(str(exc)) from None
         try:
-            self.storage.write_wal_data(first, datas)
+            self.storage.write_wal_data(first, datas, payload)
         except StorageError as exc:
             self.follow_the_log(exc, first, len(datas),
                                 lambda: self.apply_app_datas(first, app_datas), sessions)

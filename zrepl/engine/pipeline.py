@@ -26,10 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core import protocol
 from ..core.errors import NotLeader, ProtocolError, ReplicationError, StorageError, Timeout
 from ..core.node import OPEN, WAIT_SYNC, WINDOW_FULL
-from ..core.protocol import ACK, codes_to_bytes
-from ..core.session import wrap_client, wrap_plain
-from ..core.types import WALEntry
-from ..storage.base import entries_from
+from ..core.protocol import codes_to_bytes
+from ..core.session import wrap_client, wrap_plain_all
 from .applier import LoggedDespiteError
 from .sinks import FutureSink, Sink, Submission, WaitSink
 
@@ -173,18 +171,23 @@ class CommitPipeline:
         """The WAL envelopes and the decoded commands of part of a submission."""
         app = self.node.applier.app
         if sub.cmds is not None:
-            cmds = sub.cmds[start:start + count]
-            entries = [app.encode_cmd(c, WALEntry(i)) for i, c in enumerate(cmds, first_id)]
+            cmds = sub.cmds if count == sub.size else sub.cmds[start:start + count]
+            datas = app.encode_cmds(cmds, first_id)
+            if len(datas) != count:
+                raise ReplicationError(f"App.encode_cmds gave {len(datas)} entries for "
+                                       f"{count} commands")
             try:
-                datas = [wrap_plain(e.data) for e in entries]
+                return wrap_plain_all(datas), cmds
             except TypeError:
                 raise TypeError("App.encode_cmd must set entry.data to bytes") from None
-            return datas, cmds
-        raw = sub.datas[start:start + count]  # type: ignore[index]
-        cmds = [app.decode_cmd(e) for e in entries_from(first_id, raw)]
+        raw = sub.datas if count == sub.size else sub.datas[start:start + count]  # type: ignore
+        cmds = app.decode_cmds(raw, first_id)
+        if len(cmds) != count:
+            raise ReplicationError(f"App.decode_cmds gave {len(cmds)} commands for {count} "
+                                   "entries")
         if sub.session is not None:
             return [wrap_client(sub.session[0], sub.session[1], raw[0])], cmds
-        return [wrap_plain(d) for d in raw], cmds
+        return wrap_plain_all(raw), cmds
 
     def _commit_batch(self, first: int, datas: list[bytes], cmds: list,
                       sessions: list[tuple[int, bytes, int]],
@@ -200,10 +203,11 @@ class CommitPipeline:
         node = self.node
         core, lock = node.core, node.core_lock
         last = first + len(datas) - 1
+        payload = protocol.packb(datas)  # once, for the wire and the WAL
         with lock:
             batch, header = core.open_batch(first, last, pieces, now)
         if header is not None:
-            msg = protocol.wal_message(header[0], header[1], first, datas, header[2])
+            msg = protocol.wal_frame(header[0], header[1], first, payload, header[2])
             if not node.downstream.send_wait(msg):
                 with lock:
                     effects = core.link_failed(Timeout(
@@ -211,7 +215,7 @@ class CommitPipeline:
                         f"for {node.config.ack_timeout:g}s or it is gone"), now)
                 node.run(effects)
         try:
-            node.storage.write_wal_data(first, datas)
+            node.storage.write_wal_data(first, datas, payload)
         except StorageError as exc:
             applied = None
             try:
@@ -371,15 +375,13 @@ class CommitPipeline:
     def handle_ack(self, raw: bytes) -> None:
         node = self.node
         try:
-            msg = protocol.parse_data(raw)
-            if msg[1] != ACK:
-                raise ProtocolError("expected an ack on the ack endpoint")
+            stream, kind, position, codes, err = protocol.parse_ack(raw)
         except ProtocolError as exc:
             node.core.counters["dropped_messages"] += 1
             node.log.warning("dropped a bad ack: %s", exc)
             return
         with node.core_lock:
-            effects = node.core.on_ack(msg[2], msg[3], msg[4], msg[5], msg[6], node.clock.now())
+            effects = node.core.on_ack(stream, kind, position, codes, err, node.clock.now())
         if effects:
             node.run(effects)
         if self.pending:

@@ -75,15 +75,25 @@ class UpstreamLink:
 
     def serve(self) -> None:
         """Batches from the upstream, until the forwarding window is full:
-        the upstream then waits (backpressure through the acks)."""
+        the upstream then waits (backpressure through the acks).  The WAL
+        batches of one turn share the App lock and one store transaction
+        (``Applier.begin_group``): each is logged, applied and acknowledged
+        in turn, and the group commits before the lock is let go."""
         node = self.node
         window_full = node.core.window_full
-        for raw in node.endpoints_bound.data.drain(node.config.messages_per_turn):
-            self.handle(raw)
-            if window_full():
-                return
+        applier = node.applier
+        with applier.lock:
+            applier.begin_group()
+            try:
+                for raw in node.endpoints_bound.data.drain(node.config.messages_per_turn):
+                    self.handle(raw)
+                    if window_full():
+                        return
+            finally:
+                applier.end_group()
 
     def handle(self, raw: bytes) -> None:
+        """One data message (App lock held)."""
         node = self.node
         try:
             msg = protocol.parse_data(raw)
@@ -96,49 +106,57 @@ class UpstreamLink:
             node.core.counters["dropped_messages"] += 1
             return
         stream = msg[3]
-        with node.core_lock:
-            if not node.core.accepts(msg[2], stream):
-                return  # not the conversation this node agreed to
         try:
-            with node.applier.lock:
-                if kind == WAL:
-                    self._wal(stream, msg[4], msg[5], msg[6])
-                elif kind == STATE_BEGIN:
-                    self._state_begin(stream, msg[4], msg[5])
-                elif kind == STATE:
-                    self._state_batch(stream, msg[4], msg[5])
-                elif kind == STATE_ZREPL:
-                    with node.core_lock:
-                        node.core.on_state_zrepl(stream, msg[5])
-                    self.send_ack(protocol.ack_message(stream, STATE, msg[4], b""))
-                elif kind == STATE_END:
-                    self._state_end(stream, msg[4], msg[5])
+            if kind == WAL:
+                self._wal(raw, msg)
+                return
+            with node.core_lock:
+                if not node.core.accepts(msg[2], stream):
+                    return  # not the conversation this node agreed to
+            node.applier.end_group()  # (a state sync's messages are not WAL batches)
+            if kind == STATE_BEGIN:
+                self._state_begin(stream, msg[4], msg[5])
+            elif kind == STATE:
+                self._state_batch(stream, msg[4], msg[5])
+            elif kind == STATE_ZREPL:
+                with node.core_lock:
+                    node.core.on_state_zrepl(stream, msg[5])
+                self.send_ack(protocol.ack_message(stream, STATE, msg[4], b""))
+            elif kind == STATE_END:
+                self._state_end(stream, msg[4], msg[5])
         except (ReplicationError, ValueError, TypeError) as exc:
             with node.core_lock:
                 effects = node.core.refuse(stream, kind if kind != STATE_BEGIN else STATE, exc)
             node.run(effects)
 
-    def _wal(self, stream: int, first: int, datas: list, history: list | None) -> None:
+    def _wal(self, raw: bytes, msg: list) -> None:
         """A WAL batch: forwarded first when this node's link forwards (so
         both nodes work at once), then logged and applied; its
-        acknowledgement goes up when the core says."""
+        acknowledgement goes up when the core says.  The entries go on
+        down and into the WAL as the upstream packed them."""
         node = self.node
         core, lock = node.core, node.core_lock
+        stream, first, datas = msg[3], msg[4], msg[5]
         now = node.clock.now()
         last = first + len(datas) - 1
         with lock:
-            batch, header, effects = core.on_wal(stream, first, len(datas), history, now)
+            if not core.accepts(msg[2], stream):
+                return  # not the conversation this node agreed to
+            batch, header, effects = core.on_wal(stream, first, len(datas), msg[6], now)
         if effects:
             node.run(effects)
+        payload = protocol.wal_payload(raw, msg)
         if header is not None:
-            msg = protocol.wal_message(header[0], header[1], first, datas, header[2])
-            if not node.downstream.send_wait(msg):
+            if payload is None:
+                payload = protocol.packb(datas)
+            fwd = protocol.wal_frame(header[0], header[1], first, payload, header[2])
+            if not node.downstream.send_wait(fwd):
                 with lock:
                     effects = core.link_failed(ReplicationError(
                         f"cannot forward to follower {core.link.address}"), now)
                 node.run(effects)
         try:
-            codes, cb, sessions = node.applier.log_and_apply(first, datas)
+            codes, cb, sessions = node.applier.log_and_apply(first, datas, payload)
         except Exception as exc:
             applied = (exc.codes, exc.sessions) if isinstance(exc, LoggedDespiteError) else None
             with lock:

@@ -50,11 +50,11 @@ class SimStorage(MemoryStorage):
         self._not_durable: set[int] = set()  # written, but the fsync failed
         self.failures = 0
 
-    def _append(self, first_id: int, datas: list[bytes]) -> None:
+    def _append(self, first_id: int, datas: list[bytes], payload: bytes | None = None) -> None:
         if self.fail == "write":
             self.failures += 1
             raise StorageError("[Errno 28] No space left on device (simulated)")
-        super()._append(first_id, datas)
+        super()._append(first_id, datas, payload)
         archive = self.archive
         for stale in [k for k in archive if k >= first_id]:
             del archive[stale]  # a log rebuilt from here (after a clear)

@@ -116,7 +116,7 @@ def check_data_batch(first_id: Any, datas: Any, max_wal: int) -> list[bytes]:
     if first_id + len(datas) - 1 >= 2**63:
         raise StorageError("WAL ids must be below 2**63")
     try:
-        b"".join(datas)
+        b"".join(datas)  # every item bytes-like, in one C-level pass
     except TypeError:
         bad = next(i for i, d in enumerate(datas)
                    if not isinstance(d, (bytes, bytearray, memoryview)))
@@ -159,9 +159,14 @@ class BaseStorage(Storage):
     def _save_meta(self) -> None:
         raise NotImplementedError
 
-    def _append(self, first_id: int, datas: list[bytes]) -> None:
-        """Append a batch already checked against ``max_wal()``.  Lock held."""
+    def _append(self, first_id: int, datas: list[bytes], payload: bytes | None = None) -> None:
+        """Append a batch already checked against ``max_wal()`` (``payload``:
+        ``datas`` msgpack-packed, if the caller has it).  Lock held."""
         raise NotImplementedError
+
+    def _max_wal(self) -> int:
+        """``max_wal()`` with the lock held."""
+        return self.max_wal()
 
     def _check_open(self) -> None:
         """Raise StorageError if the storage was closed."""
@@ -174,12 +179,13 @@ class BaseStorage(Storage):
             if datas:
                 self._append(entries[0].wal_id, datas)
 
-    def write_wal_data(self, first_id: int, datas: list[bytes]) -> None:
+    def write_wal_data(self, first_id: int, datas: list[bytes], payload: bytes | None = None
+                       ) -> None:
         with self._lock:
             self._check_open()
-            check_data_batch(first_id, datas, self.max_wal())
+            check_data_batch(first_id, datas, self._max_wal())
             if datas:
-                self._append(first_id, datas)
+                self._append(first_id, datas, payload)
 
     def read_wal(self, start_id: int, max_count: int) -> list[WALEntry]:
         return entries_from(start_id, self.read_wal_data(start_id, max_count))
@@ -260,7 +266,7 @@ class MemoryStorage(BaseStorage):
     def _save_meta(self) -> None:
         pass
 
-    def _append(self, first_id: int, datas: list[bytes]) -> None:
+    def _append(self, first_id: int, datas: list[bytes], payload: bytes | None = None) -> None:
         if not self._datas:
             self._first = first_id
         self._datas.extend(map(bytes, datas))  # own copies of bytearray/memoryview

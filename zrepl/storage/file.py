@@ -22,6 +22,7 @@ from .fsutil import DirLock, atomic_write, make_dir
 from .base import (
     EMPTY_META,
     BaseStorage,
+    check_data_batch,
     check_epoch_history,
     check_id,
     check_read,
@@ -118,8 +119,22 @@ class FileStorage(BaseStorage):
             raise StorageError(f"storage {self.path} is closed")
 
     # --- WAL ---------------------------------------------------------------------
-    def _append(self, first_id: int, datas: list[bytes]) -> None:
-        self._wal.append(first_id, datas)
+    def _append(self, first_id: int, datas: list[bytes], payload: bytes | None = None) -> None:
+        self._wal.append(first_id, datas, payload)
+
+    def write_wal_data(self, first_id: int, datas: list[bytes], payload: bytes | None = None
+                       ) -> None:
+        # (BaseStorage's, with its steps inlined: this is on every node's commit path)
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"storage {self.path} is closed")
+            wal = self._wal
+            check_data_batch(first_id, datas, wal.max_id)
+            if datas:
+                wal.append(first_id, datas, payload)
+
+    def _max_wal(self) -> int:
+        return self._wal.max_id
 
     def read_wal_data(self, start_id: int, max_count: int) -> list[bytes]:
         check_read(start_id, max_count)

@@ -171,6 +171,9 @@ class SharedStore:
         self._lock_fd = -1
         self._txn: lmdb.Transaction | None = None
         self._txn_thread = 0
+        # batches applied in the open transaction: (fn, wal_id, result);
+        # None outside a group (see begin_group)
+        self._group: list[tuple[Callable[[], Any], int | None, Any]] | None = None
         self._held = False  # a rebuild: the next generation waits for publish()
         self._wal_id = 0  # of the last committed batch that carried one
         self._snapshots = 0  # open read snapshots (the map cannot grow under them)
@@ -241,6 +244,11 @@ class SharedStore:
     def close(self) -> None:
         """Release the environment and the writer's lock (the published
         generation stays for readers and the next writer).  Idempotent."""
+        try:
+            self.end_group()  # (the engine ends its groups itself; this is a safety net)
+        except (StorageError, lmdb.Error):
+            pass
+        self._group = None
         self._abort()
         for gen in {id(g): g for g in (self._gen, self._published) if g is not None}.values():
             gen.close()
@@ -273,6 +281,7 @@ class SharedStore:
         """The state being built is complete at ``wal_id``: readers move to
         it; the generation they read before is marked superseded and
         removed."""
+        self.end_group()
         self._held = False
         if self._gen is None:
             self._wal_id = wal_id
@@ -334,7 +343,8 @@ class SharedStore:
         also records ``wal_id`` (None: a state sync or checkpoint batch,
         which has none).  A full map is grown and ``fn`` run again; any
         other failure aborts the transaction (the store is unchanged) and
-        raises."""
+        raises.  Between :meth:`begin_group` and :meth:`end_group` the
+        transaction stays open for the next batch instead."""
         self._need()
         if self.broken:
             raise StorageError(f"{self.broken} (no batch is applied after a failed one; a "
@@ -344,13 +354,73 @@ class SharedStore:
             if wal_id is not None:
                 self._wal_id = wal_id
             return result
+        group = self._group
+        if group is None:
+            return self._apply_all([(fn, wal_id)])[0]
+        if self._txn is None:
+            self._txn = self._gen.env.begin(write=True)  # type: ignore[union-attr]
+            self._txn_thread = get_ident()
+        try:
+            result = fn()
+        except BaseException:
+            # The batches before this one were answered already: they are
+            # committed on their own, then this one runs as run_batch would
+            # alone (a full map grown, anything else raised).
+            self._abort()
+            self._group = []
+            if group:
+                self._apply_all([(f, w) for f, w, _ in group], [r for _, _, r in group])
+            return self._apply_all([(fn, wal_id)])[0]
+        group.append((fn, wal_id, result))
+        return result
+
+    def begin_group(self) -> None:
+        """Batches applied from now until :meth:`end_group` share one write
+        transaction, committed by ``end_group`` (readers see none of them
+        until then, and then all).  The engine groups the batches it
+        applies in one turn under the App lock, and ends the group before
+        it lets go of the lock: no reader, snapshot or other writer can tell
+        the batches were not committed one by one.  The WAL holds them
+        before they are acknowledged, so a crash inside a group loses
+        nothing a restart does not rebuild."""
+        if self._group is None:
+            self._group = []
+
+    def end_group(self) -> None:
+        """Commit the group's transaction (a full map: the group is grown
+        and redone, and each batch must give what it gave the first time)."""
+        group, self._group = self._group, None
+        if not group:
+            return
+        txn = self._txn  # open since the group's first batch
+        assert txn is not None
+        wal_id = next((w for _, w, _ in reversed(group) if w is not None), None)
+        try:
+            if wal_id is not None:
+                txn.put(_POS, _POS_FMT.pack(wal_id, 0), db=self._gen.meta)  # type: ignore
+            txn.commit()
+        except lmdb.Error:
+            self._abort()
+            self._apply_all([(f, w) for f, w, _ in group], [r for _, _, r in group])
+            return
+        self._txn = None
+        if wal_id is not None:
+            self._wal_id = wal_id
+
+    def _apply_all(self, batches: list[tuple[Callable[[], Any], int | None]],
+                   expect: list[Any] | None = None) -> list[Any]:
+        """Run every batch in one write transaction that records the last
+        WAL id among them, and commit it; their results.  ``expect``: what
+        they gave before (a group redone) - different results are a
+        non-deterministic App, and the store is broken."""
+        wal_id = next((w for _, w in reversed(batches) if w is not None), None)
         while True:
             gen = self._gen
             assert gen is not None
             self._txn = gen.env.begin(write=True)
             self._txn_thread = get_ident()
             try:
-                result = fn()
+                results = [fn() for fn, _ in batches]
                 if wal_id is not None:
                     self._txn.put(_POS, _POS_FMT.pack(wal_id, 0), db=gen.meta)
                 self._txn.commit()
@@ -373,7 +443,11 @@ class SharedStore:
             self._txn = None
             if wal_id is not None:
                 self._wal_id = wal_id
-            return result
+            if expect is not None and results != expect:
+                self.broken = (f"shared store {gen.path}: the App answered a batch differently "
+                               "when it was applied again (it is not deterministic)")
+                raise StorageError(self.broken)
+            return results
 
     def _abort(self) -> None:
         txn, self._txn = self._txn, None
@@ -474,6 +548,7 @@ class SharedStore:
         """Every (key, value) in key order, from one read snapshot taken
         *now* (not at the first ``next``): the engine calls it with the App
         lock held and reads it while later batches are applied."""
+        self.end_group()
         self._need()
         if self._mem is not None:
             return iter(sorted(self._mem.items()))
@@ -518,6 +593,7 @@ class SharedStore:
             self._mem.clear()
             return
         if self._held:
+            self.end_group()
             self._abort()
             if self._gen is not self._published and self._gen is not None:
                 self._retire(self._gen)  # an earlier rebuild that never completed

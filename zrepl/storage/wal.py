@@ -88,11 +88,16 @@ def segment_name(first_id: int) -> str:
     return f"{first_id:020d}.wal"
 
 
+def record_head(payload: bytes, first_id: int, count: int, time_ns: int) -> bytes:
+    """The 28-byte header of a record whose payload is ``payload``."""
+    head = RECORD_HEAD.pack(len(payload), first_id, count, time_ns)
+    return head + RECORD_CRC.pack(_crc32(payload, _crc32(head)))
+
+
 def encode_record(first_id: int, datas: list[bytes], time_ns: int) -> tuple[bytes, bytes]:
     """Return (header, payload) of one record."""
     payload = _packb(datas)
-    head = RECORD_HEAD.pack(len(payload), first_id, len(datas), time_ns)
-    return head + RECORD_CRC.pack(_crc32(payload, _crc32(head))), payload
+    return record_head(payload, first_id, len(datas), time_ns), payload
 
 
 @dataclass
@@ -243,6 +248,7 @@ class SegmentedWAL:
         self._closed = False
         self._cond = threading.Condition(lock)
         self._flusher: threading.Thread | None = None
+        self._policy = config.fsync
         make_dir(self.dir)
         self._recover()
         if config.fsync == "batch":
@@ -317,8 +323,10 @@ class SegmentedWAL:
         return self.segments[-1].last_id if self.segments else 0
 
     # --- append -----------------------------------------------------------------
-    def append(self, first_id: int, datas: list[bytes]) -> None:
-        """Append one validated batch (ids contiguous with ``max_id``)."""
+    def append(self, first_id: int, datas: list[bytes], payload: bytes | None = None) -> None:
+        """Append one validated batch (ids contiguous with ``max_id``).
+        ``payload``: ``datas`` msgpack-packed already (the engine has it
+        from the wire or packed it once for both the wire and the log)."""
         if self._broken:
             raise StorageError(f"WAL is unusable after an earlier failure: {self._broken}")
         if self._closed:
@@ -326,37 +334,65 @@ class SegmentedWAL:
         now = self._clock()
         if now < self._last_time:
             now = self._last_time
-        head, payload = encode_record(first_id, datas, now)
-        if len(payload) > self.config.max_batch_bytes:
-            raise StorageError(f"batch of {len(payload)} bytes exceeds max_batch_bytes "
+        if payload is None:
+            payload = _packb(datas)
+        count = len(datas)
+        size = len(payload)
+        if size > self.config.max_batch_bytes:
+            raise StorageError(f"batch of {size} bytes exceeds max_batch_bytes "
                                f"({self.config.max_batch_bytes})")
-        seg = self.segments[-1] if self.segments else None
-        new_seg = seg is None or seg.size >= self.config.segment_bytes
-        if new_seg:
-            seg = self._start_segment(first_id)
-            bufs = [_SEGMENT_HEADER_BYTES, head, payload]
-        else:
-            bufs = [head, payload]
-        assert seg is not None
-        offset = SEGMENT_HEADER.size if new_seg else seg.size
-        total = sum(map(len, bufs))
+        head = record_head(payload, first_id, count, now)
+        segments = self.segments
+        seg = segments[-1] if segments else None
+        if seg is None or seg.size >= self.config.segment_bytes:
+            self._append_new_segment(first_id, count, now, head, payload)
+            return
+        offset = seg.size
+        total = HEAD_SIZE + size
         try:
-            written = os.pwritev(self._wfd, bufs, 0 if new_seg else seg.size)
+            written = os.pwritev(self._wfd, (head, payload), offset)
             if written != total:
                 raise OSError(f"short write ({written} of {total} bytes)")
         except OSError as exc:
-            self._undo_append(seg, new_seg, exc)
+            self._undo_append(seg, False, exc)
             raise StorageError(f"cannot write WAL segment {seg.path}: {exc}") from exc
-        if new_seg:
-            self._add_segment(seg)
         seg.rec_ids.append(first_id)
         seg.rec_offs.append(offset)
-        seg.size += total
-        seg.last_id = first_id + len(datas) - 1
-        seg.max_time_ns = now
-        self._last_time = now
+        seg.size = offset + total
+        seg.last_id = first_id + count - 1
+        seg.max_time_ns = self._last_time = now
+        policy = self._policy
+        if policy == "batch":
+            if self._dirty_since is not None and \
+                    self._unsynced + total < self.config.fsync_bytes:
+                self._unsynced += total  # the flusher knows already
+            else:
+                self._after_write_checked(total, False)
+        elif policy == "always":
+            self._after_write_checked(total, False)
+
+    def _append_new_segment(self, first_id: int, count: int, now: int, head: bytes,
+                            payload: bytes) -> None:
+        seg = self._start_segment(first_id)
+        total = SEGMENT_HEADER.size + len(head) + len(payload)
         try:
-            self._after_write(total, new_seg)
+            written = os.pwritev(self._wfd, (_SEGMENT_HEADER_BYTES, head, payload), 0)
+            if written != total:
+                raise OSError(f"short write ({written} of {total} bytes)")
+        except OSError as exc:
+            self._undo_append(seg, True, exc)
+            raise StorageError(f"cannot write WAL segment {seg.path}: {exc}") from exc
+        self._add_segment(seg)
+        seg.rec_ids.append(first_id)
+        seg.rec_offs.append(SEGMENT_HEADER.size)
+        seg.size = total
+        seg.last_id = first_id + count - 1
+        seg.max_time_ns = self._last_time = now
+        self._after_write_checked(total, True)
+
+    def _after_write_checked(self, nbytes: int, new_seg: bool) -> None:
+        try:
+            self._after_write(nbytes, new_seg)
         except OSError as exc:
             # The batch is in the file, its durability unknown; after a failed
             # fsync a later one may "succeed" without the lost pages (Linux

@@ -8,6 +8,8 @@ import random
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workers.kv import KV, KVClient
 from workers.ledger import (BAD_AMOUNT, EXISTS, INSUFFICIENT_FUNDS, NO_ACCOUNT, OK, Ledger,
@@ -33,6 +35,64 @@ def test_kv_commands_and_codes():
     for bad in [("set", "k"), ("frob", 1), ("incr", "k", "x"), ("set", 5, 1), "x"]:
         with pytest.raises(ValueError):
             kv.encode_cmd(bad, WALEntry(1))
+
+
+_KEYS = st.sampled_from(["a", "b", "c", b"a"])
+_KV_CMDS = st.one_of(
+    st.tuples(st.just("set"), _KEYS, st.integers(-3, 3) | st.text(max_size=3)),
+    st.tuples(st.just("delete"), _KEYS),
+    st.tuples(st.just("incr"), _KEYS, st.integers(-3, 3)),
+    st.tuples(st.just("cas"), _KEYS, st.none() | st.integers(-3, 3), st.integers(-3, 3)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(_KV_CMDS, max_size=12), max_size=6), st.booleans())
+def test_kv_batches_answer_and_end_as_a_dict_model_does(batches, lmdb_store):
+    """KV.apply writes runs of sets in one store call (put_many): batches
+    of any mix give the codes and the state one command at a time on a
+    dict does."""
+    import tempfile
+
+    from zrepl import SharedStore
+    model: dict = {}
+
+    def step(cmd: tuple) -> int:
+        op, key = cmd[0], cmd[1]
+        if op == "set":
+            model[key] = cmd[2]
+            return 0
+        if op == "delete":
+            if key not in model:
+                return 1
+            del model[key]
+            return 0
+        if op == "incr":
+            cur = model.get(key, 0)
+            if type(cur) is not int:
+                return 3
+            model[key] = cur + cmd[2]
+            return 0
+        if key not in model:
+            if cmd[2] is not None:
+                return 1
+            model[key] = cmd[3]
+            return 0
+        if model[key] != cmd[2]:
+            return 2
+        model[key] = cmd[3]
+        return 0
+
+    with tempfile.TemporaryDirectory() as d:
+        store = SharedStore()
+        store.open(d) if lmdb_store else store.open_memory()
+        kv = KV(store)
+        try:
+            for cmds in batches:
+                want = [step(c) for c in cmds]
+                assert store.run_batch(lambda: kv.apply(cmds), None) == want
+            assert kv.data == model
+        finally:
+            store.close()
 
 
 def test_kv_counters_stay_within_what_msgpack_carries():

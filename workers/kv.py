@@ -57,6 +57,9 @@ def encode(cmd: tuple) -> bytes:
 
 
 def check(cmd: Any) -> None:
+    if type(cmd) is tuple and len(cmd) == 3 and cmd[0] == "set" and type(cmd[1]) is str and \
+            len(cmd[1]) < MAX_KEY_BYTES // 4:
+        return  # the commonest command, plainly well-formed (what the checks below find too)
     if not isinstance(cmd, (tuple, list)) or not cmd or cmd[0] not in _ARITY:
         raise ValueError(f"KV command must be (op, ...) with op in {sorted(_ARITY)}; got {cmd!r:.80}")
     if len(cmd) != _ARITY[cmd[0]]:
@@ -86,12 +89,27 @@ class KV(App):
         store = self.store
         get, put = store.get, store.put
         codes = []
+        # runs of sets go to the store in one call (put_many) where no
+        # other command in between reads or changes the store
+        set_keys: list[bytes] = []
+        set_values: list[bytes] = []
         for cmd in cmds:
             op = cmd[0]
-            key = store_key(cmd[1])
-            if op == "set":
-                codes.append(_put_value(put, key, cmd[2]))
-            elif op == "delete":
+            key = cmd[1]
+            key = b"s" + key.encode() if type(key) is str else b"b" + key  # store_key, inline
+            if op == "set":  # (_put_value, inline: the commonest command)
+                raw = packb(cmd[2])
+                if len(raw) > MAX_VALUE_BYTES:
+                    codes.append(TOO_LARGE)
+                else:
+                    set_keys.append(key)
+                    set_values.append(raw)
+                    codes.append(OK)
+                continue
+            if set_keys:
+                _put_all(store, set_keys, set_values)
+                set_keys, set_values = [], []
+            if op == "delete":
                 codes.append(OK if store.delete(key) else NOT_FOUND)
             elif op == "incr":
                 raw = get(key)
@@ -112,6 +130,8 @@ class KV(App):
                     codes.append(_put_value(put, key, new))
                 else:
                     codes.append(COMPARE_FAILED)
+        if set_keys:
+            _put_all(store, set_keys, set_values)
         return codes
 
     def clear_state(self) -> None:
@@ -136,6 +156,13 @@ class KV(App):
         ("scan", prefix, limit) -> msgpack [[key, value], ...] in key order
         (str keys first, then bytes keys; ``limit`` None for all)."""
         return answer_query(request, self.store.get, self.store.scan)
+
+
+def _put_all(store: SharedStore, keys: list[bytes], values: list[bytes]) -> None:
+    if len(keys) == 1:
+        store.put(keys[0], values[0])
+    else:
+        store.put_many(keys, values)
 
 
 def _put_value(put: Any, key: bytes, value: Any) -> int:

@@ -73,8 +73,11 @@ STATE_ZREPL = 6  # zrepl's own state in a state sync (client sessions), before t
 packb = msgpack.Packer(use_bin_type=True).pack
 
 
+_unpackb = msgpack.unpackb
+
+
 def unpackb(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    return _unpackb(raw, raw=False, strict_map_key=False)
 
 
 def _decode(raw: bytes, what: str) -> Any:
@@ -303,24 +306,30 @@ def ack_message(stream: int, kind: int, position: int, codes: bytes,
 
 def parse_data(raw: bytes) -> list:
     """Decode and shape-check a data or ack message; ProtocolError if bad."""
-    msg = _decode(raw, "data frame")
+    try:
+        msg = _unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several types
+        raise errors.ProtocolError(f"malformed data frame: {exc}") from None
     if type(msg) is not list or len(msg) < 2:
         raise errors.ProtocolError("data frame must be an array [version, kind, ...]")
-    _check_version(msg[0])
+    if msg[0] != PROTOCOL_VERSION:
+        _check_version(msg[0])
     kind = msg[1]
-    if kind == ACK:  # the hottest shape first
-        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
+    n = len(msg)
+    if kind == WAL and n == 7:  # the hottest shape first
+        # (item types are checked by Storage.write_wal_data, in one C-level pass)
+        _, _, a, b, c, datas, history = msg
+        ok = (type(a) is int and type(b) is int and type(c) is int and a >= 0 and b >= 0
+              and c >= 0 and type(datas) is list and (history is None or _history_ok(history)))
+    elif kind == ACK:
+        ok = (n == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
               and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
-    elif kind == WAL:
-        # Item types are checked by Storage.write_wal (one C-level pass).
-        ok = (len(msg) == 7 and _uints(msg[2:5]) and type(msg[5]) is list
-              and (msg[6] is None or _history_ok(msg[6])))
     elif kind == STATE:
-        ok = len(msg) == 6 and _uints(msg[2:5]) and type(msg[5]) is list
+        ok = n == 6 and _uints(msg[2:5]) and type(msg[5]) is list
     elif kind in (STATE_BEGIN, STATE_ZREPL):
-        ok = len(msg) == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
+        ok = n == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
     elif kind == STATE_END:
-        ok = len(msg) == 6 and _uints(msg[2:6])
+        ok = n == 6 and _uints(msg[2:6])
     else:
         ok = False
     if not ok:
@@ -333,7 +342,7 @@ def parse_ack(raw: bytes) -> tuple[int, int, int, bytes, list | None]:
     :func:`parse_data` checks of an ack, in one pass (acks are read on
     every commit); ProtocolError if it is not one."""
     try:
-        msg = unpackb(raw)
+        msg = _unpackb(raw, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types
         raise errors.ProtocolError(f"malformed ack: {exc}") from None
     if type(msg) is list and len(msg) == 7 and msg[0] == PROTOCOL_VERSION and msg[1] == ACK:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import os
+import select
 from functools import partial
 from typing import Any, Iterator
 
@@ -44,7 +45,11 @@ POLLOUT = int(zmq.POLLOUT)
 # (routing ids and groups, which zrepl never uses) and zmq.Poller (0.7 and
 # 0.3 µs a call): both sit on the commit path of every node.
 _send = zmq.backend.Socket.send
+_set = zmq.backend.Socket.set
+_get = zmq.backend.Socket.get
 _zmq_poll = zmq.backend.zmq_poll
+RCVTIMEO = int(zmq.RCVTIMEO)
+ZMQ_FD = int(zmq.FD)
 
 
 class Router(abc.ABC):
@@ -184,29 +189,50 @@ class Transport(abc.ABC):
 # --- ZeroMQ ------------------------------------------------------------------------
 
 
-def _drain(sock: zmq.Socket, multipart: bool, limit: int, frames: bool = False) -> Iterator:
-    """Messages waiting on ``sock`` (at most ``limit``), without paying for
-    a zmq.Again exception at the end of every burst; as zmq.Frames (which
-    carry the sender's User-Id) with ``frames``."""
+def _drain(wrapper: "_ZmqSocket", multipart: bool, limit: int, frames: bool = False
+           ) -> Iterator:
+    """Messages waiting on ``wrapper``'s socket (at most ``limit``), without
+    paying for a zmq.Again exception at the end of every burst; as
+    zmq.Frames (which carry the sender's User-Id) with ``frames``.  A drain
+    that saw the socket empty leaves it untouched (see :class:`_ZmqPoller`)."""
+    sock = wrapper.socket
     recv = partial(sock.recv_multipart, copy=False) if frames else \
         sock.recv_multipart if multipart else sock.recv
-    getsockopt = sock.getsockopt
+    wrapper.touched = True
     for _ in range(limit):
         try:
             yield recv(NOBLOCK)
         except zmq.Again:
+            wrapper.touched = False
             return
-        if not getsockopt(EVENTS) & POLLIN:
+        if not _get(sock, EVENTS) & POLLIN:
+            wrapper.touched = False
             return
 
 
 class _ZmqSocket:
-    """What every zrepl socket does alike: non-blocking, closed at once."""
+    """What every zrepl socket does alike: non-blocking, closed at once.
+
+    ``touched``: the socket was used since the engine's poller last asked
+    it whether a message waits - and any use may consume the wake-up of its
+    notification descriptor, so the poller must ask again before it sleeps
+    on that descriptor (:class:`_ZmqPoller`)."""
+
+    touched = True
 
     def __init__(self, sock: zmq.Socket):
         self.socket = sock
+        self._fd = -1
+
+    @property
+    def fd(self) -> int:
+        """The socket's notification descriptor (ZMQ_FD)."""
+        if self._fd < 0:
+            self._fd = _get(self.socket, ZMQ_FD)
+        return self._fd
 
     def send(self, payload: bytes) -> bool:
+        self.touched = True
         try:
             _send(self.socket, payload, NOBLOCK)
             return True
@@ -214,6 +240,7 @@ class _ZmqSocket:
             return False
 
     def recv(self) -> bytes | None:
+        self.touched = True
         try:
             return self.socket.recv(NOBLOCK)
         except zmq.ZMQError:
@@ -225,13 +252,14 @@ class _ZmqSocket:
 
 class _ZmqRouter(_ZmqSocket, Router):
     def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
-        for frames in _drain(self.socket, True, limit):
+        for frames in _drain(self, True, limit):
             if len(frames) < 2:
                 self.dropped += 1
                 continue
             yield frames[:-1], frames[-1]
 
     def reply(self, handle: Any, payload: bytes) -> bool:
+        self.touched = True
         try:
             self.socket.send_multipart(handle + [payload], NOBLOCK)
             return True
@@ -259,7 +287,7 @@ class _SecureRouter(_ZmqRouter):
         self.denied_reply = denied
 
     def drain(self, limit: int) -> Iterator[tuple[Any, bytes]]:
-        for frames in _drain(self.socket, True, limit, frames=True):
+        for frames in _drain(self, True, limit, frames=True):
             if len(frames) < 2:
                 self.dropped += 1
                 continue
@@ -278,21 +306,29 @@ class _ZmqReceiver(_ZmqSocket, Receiver):
     def __init__(self, sock: zmq.Socket):
         super().__init__(sock)
         self._items = [(sock, POLLIN)]
+        self._rcvtimeo = -1
 
     def drain(self, limit: int) -> Iterator[bytes]:
-        return _drain(self.socket, False, limit)
+        return _drain(self, False, limit)
 
     def wait(self, timeout: float) -> bool:
+        self.touched = True
         return bool(_zmq_poll(self._items, max(1, int(timeout * 1000 + 0.999))))
 
     def recv_wait(self, timeout: float) -> bytes | None:
-        # (one Python call on the commit path: the caller reading its ack)
-        if _zmq_poll(self._items, max(1, int(timeout * 1000 + 0.999))):
-            try:
-                return self.socket.recv(NOBLOCK)
-            except zmq.Again:
-                return None
-        return None
+        # The caller reading its ack, on the commit path: a receive that
+        # blocks up to ``timeout`` makes half the system calls of a
+        # zmq_poll and a receive (libzmq polls its mailbox twice in each).
+        ms = max(1, int(timeout * 1000 + 0.999))
+        sock = self.socket
+        self.touched = True
+        if ms != self._rcvtimeo:
+            _set(sock, RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            return sock.recv()
+        except zmq.ZMQError:  # (Again: nothing within the timeout)
+            return None
 
 
 class _SecureReceiver(_ZmqReceiver):
@@ -305,7 +341,7 @@ class _SecureReceiver(_ZmqReceiver):
         self.only_from = only_from
 
     def drain(self, limit: int) -> Iterator[bytes]:
-        for frames in _drain(self.socket, True, limit, frames=True):
+        for frames in _drain(self, True, limit, frames=True):
             frame = frames[-1]
             user = frame.get("User-Id") or ""
             if role_of(user) != "node" or self.only_from is not None and user != self.only_from:
@@ -319,6 +355,7 @@ class _SecureReceiver(_ZmqReceiver):
         return None
 
     def recv_wait(self, timeout: float) -> bytes | None:
+        self.touched = True
         if _zmq_poll(self._items, max(1, int(timeout * 1000 + 0.999))):
             return self.recv()
         return None
@@ -327,6 +364,7 @@ class _SecureReceiver(_ZmqReceiver):
 class _ZmqPusher(_ZmqSocket, Pusher):
     def send_wait(self, payload: bytes, timeout: float) -> bool:
         sock = self.socket
+        self.touched = True
         try:
             _send(sock, payload, NOBLOCK)
             return True
@@ -340,24 +378,60 @@ class _ZmqPusher(_ZmqSocket, Pusher):
 
 class _ZmqRequester(_ZmqSocket, Requester):
     def wait(self, timeout: float) -> bool:
+        self.touched = True
         return bool(self.socket.poll(max(0, int(timeout * 1000)), zmq.POLLIN))
 
 
 class _ZmqPoller(Poller):
+    """Waits on ZeroMQ sockets through their notification descriptors
+    (ZMQ_FD), and on plain descriptors, with one ``poll(2)``.
+
+    libzmq's own zmq_poll asks every socket for its events (a ``poll`` and
+    a ``getpid`` system call each) before it sleeps and again after: ~20
+    system calls a turn for a node's five sockets.  A notification
+    descriptor, though, only turns readable when something happens on the
+    socket, and any use of the socket may consume that; so this poller
+    asks (ZMQ_EVENTS) only the sockets used since it last asked
+    (``touched``, set by every wrapper method) and those whose descriptor
+    turned readable, and otherwise sleeps on the descriptors."""
+
     def __init__(self) -> None:
         self._items: list = []
-        self._polled: list = []  # (socket or fd, POLLIN) of each item
-        self._by_key: dict = {}
+        self._sockets: list = []  # the ZeroMQ items of _items
+        self._by_fd: dict[int, Any] = {}
+        self._poll = select.poll()
 
     def poll(self, items: list, timeout: float) -> set:
         if items != self._items:  # registrations change only when the set does
-            self._by_key = {}
+            self._poll = select.poll()
+            self._by_fd = {}
+            self._sockets = []
             for item in items:
-                self._by_key[item if isinstance(item, int) else item.socket] = item
-            self._polled = [(k, POLLIN) for k in self._by_key]
+                if isinstance(item, int):
+                    fd = item
+                else:
+                    fd = item.fd
+                    item.touched = True  # (new to the set: ask it)
+                    self._sockets.append(item)
+                self._by_fd[fd] = item
+                self._poll.register(fd, select.POLLIN)
             self._items = list(items)
-        by_key = self._by_key
-        return {by_key[k] for k, _ in _zmq_poll(self._polled, max(0, int(timeout * 1000)))}
+        ready = set()
+        for item in self._sockets:
+            if item.touched:
+                if _get(item.socket, EVENTS) & POLLIN:
+                    ready.add(item)  # (stays touched: the caller reads it)
+                else:
+                    item.touched = False
+        by_fd = self._by_fd
+        for fd, _ in self._poll.poll(0 if ready else max(0, int(timeout * 1000))):
+            item = by_fd[fd]
+            if type(item) is int:
+                ready.add(item)
+            elif item not in ready and _get(item.socket, EVENTS) & POLLIN:
+                ready.add(item)
+                item.touched = True
+        return ready
 
 
 class ZmqTransport(Transport):

@@ -174,7 +174,7 @@ class SharedStore:
         # batches applied in the open transaction: (fn, wal_id, result);
         # None outside a group (see begin_group)
         self._group: list[tuple[Callable[[], Any], int | None, Any]] | None = None
-        self._held = False  # a rebuild: the next generation waits for publish()
+        self.held = False  # a rebuild is under way (hold() .. publish()): readers wait
         self._wal_id = 0  # of the last committed batch that carried one
         self._snapshots = 0  # open read snapshots (the map cannot grow under them)
         self._snapshots_lock = threading.Lock()  # they end on other threads
@@ -266,23 +266,18 @@ class SharedStore:
         path = self.root / (_GEN % (max([0, *numbers]) + 1))
         return _Gen.open(path, True, self.map_size)
 
-    @property
-    def held(self) -> bool:
-        """A rebuild is under way (between :meth:`hold` and :meth:`publish`)."""
-        return self._held
-
     def hold(self) -> None:
         """The state is about to be rebuilt (a restart's restore, a state
         sync): the next :meth:`clear` starts a new generation that readers
         see only once :meth:`publish` is called."""
-        self._held = True
+        self.held = True
 
     def publish(self, wal_id: int) -> None:
         """The state being built is complete at ``wal_id``: readers move to
         it; the generation they read before is marked superseded and
         removed."""
         self.end_group()
-        self._held = False
+        self.held = False
         if self._gen is None:
             self._wal_id = wal_id
             return
@@ -345,11 +340,12 @@ class SharedStore:
         other failure aborts the transaction (the store is unchanged) and
         raises.  Between :meth:`begin_group` and :meth:`end_group` the
         transaction stays open for the next batch instead."""
-        self._need()
         if self.broken:
             raise StorageError(f"{self.broken} (no batch is applied after a failed one; a "
                                "restart rebuilds the store from the WAL)")
-        if self._mem is not None:
+        gen = self._gen
+        if gen is None:
+            self._need()
             result = fn()
             if wal_id is not None:
                 self._wal_id = wal_id
@@ -358,7 +354,7 @@ class SharedStore:
         if group is None:
             return self._apply_all([(fn, wal_id)])[0]
         if self._txn is None:
-            self._txn = self._gen.env.begin(write=True)  # type: ignore[union-attr]
+            self._txn = gen.env.begin(write=True)
             self._txn_thread = get_ident()
         try:
             result = fn()
@@ -394,7 +390,10 @@ class SharedStore:
             return
         txn = self._txn  # open since the group's first batch
         assert txn is not None
-        wal_id = next((w for _, w, _ in reversed(group) if w is not None), None)
+        wal_id = None
+        for _, w, _ in group:
+            if w is not None:
+                wal_id = w
         try:
             if wal_id is not None:
                 txn.put(_POS, _POS_FMT.pack(wal_id, 0), db=self._gen.meta)  # type: ignore
@@ -413,14 +412,17 @@ class SharedStore:
         WAL id among them, and commit it; their results.  ``expect``: what
         they gave before (a group redone) - different results are a
         non-deterministic App, and the store is broken."""
-        wal_id = next((w for _, w in reversed(batches) if w is not None), None)
+        wal_id = None
+        for _, w in batches:
+            if w is not None:
+                wal_id = w
         while True:
             gen = self._gen
             assert gen is not None
             self._txn = gen.env.begin(write=True)
             self._txn_thread = get_ident()
             try:
-                results = [fn() for fn, _ in batches]
+                results = [fn() for fn, _ in batches] if len(batches) > 1 else [batches[0][0]()]
                 if wal_id is not None:
                     self._txn.put(_POS, _POS_FMT.pack(wal_id, 0), db=gen.meta)
                 self._txn.commit()
@@ -499,8 +501,8 @@ class SharedStore:
         if self._gen is None:
             self._need()
             return self._mem.get(key, default)  # type: ignore[union-attr]
-        txn = self._batch_txn()
-        if txn is not None:
+        txn = self._txn
+        if txn is not None and self._txn_thread == get_ident():
             value = txn.get(key, db=self._gen.state)
         else:
             gen = self._gen
@@ -518,7 +520,40 @@ class SharedStore:
             self._need()
             self._mem[key] = value  # type: ignore[index]
             return
-        self._write_txn().put(key, value, db=gen.state)
+        txn = self._txn
+        if txn is None or self._txn_thread != get_ident():
+            txn = self._write_txn()  # (raises)
+        txn.put(key, value, db=gen.state)
+
+    def put_many(self, keys: list[bytes], values: list[bytes]) -> None:
+        """``put(keys[i], values[i])`` for every i, in order (a later
+        duplicate wins), in one C-level pass: the same limits as
+        :meth:`put`, checked over the whole lists at once (items may be
+        any bytes-like object)."""
+        if len(keys) != len(values):
+            raise ValueError(f"put_many takes as many keys as values; got {len(keys)} and "
+                             f"{len(values)}")
+        if not keys:
+            return
+        try:  # (bytes.join: every item bytes-like, in C)
+            ok = b"".join(keys) is not None and b"".join(values) is not None and \
+                min(map(len, keys)) > 0 and max(map(len, keys)) <= MAX_KEY_BYTES and \
+                max(map(len, values)) <= self.max_value_bytes
+        except TypeError:
+            ok = False
+        if not ok:
+            for key, value in zip(keys, values):
+                check_kv(key, value, self.max_value_bytes)  # (raises, saying which)
+        gen = self._gen
+        if gen is None:
+            self._need()
+            self._mem.update(zip(keys, values))  # type: ignore[union-attr]
+            return
+        txn = self._txn
+        if txn is None or self._txn_thread != get_ident():
+            txn = self._write_txn()  # (raises)
+        with txn.cursor(db=gen.state) as cur:
+            cur.putmulti(zip(keys, values))
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; whether it was there."""
@@ -592,7 +627,7 @@ class SharedStore:
         if self._mem is not None:
             self._mem.clear()
             return
-        if self._held:
+        if self.held:
             self.end_group()
             self._abort()
             if self._gen is not self._published and self._gen is not None:

@@ -603,10 +603,13 @@ class Replica(Node):
         timeout = min(timeout, self.downstream.pump(now))
         if self.clients.reads:
             timeout = min(timeout, self.clients.answer_reads(now))
-        if self.pipeline.pending and self.config.require_sync:
-            # submissions waiting for a synchronous follower (or their deadline)
+        if self.pipeline.pending:
+            # submissions left queued while this thread held the App lock
+            # (apply_async pokes it), or waiting for a synchronous follower
+            # (or their deadline)
             self.pipeline.flush()
-            timeout = min(timeout, 0.05)
+            if self.config.require_sync:
+                timeout = min(timeout, 0.05)
         timeout = min(timeout, self.checkpointer.tick(now), 0.2)  # the watchdog wants 5 turns/s
         return max(timeout, 0.0)
 

@@ -12,6 +12,11 @@ from typing import Any
 
 import zmq
 
+# pyzmq's Cython send and setsockopt, without zmq.Socket's Python layer
+_send = zmq.backend.Socket.send
+_set = zmq.backend.Socket.set
+NOBLOCK, RCVTIMEO = int(zmq.NOBLOCK), int(zmq.RCVTIMEO)
+
 from ..core.config import Config
 from ..core.errors import Timeout
 from ..core.protocol import control_request, parse_control_reply
@@ -33,6 +38,7 @@ class RpcClient:
         self._ctx = context or new_context()
         self._max = max_message_bytes or Config().max_message_bytes
         self._sock: zmq.Socket | None = None
+        self._rcvtimeo = -1  # the socket's receive timeout (ms) as last set
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -54,6 +60,7 @@ class RpcClient:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+            self._rcvtimeo = -1
 
     def request(self, payload: bytes, timeout: float | None = None,
                 what: str = "request") -> bytes:
@@ -61,12 +68,18 @@ class RpcClient:
         t = self.timeout if timeout is None else timeout
         sock = self._socket()
         try:
-            sock.send(payload, zmq.NOBLOCK)
+            _send(sock, payload, NOBLOCK)
         except zmq.Again:
             self.reset()
             raise Timeout(f"{self.endpoint} is not accepting {what} (queue full)") from None
-        if sock.poll(int(t * 1000), zmq.POLLIN):
-            return sock.recv()
+        ms = max(1, int(t * 1000))
+        if ms != self._rcvtimeo:
+            _set(sock, RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            return sock.recv()  # (blocks up to RCVTIMEO)
+        except zmq.Again:
+            pass
         self.reset()
         raise Timeout(f"no reply from {self.endpoint} to {what} within {t:g}s")
 

@@ -403,19 +403,7 @@ class _ZmqPoller(Poller):
 
     def poll(self, items: list, timeout: float) -> set:
         if items != self._items:  # registrations change only when the set does
-            self._poll = select.poll()
-            self._by_fd = {}
-            self._sockets = []
-            for item in items:
-                if isinstance(item, int):
-                    fd = item
-                else:
-                    fd = item.fd
-                    item.touched = True  # (new to the set: ask it)
-                    self._sockets.append(item)
-                self._by_fd[fd] = item
-                self._poll.register(fd, select.POLLIN)
-            self._items = list(items)
+            self._update(items)
         ready = set()
         for item in self._sockets:
             if item.touched:
@@ -432,6 +420,26 @@ class _ZmqPoller(Poller):
                 ready.add(item)
                 item.touched = True
         return ready
+
+    def _update(self, items: list) -> None:
+        """Register what is new in ``items``, unregister what left (the
+        engine adds and drops its ack and follower sockets as links come
+        and go and batches fly)."""
+        by_fd = self._by_fd
+        want = {}
+        for item in items:
+            want[item if isinstance(item, int) else item.fd] = item
+        for fd in [fd for fd, item in by_fd.items() if want.get(fd) is not item]:
+            self._poll.unregister(fd)
+            del by_fd[fd]
+        for fd, item in want.items():
+            if fd not in by_fd:
+                if not isinstance(item, int):
+                    item.touched = True  # (new to the set: ask it)
+                self._poll.register(fd, select.POLLIN)
+                by_fd[fd] = item
+        self._sockets = [item for item in items if not isinstance(item, int)]
+        self._items = list(items)
 
 
 class ZmqTransport(Transport):

@@ -39,6 +39,10 @@ class Applier:
         self.app = app
         self.storage = storage
         self.lock = threading.Lock()
+        # the App's batch codecs, or the defaults over encode_cmd/decode_cmd
+        # (an App need not subclass zrepl.App)
+        self.encode_cmds = getattr(app, "encode_cmds", None) or partial(App.encode_cmds, app)
+        self.decode_cmds = getattr(app, "decode_cmds", None) or partial(App.decode_cmds, app)
         # an App keeping its state in a SharedStore: each batch is one write
         # transaction recording its last WAL id (docs/shared.md)
         self.store = shared_store_of(app)
@@ -108,11 +112,11 @@ class Applier:
                                     "App keeps no zrepl.SharedStore (the same App on every node?)")
             store.run_batch(lambda: store.put_pairs(datas), None)
             return
-        self.apply(self.app.decode_cmds(datas, 1), None)
+        self.apply(self.decode_cmds(datas, 1), None)
 
     def apply_app_datas(self, first: int, app_datas: list[bytes]) -> list[int]:
         """Decode and apply unwrapped WAL entries ``first..``."""
-        codes = self.apply(self.app.decode_cmds(app_datas, first), first + len(app_datas) - 1)
+        codes = self.apply(self.decode_cmds(app_datas, first), first + len(app_datas) - 1)
         if len(codes) != len(app_datas):
             raise ValueError(f"App.apply returned {len(codes)} codes for {len(app_datas)} "
                              "commands")

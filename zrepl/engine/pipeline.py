@@ -169,10 +169,10 @@ class CommitPipeline:
     def _prepare(self, sub: Submission, start: int, count: int, first_id: int
                  ) -> tuple[list[bytes], list]:
         """The WAL envelopes and the decoded commands of part of a submission."""
-        app = self.node.applier.app
+        applier = self.node.applier
         if sub.cmds is not None:
             cmds = sub.cmds if count == sub.size else sub.cmds[start:start + count]
-            datas = app.encode_cmds(cmds, first_id)
+            datas = applier.encode_cmds(cmds, first_id)
             if len(datas) != count:
                 raise ReplicationError(f"App.encode_cmds gave {len(datas)} entries for "
                                        f"{count} commands")
@@ -181,7 +181,7 @@ class CommitPipeline:
             except TypeError:
                 raise TypeError("App.encode_cmd must set entry.data to bytes") from None
         raw = sub.datas if count == sub.size else sub.datas[start:start + count]  # type: ignore
-        cmds = app.decode_cmds(raw, first_id)
+        cmds = applier.decode_cmds(raw, first_id)
         if len(cmds) != count:
             raise ReplicationError(f"App.decode_cmds gave {len(cmds)} commands for {count} "
                                    "entries")

@@ -14,6 +14,15 @@ callers' sinks with their offsets; the core carries them and never looks
 inside.  A batch that came from this node's upstream (a forwarder's) has
 ``upstream`` set instead: ``(stream, last WAL id)`` of the acknowledgement
 it owes.
+
+At the head of a chain whose members acknowledge straight to it, a batch
+the follower acknowledged may still wait for deeper members: ``waiting``
+(announced, not yet heard from), ``members`` (their codes), ``parents``
+(who announced each), ``early`` (acks that came before their
+announcement) and ``dropped`` (member -> who said its link to it failed).
+All None until a chain makes them needed.  On a member, ``announced`` is
+the follower its acknowledgement named, when that went up before the
+follower's.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from typing import Any
 
 class Batch:
     __slots__ = ("first", "last", "pieces", "codes", "codes_bytes", "local_done", "remote",
-                 "sent", "upstream", "forwarded", "failed")
+                 "sent", "upstream", "forwarded", "failed", "announced", "queued", "acked_at", "waiting",
+                 "members", "parents", "early", "dropped")
 
     def __init__(self, first: int, last: int, pieces: list | None = None, sent: float = 0.0,
                  local_done: bool = False, upstream: tuple[int, int] | None = None):
@@ -38,6 +48,14 @@ class Batch:
         self.upstream = upstream
         self.forwarded = False  # sent to the follower, whose ack it waits for
         self.failed = False  # its local half failed: it confirms nothing
+        self.announced = ""  # (member) the follower its early acknowledgement named
+        self.queued = False  # in the link's ``confirming`` queue
+        self.acked_at = 0.0  # when the follower acknowledged it
+        self.waiting: set[str] | None = None
+        self.members: dict[str, bytes] | None = None
+        self.parents: dict[str, str] | None = None
+        self.early: dict[str, tuple[bytes, str]] | None = None
+        self.dropped: dict[str, str] | None = None
 
     def set_local(self, codes: list[int] | None, codes_bytes: bytes | None) -> bool:
         """The local half is done; True when the remote half is too."""

@@ -69,8 +69,22 @@ class SendAck(Effect):
 
 
 @dataclass(slots=True)
+class SendHeadAck(Effect):
+    """A chain member's message to the head of its chain (a MEMBER_ACK or
+    MEMBER_DROP): through the upstream's ack path when the upstream is the
+    head, else straight to the head's ack endpoint."""
+    payload: bytes
+
+
+@dataclass(slots=True)
 class ConnectUpstream(Effect):
     """Acknowledgements go to this upstream from now on ("" : none)."""
+    address: str
+
+
+@dataclass(slots=True)
+class ConnectHead(Effect):
+    """Member acknowledgements go to this chain head from now on ("": none)."""
     address: str
 
 

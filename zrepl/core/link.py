@@ -185,6 +185,10 @@ class Link:
         self.machine = FollowerSync(backoff_min, backoff_max)
         self.stream = 0  # token of the current stream (0: none)
         self.inflight: collections.deque[Batch] = collections.deque()
+        # acknowledged by the follower, not yet confirmed: the local half, or
+        # chain members, still to come (in order: they are confirmed in order)
+        self.confirming: collections.deque[Batch] = collections.deque()
+        self.head_sent = ""  # the chain's head this stream's handshake named
         self.forwarding = False  # new batches go through the follower and wait for it
         self.sync_from = 0  # SYNCHRONOUS once the follower acknowledged up to here
         self.catchup_pos = 0  # next WAL id to stream while SYNCING_LOG

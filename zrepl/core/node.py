@@ -116,8 +116,9 @@ from . import protocol
 from .commit import Batch
 from .config import Config
 from .effects import (ERROR, INFO, WARNING, BeginStateIn, CallFollower, ClearState, ClearWAL,
-                      CloseLink, ConnectUpstream, Effect, EndStateIn, Failure, FailPending, Log,
-                      OpenLink, Persist, ReadsReady, Resolve, SendAck, StartSnapshot, Wake)
+                      CloseLink, ConnectHead, ConnectUpstream, Effect, EndStateIn, Failure,
+                      FailPending, Log, OpenLink, Persist, ReadsReady, Resolve, SendAck,
+                      SendHeadAck, StartSnapshot, Wake)
 from .epochs import FollowerInfo, UpstreamView, epoch_at, not_held, plan_sync
 from .errors import (FollowerMismatch, NotLeader, ProtocolError, ReplicationError, StaleLeader,
                      StaleUpstream, Timeout, WALGap, WALTruncated, WrongUpstream)
@@ -187,6 +188,10 @@ class NodeCore:
         # upstream side
         self.up_stream = 0
         self.depth = 0  # hops from the leader (0: leader, or not following)
+        # the head of this node's chain, as its upstream's handshake named it
+        # ("": none named - then this node's acks go up the chain, see
+        # _acks_wait_for_follower)
+        self.head = ""
         self.snap_in: SnapshotIn | None = None
         self.state_incomplete = False  # an incoming state sync began and has not ended
         # (upstream address, epoch) whose handshake or data found this
@@ -376,8 +381,8 @@ class NodeCore:
     # ==================================================================
 
     def on_connect(self, leader_id: Any, address: Any, stream: Any, history: Any, depth: Any,
-                   now: float, upstream_position: Any = None, upstream_role: Any = None
-                   ) -> tuple[dict, Effects]:
+                   now: float, upstream_position: Any = None, upstream_role: Any = None,
+                   head: Any = None) -> tuple[dict, Effects]:
         """The follower side of the handshake: adopt the upstream's epoch
         and stream; returns what this node reports of its log (the engine
         adds the WAL's bounds) and the effects.
@@ -392,11 +397,14 @@ class NodeCore:
         if not isinstance(address, str) or isinstance(stream, bool) or \
                 not isinstance(stream, int) or stream < 0:
             raise ProtocolError("connect takes leader_id, address and a stream token")
-        if address:
-            try:
-                protocol.endpoints(address)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from None
+        for peer in (address, head or ""):
+            if not isinstance(peer, str):
+                raise ProtocolError("connect takes addresses as strings")
+            if peer:
+                try:
+                    protocol.endpoints(peer)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)) from None
         current = self.leader_id
         self._check_jump(leader_id, f"connect from {address}")
         if leader_id == current and self.leader_address and address != self.leader_address:
@@ -448,10 +456,14 @@ class NodeCore:
             out.append(ClearState())
         if address:
             out.append(ConnectUpstream(address))
+        old_head = self.head
+        self.head = head if head and head != self.address else ""
+        out.append(ConnectHead(self.head))
         info = {"leader_id": self.leader_id, "max_applied_wal": self.position,
                 "epoch_history": [list(x) for x in self.history]}
-        if leader_id != current or self.depth != old_depth:
-            # our own follower must hear of the new epoch (and its depth)
+        if leader_id != current or self.depth != old_depth or \
+                (self.head != old_head and self.link.machine.streaming):
+            # our own follower must hear of the new epoch (its depth, its head)
             out += self._restart_link("upstream changed", now)
         elif suspect and was_checked and self.link.state != FollowerState.NONE:
             out += self._restart_link(f"{address} holds less than this node", now)
@@ -489,7 +501,8 @@ class NodeCore:
         self.up_stream = 0
         self.depth = 0
         self.leader_address = ""
-        return self._abort_state_in() + [ConnectUpstream("")]
+        self.head = ""
+        return self._abort_state_in() + [ConnectUpstream(""), ConnectHead("")]
 
     def accepts(self, leader_id: int, stream: int) -> bool:
         """Is a data message part of the conversation this node agreed to?
@@ -537,23 +550,36 @@ class NodeCore:
         """A batch from the upstream is logged and applied."""
         self._advance(first, last, codes, sessions)
         if batch is None or not self._acks_wait_for_follower(batch):
+            down = ""
             if batch is not None:
                 batch.upstream = None
-            out: Effects = [SendAck(protocol.ack_message(stream, WAL, last, codes_bytes))]
+                if batch.forwarded and self.cfg.sync_downstream:
+                    # (straight acks: the head waits for the follower itself)
+                    down = batch.announced = self.link.address
+            to_head = bool(self.head) and self.head != self.leader_address
+            out: Effects = [SendAck(protocol.ack_message(stream, WAL, last, codes_bytes, None,
+                                                         "" if to_head else down))]
+            if to_head:
+                out.append(SendHeadAck(protocol.member_ack_message(
+                    self.leader_id, first, last, codes_bytes, self.address, down)))
         else:
             out = []
-        if batch is not None and batch.set_local(codes, codes_bytes):
-            out += self._finalize(batch, now)
+        if batch is not None:
+            out += self._local_done(batch, codes, codes_bytes, now)
         return out
 
     def _acks_wait_for_follower(self, batch: Batch) -> bool:
         """THE ACK TOPOLOGY: a node acknowledges a batch to its upstream
-        once it has logged and applied it and, when it forwarded the batch
-        over a synchronous link, once its follower acknowledged it too, so
-        acknowledgements travel back up the chain.  (For every member to
-        acknowledge straight to the head, this returns False and the head
-        counts acknowledgements per member instead.)"""
-        return batch.forwarded and self.cfg.sync_downstream
+        once it has logged and applied it.  When it forwarded the batch over
+        a synchronous link, the head must also hear from the follower
+        before it commits: straight from the follower, if this node's
+        handshake with it named the chain's head (then this node's ack,
+        sent at once, names the follower: the head counts acknowledgements
+        per member, see :meth:`on_member_ack`); otherwise through this
+        node, which then waits for the follower's ack first, and
+        acknowledgements travel back up the chain."""
+        return batch.forwarded and self.cfg.sync_downstream and \
+            not (self.head and self.link.head_sent == self.head)
 
     def refuse(self, stream: int, kind: int, exc: BaseException) -> Effects:
         """A batch this node cannot take: the upstream hears why."""
@@ -689,12 +715,18 @@ class NodeCore:
     # the commit path (leader)
     # ==================================================================
 
+    def awaiting_acks(self) -> bool:
+        """Batches wait for the follower's ack, or for chain members'."""
+        link = self.link
+        return bool(link.inflight or link.confirming)
+
     def window_full(self) -> bool:
         """Batches go through the follower and ``window`` of them wait for
         it: no more is sent (commits queue, a forwarder stops reading its
         upstream) until an ack frees a place."""
         link = self.link
-        return link.forwarding and len(link.inflight) >= self.cfg.window
+        return link.forwarding and \
+            len(link.inflight) + len(link.confirming) >= self.cfg.window
 
     def commit_gate(self) -> int:
         """May queued submissions be committed now?"""
@@ -770,8 +802,28 @@ class NodeCore:
             # an asynchronous link: answered now, the ack is still compared
             batch.codes = codes
             out += self._commit(batch)
-        if batch.set_local(codes, codes_bytes):
-            out += self._finalize(batch, now)
+        return out + self._local_done(batch, codes, codes_bytes, now)
+
+    def _local_done(self, batch: Batch, codes: list[int] | None, codes_bytes: bytes | None,
+                    now: float) -> Effects:
+        """The local half of ``batch`` is known: settle it if nothing else
+        is awaited (batches the follower acknowledged settle in order)."""
+        if not batch.set_local(codes, codes_bytes):
+            return []
+        return self._confirm(now) if batch.queued else self._finalize(batch, now)
+
+    def _confirm(self, now: float) -> Effects:
+        """Settle, in order, the batches the follower acknowledged whose
+        local half and chain members are all in."""
+        out: Effects = []
+        queue = self.link.confirming
+        while queue:
+            b = queue[0]
+            if not b.local_done or b.waiting:
+                break
+            queue.popleft()
+            b.queued = False
+            out += self._finalize(b, now)
         return out
 
     def _commit(self, batch: Batch) -> Effects:
@@ -798,14 +850,34 @@ class NodeCore:
         """Both halves of a batch are known: decide what it answers."""
         remote = batch.remote
         if isinstance(remote, BaseException):
-            return self._resolve_unacked(batch, remote)
-        if batch.codes_bytes is not None and remote != batch.codes_bytes:
-            exc = FollowerMismatch(
-                f"follower {self.link.address} answered {protocol.codes_from_bytes(remote)[:8]} "
-                f"where this node answered {(batch.codes or [])[:8]} for WAL "
-                f"{batch.first}..{batch.last}: the App is not deterministic")
-            return self._answer(batch, exc) + self.link_failed(exc, now)
+            return self._unannounce(batch, remote) + self._resolve_unacked(batch, remote)
+        mine = batch.codes_bytes
+        if mine is not None:
+            who = self.link.address if remote != mine else \
+                next((m for m, c in (batch.members or {}).items() if c != mine), None)
+            if who is not None:
+                theirs = remote if remote != mine else batch.members[who]  # type: ignore[index]
+                exc = FollowerMismatch(
+                    f"{'follower' if who == self.link.address else 'chain member'} {who} "
+                    f"answered {protocol.codes_from_bytes(theirs)[:8]} where this node answered "
+                    f"{(batch.codes or [])[:8]} for WAL {batch.first}..{batch.last}: the App "
+                    "is not deterministic")
+                return self._unannounce(batch, exc) + self._answer(batch, exc) + \
+                    self.link_failed(exc, now)
         return self._commit(batch)
+
+    def _unannounce(self, batch: Batch, exc: BaseException) -> Effects:
+        """A member whose acknowledgement named its follower (so the head
+        waits for that follower) lost the follower's: it tells the head,
+        which stops waiting for it - or, when this node would answer an
+        error (require_sync, a mismatch), fails the batch."""
+        follower = batch.announced
+        if not follower:
+            return []
+        batch.announced = False
+        err = exc if self.cfg.require_sync or isinstance(exc, FollowerMismatch) else None
+        return [SendHeadAck(protocol.member_drop_message(
+            self.leader_id, batch.first, batch.last, self.address, follower, err))]
 
     def _resolve_unacked(self, batch: Batch, exc: BaseException) -> Effects:
         """A batch whose follower failed before acknowledging it."""
@@ -832,21 +904,39 @@ class NodeCore:
         acknowledgement or the oldest batch's sending, whichever is later
         (None: nothing waits)."""
         link = self.link
-        if not link.inflight:
-            return None
-        return max(link.inflight[0].sent, link.last_ack_at) + self.ack_limit()
+        deadline = None
+        if link.inflight:
+            deadline = max(link.inflight[0].sent, link.last_ack_at) + self.ack_limit()
+        queue = link.confirming
+        if queue and queue[0].waiting:
+            # chain members too: a member whose link to its follower breaks
+            # says so within its own, shorter, limit
+            members = queue[0].acked_at + self.ack_limit()
+            if deadline is None or members < deadline:
+                deadline = members
+        return deadline
 
     def check_acks(self, now: float) -> Effects:
-        """The ack timer: fail the link if its follower went silent."""
+        """The ack timer: fail the link if its follower, or a chain member
+        it named, went silent."""
         deadline = self.ack_deadline()
         if deadline is not None and now >= deadline:
+            queue = self.link.confirming
+            if queue and queue[0].waiting and now >= queue[0].acked_at + self.ack_limit():
+                b = queue[0]
+                return self.link_failed(Timeout(
+                    f"chain member(s) {', '.join(sorted(b.waiting or ()))} did not acknowledge "
+                    f"WAL {b.first}..{b.last} within {self.ack_limit():g}s"), now)
             return self.link_failed(Timeout(
                 f"follower {self.link.address} acknowledged nothing within "
                 f"{self.ack_limit():g}s"), now)
         return []
 
     def on_ack(self, stream: int, kind: int, position: int, codes: bytes, err: Any,
-               now: float) -> Effects:
+               now: float, downstream: str = "") -> Effects:
+        """An acknowledgement from the follower; ``downstream``: the
+        follower forwarded the batch to that node, which acknowledges it
+        straight to this head too (see :meth:`_acks_wait_for_follower`)."""
         link = self.link
         if stream == 0 or stream != link.stream:
             self.counters["dropped_messages"] += 1  # from an older conversation
@@ -865,7 +955,13 @@ class NodeCore:
                 machine.acked = position
             if position >= self.position:
                 link.synced_at = now
-            out = self._finalize(batch, now) if batch.set_remote(codes) else []
+            batch.set_remote(codes)
+            if downstream and self.role == NodeRole.LEADER:
+                self._expect(batch, downstream, link.address)
+            batch.acked_at = now
+            batch.queued = True
+            link.confirming.append(batch)
+            out = self._confirm(now)
             if machine.state == FollowerState.SYNCING_LOG:
                 out += self._claim_if_caught_up()
             return out
@@ -879,6 +975,102 @@ class NodeCore:
                     return self._snapshot_done(snap, now)
             return []
         return self.link_failed(ProtocolError(f"ack of unknown kind {kind}"), now)
+
+    # --- chain members, acknowledging straight to this head ------------------------
+
+    def on_member_ack(self, leader_id: int, first: int, last: int, codes: bytes, member: str,
+                      downstream: str, now: float) -> Effects:
+        """A chain member logged and applied WAL ``first..last`` of epoch
+        ``leader_id`` (and forwarded it to ``downstream``, if not "").  Under
+        one epoch a WAL id has one entry, so this is a fact about this
+        head's log whichever stream carried it; it counts for a batch in
+        flight only once the member's upstream named it for that batch."""
+        batch = self._batch_at(leader_id, first, last)
+        if batch is None:
+            return []
+        if (batch.members and member in batch.members) or \
+                (batch.dropped and member in batch.dropped):
+            return []
+        if batch.waiting and member in batch.waiting:
+            batch.waiting.discard(member)
+            if batch.members is None:
+                batch.members = {}
+            batch.members[member] = codes
+            if downstream:
+                self._expect(batch, downstream, member)
+            return self._confirm(now)
+        if batch.early is None:
+            batch.early = {}
+        batch.early[member] = (codes, downstream)  # named later (its acks race)
+        return []
+
+    def on_member_drop(self, leader_id: int, first: int, last: int, member: str, dropped: str,
+                       err: Any, now: float) -> Effects:
+        """``member``'s link to ``dropped`` failed with WAL ``first..last``
+        in flight: stop waiting for ``dropped`` (and whom it named) where
+        ``member`` named it - or, with ``err`` (that member answers an error
+        under its policy), fail the link as if the follower had refused."""
+        if self.role != NodeRole.LEADER or leader_id != self.leader_id:
+            self.counters["dropped_messages"] += 1
+            return []
+        touched = [b for b in (*self.link.confirming, *self.link.inflight)
+                   if b.first <= last and b.last >= first]
+        if not touched:
+            return []
+        if err is not None:
+            return self.link_failed(protocol.error_from_wire(err), now)
+        for b in touched:
+            self._drop_member(b, dropped, member)
+        return self._confirm(now)
+
+    def _batch_at(self, leader_id: int, first: int, last: int) -> Batch | None:
+        if self.role != NodeRole.LEADER or leader_id != self.leader_id:
+            self.counters["dropped_messages"] += 1
+            return None
+        link = self.link
+        for b in (*link.confirming, *link.inflight):
+            if b.first == first and b.last == last:
+                return b
+        return None
+
+    def _expect(self, batch: Batch, member: str, parent: str) -> None:
+        """``parent`` forwarded ``batch`` to ``member``: the batch waits
+        for it (unless it acknowledged already, or ``parent`` said it lost
+        it)."""
+        if member == self.address or member == self.link.address or \
+                (batch.members and member in batch.members) or \
+                (batch.waiting and member in batch.waiting) or \
+                (batch.dropped and batch.dropped.get(member) == parent):
+            return
+        if batch.parents is None:
+            batch.parents = {}
+        batch.parents[member] = parent
+        early = batch.early.pop(member, None) if batch.early else None
+        if early is not None:
+            if batch.members is None:
+                batch.members = {}
+            batch.members[member] = early[0]
+            if early[1]:
+                self._expect(batch, early[1], member)
+            return
+        if batch.waiting is None:
+            batch.waiting = set()
+        batch.waiting.add(member)
+
+    def _drop_member(self, batch: Batch, member: str, by: str) -> None:
+        """``by`` lost ``member``: the batch no longer waits for it, nor for
+        those it named."""
+        if batch.dropped is None:
+            batch.dropped = {}
+        parents = batch.parents or {}
+        if member in parents and parents[member] != by:
+            return  # (not the node that named it)
+        batch.dropped[member] = by
+        if batch.waiting:
+            batch.waiting.discard(member)
+        for child, parent in list(parents.items()):
+            if parent == member:
+                self._drop_member(batch, child, member)
 
     def link_failed(self, exc: BaseException, now: float) -> Effects:
         """The streaming link failed: resolve what is in flight by policy,
@@ -899,13 +1091,19 @@ class NodeCore:
     def _drop_link(self, exc: BaseException, now: float) -> Effects:
         link = self.link
         out: Effects = []
-        pending = list(link.inflight)
+        pending = list(link.confirming) + list(link.inflight)
+        link.confirming.clear()
         link.inflight.clear()
         link.forwarding = False
         for b in pending:
-            if b.set_remote(exc):
+            b.queued = False
+            if b.remote is None or b.waiting:
+                # (the follower's ack, or a member's, will not come now)
+                b.remote, b.waiting = exc, None
+            if b.local_done:
                 out += self._finalize(b, now)
         link.stream = 0
+        link.head_sent = ""
         link.snap = None
         link.call = None
         link.history_sent = -1
@@ -998,7 +1196,10 @@ class NodeCore:
 
     def _start_handshake(self, now: float) -> Effects:
         stream = self._rng.getrandbits(63) or 1
+        # the follower acknowledges straight to the head of the chain
+        head = self.link.head_sent = self.address if self.role == NodeRole.LEADER else self.head
         return self._call("connect", {
+            "head": head,
             "leader_id": self.leader_id, "address": self.address, "stream": stream,
             "epoch_history": [list(x) for x in self.history],
             # a node that is not the leader is at least the second hop, even
@@ -1242,8 +1443,9 @@ class NodeCore:
         self.running = False
         exc = Timeout(f"node {self.address} stopped before the follower acknowledged")
         out: Effects = []
-        for b in self.link.inflight:
+        for b in (*self.link.confirming, *self.link.inflight):
             out += self._answer(b, exc)
+        self.link.confirming.clear()
         self.link.inflight.clear()
         self.link.forwarding = False
         return out
@@ -1271,7 +1473,8 @@ class NodeCore:
                       "lease_left": round(max(0.0, self.lease_until - now), 6)
                       if self.lease_enforced else None,
                       "commit_index": self.commit_index,
-                      "in_flight": len(link.inflight), "depth": self.depth,
+                      "in_flight": len(link.inflight), "confirming": len(link.confirming),
+                      "depth": self.depth, "head": self.head,
                       "epoch_spent": self.epoch_spent,
                       "stepped_down": bool(self.successor),
                       "clock": now,  # echoed by the supervisor's next renewal

@@ -16,12 +16,25 @@ kinds of traffic:
 
 * **acks** (PUSH -> PULL, upstream)::
 
-      [1, ACK, stream, kind, position, codes, error]
+      [1, ACK, stream, kind, position, codes, error(, downstream)]
+
+  and, straight to the head of a chain from its deeper members (see
+  ``NodeCore``, "Acknowledgement topology")::
+
+      [1, MEMBER_ACK,  leader_id, first, last, codes, member, downstream]
+      [1, MEMBER_DROP, leader_id, first, last, member, dropped, error]
 
   ``kind`` is WAL or STATE; ``position`` the batch's last WAL id (WAL) or
   its sequence number (STATE); ``codes`` the response codes as little-endian
   uint16 bytes, so the leader compares a whole batch with one ``==``;
-  ``error`` is None or ``[TYPE, MESSAGE]``.
+  ``error`` is None or ``[TYPE, MESSAGE]``.  ``downstream``, when present
+(sent to the chain's head only), is the follower this node forwarded the
+batch to: the head waits for that member's MEMBER_ACK of the same batch
+too.  A MEMBER_ACK says ``member`` logged and applied WAL ``first..last``
+of epoch ``leader_id`` with ``codes`` (and forwarded it to ``downstream``,
+if not ""); a MEMBER_DROP says ``member``'s link to ``dropped`` failed
+with those entries in flight: the head stops waiting for ``dropped`` (and
+whatever it announced), or, with an ``error``, fails them.
 
 ``history`` is the sender's epoch history when it changed since the last
 batch of the stream (always in the first), else None: it travels down a
@@ -67,6 +80,8 @@ STATE = 3
 STATE_END = 4
 ACK = 5
 STATE_ZREPL = 6  # zrepl's own state in a state sync (client sessions), before the App's
+MEMBER_ACK = 7  # a chain member's ack, straight to the head
+MEMBER_DROP = 8  # a chain member's follower will not ack these (its link failed)
 
 # one Packer for every message (msgpack.packb would make one per call);
 # pack() runs holding the GIL, so threads may share it
@@ -299,9 +314,23 @@ def state_message(kind: int, leader_id: int, stream: int, position: int, payload
 
 
 def ack_message(stream: int, kind: int, position: int, codes: bytes,
-                error: BaseException | None = None) -> bytes:
+                error: BaseException | None = None, downstream: str = "") -> bytes:
     err = error_to_wire(error)[:2] if error is not None else None
+    if downstream:
+        return packb([PROTOCOL_VERSION, ACK, stream, kind, position, codes, err, downstream])
     return packb([PROTOCOL_VERSION, ACK, stream, kind, position, codes, err])
+
+
+def member_ack_message(leader_id: int, first: int, last: int, codes: bytes, member: str,
+                       downstream: str = "") -> bytes:
+    return packb([PROTOCOL_VERSION, MEMBER_ACK, leader_id, first, last, codes, member,
+                  downstream])
+
+
+def member_drop_message(leader_id: int, first: int, last: int, member: str, dropped: str,
+                        error: BaseException | None = None) -> bytes:
+    err = error_to_wire(error)[:2] if error is not None else None
+    return packb([PROTOCOL_VERSION, MEMBER_DROP, leader_id, first, last, member, dropped, err])
 
 
 def parse_data(raw: bytes) -> list:
@@ -322,7 +351,7 @@ def parse_data(raw: bytes) -> list:
         ok = (type(a) is int and type(b) is int and type(c) is int and a >= 0 and b >= 0
               and c >= 0 and type(datas) is list and (history is None or _history_ok(history)))
     elif kind == ACK:
-        ok = (n == 7 and _uints(msg[2:5]) and type(msg[5]) is bytes
+        ok = (n in (7, 8) and _uints(msg[2:5]) and type(msg[5]) is bytes
               and len(msg[5]) % 2 == 0 and (msg[6] is None or isinstance(msg[6], list)))
     elif kind == STATE:
         ok = n == 6 and _uints(msg[2:5]) and type(msg[5]) is list
@@ -330,6 +359,8 @@ def parse_data(raw: bytes) -> list:
         ok = n == 6 and _uints(msg[2:5]) and isinstance(msg[5], dict)
     elif kind == STATE_END:
         ok = n == 6 and _uints(msg[2:6])
+    elif kind in (MEMBER_ACK, MEMBER_DROP):
+        ok = n == 8  # (not data: dropped as an ack would be)
     else:
         ok = False
     if not ok:
@@ -337,25 +368,42 @@ def parse_data(raw: bytes) -> list:
     return msg
 
 
-def parse_ack(raw: bytes) -> tuple[int, int, int, bytes, list | None]:
-    """An ack message's (stream, kind, position, codes, error): what
-    :func:`parse_data` checks of an ack, in one pass (acks are read on
-    every commit); ProtocolError if it is not one."""
+def parse_ack(raw: bytes) -> tuple:
+    """A message of the ack endpoint, checked, in one pass (acks are read
+    on every commit); ProtocolError if it is none of:
+
+    * ``(ACK, stream, kind, position, codes, error, downstream)``
+    * ``(MEMBER_ACK, leader_id, first, last, codes, member, downstream)``
+    * ``(MEMBER_DROP, leader_id, first, last, member, dropped, error)``"""
     try:
         msg = _unpackb(raw, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types
         raise errors.ProtocolError(f"malformed ack: {exc}") from None
-    if type(msg) is list and len(msg) == 7 and msg[0] == PROTOCOL_VERSION and msg[1] == ACK:
-        _, _, stream, kind, position, codes, err = msg
+    if type(msg) is not list or len(msg) < 2:
+        raise errors.ProtocolError("ack frame must be an array [version, kind, ...]")
+    if msg[0] != PROTOCOL_VERSION:
+        _check_version(msg[0])
+    what, n = msg[1], len(msg)
+    if what == ACK and (n == 7 or n == 8):
+        stream, kind, position, codes, err = msg[2:7]
+        down = msg[7] if n == 8 else ""
         if type(stream) is int and type(kind) is int and type(position) is int and \
                 stream >= 0 and kind >= 0 and position >= 0 and type(codes) is bytes and \
-                not len(codes) % 2 and (err is None or type(err) is list):
-            return stream, kind, position, codes, err
-    if type(msg) is list and len(msg) >= 2:
-        _check_version(msg[0])
-        if msg[1] != ACK:
-            raise errors.ProtocolError("expected an ack on the ack endpoint")
-    raise errors.ProtocolError("ack frame has the wrong shape")
+                not len(codes) % 2 and (err is None or type(err) is list) and type(down) is str:
+            return ACK, stream, kind, position, codes, err, down
+    elif what == MEMBER_ACK and n == 8:
+        _, _, leader_id, first, last, codes, member, down = msg
+        if _uints((leader_id, first, last)) and 0 < first <= last and type(codes) is bytes \
+                and not len(codes) % 2 and type(member) is str and type(down) is str:
+            return MEMBER_ACK, leader_id, first, last, codes, member, down
+    elif what == MEMBER_DROP and n == 8:
+        _, _, leader_id, first, last, member, dropped, err = msg
+        if _uints((leader_id, first, last)) and 0 < first <= last and type(member) is str \
+                and type(dropped) is str and (err is None or type(err) is list):
+            return MEMBER_DROP, leader_id, first, last, member, dropped, err
+    elif what not in (ACK, MEMBER_ACK, MEMBER_DROP):
+        raise errors.ProtocolError("expected an ack on the ack endpoint")
+    raise errors.ProtocolError(f"ack frame of kind {what!r} has the wrong shape")
 
 
 def _history_ok(h: Any) -> bool:

@@ -157,12 +157,13 @@ class ControlServer:
 
     def op_connect(self, leader_id: Any, address: Any, stream: Any = 0,
                    epoch_history: Any = None, depth: Any = 1, position: Any = None,
-                   role: Any = None) -> dict:
+                   role: Any = None, head: Any = "") -> dict:
         node = self.node
         with node.applier.lock:
             with node.core_lock:
                 info, effects = node.core.on_connect(leader_id, address, stream, epoch_history,
-                                                     depth, node.clock.now(), position, role)
+                                                     depth, node.clock.now(), position, role,
+                                                     head)
             node.run(effects)
             info["max_wal"] = node.storage.max_wal()
             info["min_wal"] = node.storage.min_wal()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core import protocol
 from ..core.errors import NotLeader, ProtocolError, ReplicationError, StorageError, Timeout
 from ..core.node import OPEN, WAIT_SYNC, WINDOW_FULL
-from ..core.protocol import codes_to_bytes
+from ..core.protocol import ACK, MEMBER_ACK, codes_to_bytes
 from ..core.session import wrap_client, wrap_plain_all
 from .applier import LoggedDespiteError
 from .sinks import FutureSink, Sink, Submission, WaitSink
@@ -288,7 +288,7 @@ class CommitPipeline:
                 else:
                     sink.wait(min(0.05, sub.deadline - now, deadline - now))
                 continue
-            if core.link.inflight and self.take_ack_role():
+            if core.awaiting_acks() and self.take_ack_role():
                 try:
                     self.read_acks(lambda: sink.resolved, min(deadline, now + cfg.ack_timeout * 2))
                 finally:
@@ -342,7 +342,8 @@ class CommitPipeline:
         self.ack_owner = 0
         self._ack_lock.release()
         node = self.node
-        if hand_over and node.core.link.inflight and threading.get_ident() != node.engine_ident:
+        if hand_over and node.core.awaiting_acks() and \
+                threading.get_ident() != node.engine_ident:
             node.poke()  # the engine takes over reading
 
     def read_acks(self, done: Callable[[], bool], deadline: float) -> None:
@@ -375,13 +376,21 @@ class CommitPipeline:
     def handle_ack(self, raw: bytes) -> None:
         node = self.node
         try:
-            stream, kind, position, codes, err = protocol.parse_ack(raw)
+            msg = protocol.parse_ack(raw)
         except ProtocolError as exc:
             node.core.counters["dropped_messages"] += 1
             node.log.warning("dropped a bad ack: %s", exc)
             return
+        what = msg[0]
         with node.core_lock:
-            effects = node.core.on_ack(stream, kind, position, codes, err, node.clock.now())
+            core = node.core
+            if what == ACK:
+                effects = core.on_ack(msg[1], msg[2], msg[3], msg[4], msg[5], node.clock.now(),
+                                      msg[6])
+            elif what == MEMBER_ACK:
+                effects = core.on_member_ack(*msg[1:], node.clock.now())
+            else:
+                effects = core.on_member_drop(*msg[1:], node.clock.now())
         if effects:
             node.run(effects)
         if self.pending:

@@ -79,7 +79,7 @@ from .upstream import UpstreamLink
 log = logging.getLogger("zrepl.replica")
 
 # effects that only the engine's thread may carry out
-_ENGINE_ONLY = (fx.Persist, fx.ConnectUpstream, fx.OpenLink, fx.CloseLink, fx.CallFollower,
+_ENGINE_ONLY = (fx.Persist, fx.ConnectUpstream, fx.ConnectHead, fx.OpenLink, fx.CloseLink, fx.CallFollower,
                 fx.StartSnapshot, fx.ClearState, fx.ClearWAL, fx.BeginStateIn, fx.EndStateIn)
 
 
@@ -185,7 +185,9 @@ class Replica(Node):
             fx.Resolve: resolve_effect,
             fx.FailPending: lambda e: self.pipeline.fail_pending(e.error),
             fx.SendAck: self.upstream.ack_effect,
+            fx.SendHeadAck: self.upstream.head_ack_effect,
             fx.ConnectUpstream: lambda e: self.upstream.connect(e.address),
+            fx.ConnectHead: lambda e: self.upstream.connect_head(e.address),
             fx.OpenLink: lambda e: self.downstream.open(e.address),
             fx.CloseLink: lambda e: self.downstream.close(),
             fx.CallFollower: self.downstream.call,
@@ -675,7 +677,7 @@ class Replica(Node):
                     timeout = hk_due - now
                 # Only a leader's callers read acks; elsewhere the engine always
                 # may, so its ack endpoint stays registered.
-                inflight = link.inflight
+                inflight = core.awaiting_acks()
                 own_ack = bool(core.role != NodeRole.LEADER or inflight or streaming) \
                     and pipeline.take_ack_role()
                 if own_ack and inflight:
@@ -703,7 +705,7 @@ class Replica(Node):
                     if own_ack:
                         if ep.ack in ready:
                             pipeline.drain_acks()
-                        if core.link.inflight:
+                        if core.awaiting_acks():
                             with self.core_lock:
                                 effects = core.check_acks(clock.now())
                             if effects:

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..core import protocol
-from ..core.effects import BeginStateIn, EndStateIn, SendAck
+from ..core.effects import BeginStateIn, EndStateIn, SendAck, SendHeadAck
 from ..core.errors import ProtocolError, ReplicationError
 from ..core.node import SnapshotIn
 from ..core.protocol import ACK, STATE, STATE_BEGIN, STATE_END, STATE_ZREPL, WAL, endpoints
@@ -37,6 +37,11 @@ class UpstreamLink:
         self.node = node
         self.acks: Pusher | None = None
         self.acks_to = ""  # the upstream's address
+        # member acknowledgements straight to the chain's head (when it is
+        # not the upstream: then they go with the upstream's)
+        self.head_acks: Pusher | None = None
+        self.head_to = ""
+        self._head_direct = ""  # where head_acks is connected ("": not)
         self._lock = threading.Lock()  # the ack path (any thread may acknowledge)
         self.writer: Any = None  # the incoming state sync's checkpoint writer
         self.snap: SnapshotIn | None = None  # the core's record of it
@@ -59,6 +64,23 @@ class UpstreamLink:
                 self.acks = node.transport.pusher(endpoints(address).ack, node.config,
                                                   hwm=node.config.ack_queue_messages)
 
+    def connect_head(self, address: str) -> None:
+        """ConnectHead: member acknowledgements go to ``address`` ("": none),
+        with the upstream's when the upstream is the head."""
+        node = self.node
+        with self._lock:
+            self.head_to = address
+            direct = address if address and address != self.acks_to else ""
+            if direct == self._head_direct:
+                return
+            if self.head_acks is not None:
+                self.head_acks.close()
+                self.head_acks = None
+            self._head_direct = direct
+            if direct:
+                self.head_acks = node.transport.pusher(endpoints(direct).ack, node.config,
+                                                       hwm=node.config.ack_queue_messages)
+
     def send_ack(self, payload: bytes) -> None:
         with self._lock:
             if self.acks is None or not self.acks.send(payload):
@@ -67,8 +89,15 @@ class UpstreamLink:
     def ack_effect(self, e: SendAck) -> None:
         self.send_ack(e.payload)
 
+    def head_ack_effect(self, e: SendHeadAck) -> None:
+        with self._lock:
+            pusher = self.acks if self.head_to == self.acks_to else self.head_acks
+            if pusher is None or not pusher.send(e.payload):
+                self.node.core.counters["dropped_messages"] += 1
+
     def close(self) -> None:
         self.connect("")
+        self.connect_head("")
         self.abort_state_in()
 
     # --- data ---------------------------------------------------------------------------

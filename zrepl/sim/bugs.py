@@ -20,7 +20,10 @@ real node.
   forgot is taken as a new command;
 - ``switchover-without-step-down``: a planned switchover promotes its
   target as soon as it is synchronous, without the old leader stepping
-  down first (whose lease still runs).
+  down first (whose lease still runs);
+- ``head-ignores-chain-members``: a head commits on its follower's
+  acknowledgement alone, though the follower named the member it
+  forwarded the batch to (members acknowledge straight to the head).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ BUGS: dict[str, list[tuple[Any, str, Any]]] = {
     "forgetful-session-table": [(SessionTable, "lookup", _lookup_forgetting)],
     "switchover-without-step-down": [(plan_module, "handover_step",
                                       _handover_without_step_down)],
+    "head-ignores-chain-members": [(NodeCore, "_expect", lambda self, *args: None)],
 }
 
 

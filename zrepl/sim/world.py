@@ -259,6 +259,15 @@ class Run:
             run._admitted(node, core.leader_id)
         core.check_writable = check_writable  # type: ignore[method-assign]
 
+        real_commit = core._commit
+
+        def commit(batch: Any) -> list:
+            out = real_commit(batch)
+            if core.role == NodeRole.LEADER and not batch.failed:
+                run._committed(node, batch.last)
+            return out
+        core._commit = commit  # type: ignore[method-assign]
+
         real_end = r._handlers[_EndStateIn]
 
         def end_state_in(e: Any) -> None:
@@ -299,6 +308,28 @@ class Run:
                                       f"{now - self.t0:.4f}, after {self.by_host[who].name} "
                                       f"was made leader of epoch {e} at {at - self.t0:.4f}")
                 return
+
+    def _committed(self, leader: SimNode, last: int) -> None:
+        """THE MEANING OF AN ACKNOWLEDGEMENT: a leader confirms a batch only
+        once every node of its synchronous chain holds it.  The chain is
+        walked as the nodes claim it now (``follower_synchronous``), each
+        link to the incarnation of the follower its stream reached."""
+        core = leader.replica.core
+        up, seen = core, {leader.address}
+        while up.follower_synchronous():
+            nxt = self.by_host.get(up.link.address)
+            if nxt is None or not nxt.running or nxt.address in seen:
+                return
+            down = nxt.replica.core
+            if down.up_stream != up.link.stream or down.leader_id != core.leader_id:
+                return  # (a restarted follower: this link's claim is about its old self)
+            if down.position < last:
+                self.violate("chain", f"{leader.name} confirmed WAL up to {last} in epoch "
+                                      f"{core.leader_id} while {nxt.name}, synchronous in its "
+                                      f"chain, holds {down.position}")
+                return
+            seen.add(nxt.address)
+            up = down
 
     def _appointment(self, node_host: str, epoch: int) -> None:
         who = self.by_host[node_host].name

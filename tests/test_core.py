@@ -253,6 +253,131 @@ def test_without_a_forwarding_link_the_ack_goes_up_at_once():
     assert kinds(effects) == ["SendAck"]
 
 
+D = "tcp://d:1000"
+CB0 = codes_to_bytes([0])
+
+
+def head_with_a_batch(**settings):
+    """A leader linked to B, with batch 1 applied and acknowledged by B,
+    which says it forwarded it to C; returns (core, stream, effects)."""
+    c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], follower=B, **settings)
+    down = linked(c)
+    assert c.link.head_sent == A  # the handshake named this head
+    batch, _ = c.open_batch(1, 1, [("sink", 0, 1)], 2.0)
+    c.batch_applied(batch, [0], CB0, [], 2.0)
+    return c, down, c.on_ack(down, WAL, 1, CB0, None, 2.1, downstream=C)
+
+
+def resolved(effects):
+    return [e for e in effects if isinstance(e, fx.Resolve)]
+
+
+def test_a_head_confirms_a_batch_once_every_member_named_for_it_acknowledged():
+    c, _, effects = head_with_a_batch()
+    assert resolved(effects) == [] and c.commit_index == 0  # B has it, C not known to
+    assert c.awaiting_acks()
+    effects = c.on_member_ack(1, 1, 1, CB0, C, D, 2.2)  # C has it, and forwarded it to D
+    assert resolved(effects) == [] and c.commit_index == 0
+    effects = c.on_member_ack(1, 1, 1, CB0, D, "", 2.3)
+    assert resolved(effects)[0].codes == [0] and c.commit_index == 1
+    assert not c.awaiting_acks()
+
+
+def test_a_members_ack_that_comes_before_it_is_named_counts_when_it_is():
+    c, _, _ = head_with_a_batch()
+    assert c.on_member_ack(1, 1, 1, CB0, D, "", 2.2) == []  # D: not named (yet)
+    effects = c.on_member_ack(1, 1, 1, CB0, C, D, 2.3)  # C names D, which acknowledged
+    assert resolved(effects) and c.commit_index == 1
+
+
+def test_a_members_ack_of_another_epoch_or_batch_counts_for_nothing():
+    c, _, _ = head_with_a_batch()
+    assert c.on_member_ack(2, 1, 1, CB0, C, "", 2.2) == []  # another epoch
+    assert c.on_member_ack(1, 1, 2, CB0, C, "", 2.2) == []  # another batch
+    assert c.commit_index == 0
+    assert resolved(c.on_member_ack(1, 1, 1, CB0, C, "", 2.2))
+
+
+def test_a_drop_from_the_member_that_named_it_releases_the_batch():
+    c, _, _ = head_with_a_batch()
+    assert c.on_member_drop(1, 1, 1, D, C, None, 2.2) == []  # D never named C
+    assert c.commit_index == 0
+    effects = c.on_member_drop(1, 1, 1, B, C, None, 2.2)  # B did: its link to C failed
+    assert resolved(effects)[0].error is None and c.commit_index == 1
+
+
+def test_a_drop_with_an_error_fails_the_link_like_an_error_ack():
+    c, _, _ = head_with_a_batch(require_sync=True)
+    effects = c.on_member_drop(1, 1, 1, B, C, ["Timeout", "C gone"], 2.2)
+    res = resolved(effects)
+    assert isinstance(res[0].error, Timeout) and "outcome unknown" in str(res[0].error)
+    assert c.link.state == FollowerState.NOT_CONNECTED and c.commit_index == 0
+
+
+def test_a_member_with_other_codes_is_a_mismatch():
+    c, _, _ = head_with_a_batch()
+    effects = c.on_member_ack(1, 1, 1, codes_to_bytes([9]), C, "", 2.2)
+    assert isinstance(resolved(effects)[0].error, FollowerMismatch)
+    assert "chain member tcp://c:1000" in str(resolved(effects)[0].error)
+
+
+def test_a_silent_member_fails_the_link_within_the_ack_limit():
+    c, _, _ = head_with_a_batch(ack_timeout=0.5)
+    assert c.ack_deadline() == pytest.approx(2.6)
+    assert c.check_acks(2.5) == []
+    effects = c.check_acks(2.6)
+    assert "chain member(s) tcp://c:1000 did not acknowledge" in str(effects)
+    assert resolved(effects)[0].error is None  # availability first, as for a failed link
+
+
+def test_a_member_acknowledges_at_once_naming_its_follower_and_tells_the_head():
+    # B, second below the head in A -> C -> B -> D
+    c = core(address=B, role=NodeRole.FORWARDER, leader_id=1, history=[(1, 1)], follower=D)
+    c.on_connect(1, C, 5, [], 2, now=0.0, head=A)
+    down = linked(c)
+    assert c.link.head_sent == A
+    batch, header, _ = c.on_wal(5, 1, 1, None, now=2.0)
+    assert header is not None
+    effects = c.on_wal_applied(5, 1, 1, batch, [0], CB0, [], now=2.0)
+    assert kinds(effects) == ["SendAck", "SendHeadAck"]
+    assert protocol.parse_ack(effects[0].payload) == (protocol.ACK, 5, WAL, 1, CB0, None, "")
+    assert protocol.parse_ack(effects[1].payload) == (protocol.MEMBER_ACK, 1, 1, 1, CB0, B, D)
+    # its follower's ack then answers nobody; a failed link tells the head
+    assert c.on_ack(down, WAL, 1, CB0, None, 2.1) == []
+    batch, _, _ = c.on_wal(5, 2, 1, None, now=3.0)
+    c.on_wal_applied(5, 2, 2, batch, [0], CB0, [], now=3.0)
+    effects = c.link_failed(Timeout("D gone"), 3.5)
+    drops = [protocol.parse_ack(e.payload) for e in effects if isinstance(e, fx.SendHeadAck)]
+    assert drops == [(protocol.MEMBER_DROP, 1, 2, 2, B, D, None)]
+
+
+def test_the_first_member_names_its_follower_in_its_own_ack():
+    c = core(address=B, role=NodeRole.FORWARDER, leader_id=1, history=[(1, 1)], follower=C)
+    c.on_connect(1, A, 5, [], 1, now=0.0, head=A)
+    linked(c)
+    batch, _, _ = c.on_wal(5, 1, 1, None, now=2.0)
+    effects = c.on_wal_applied(5, 1, 1, batch, [0], CB0, [], now=2.0)
+    assert kinds(effects) == ["SendAck"]  # the upstream is the head: no second message
+    assert protocol.parse_ack(effects[0].payload)[6] == C
+
+
+def test_a_node_whose_upstream_named_no_head_keeps_the_chained_acks():
+    c = core(address=B, role=NodeRole.FORWARDER, leader_id=1, history=[(1, 1)], follower=C)
+    c.on_connect(1, A, 5, [], 1, now=0.0)  # (an upstream that names no head)
+    linked(c)
+    assert c.link.head_sent == ""
+    batch, _, _ = c.on_wal(5, 1, 1, None, now=2.0)
+    assert c.on_wal_applied(5, 1, 1, batch, [0], CB0, [], now=2.0) == []  # waits for C
+
+
+def test_a_new_head_restarts_the_link_so_the_follower_hears_of_it():
+    c = core(address=B, role=NodeRole.FORWARDER, leader_id=1, history=[(1, 1)], follower=C)
+    c.on_connect(1, A, 5, [], 1, now=0.0)
+    linked(c)
+    _, effects = c.on_connect(1, A, 6, [], 1, now=1.0, head=A)
+    assert "ConnectHead" in kinds(effects) and c.link.state == FollowerState.NOT_CONNECTED
+
+
 def test_different_codes_are_a_mismatch_and_an_error():
     c = core(role=NodeRole.LEADER, leader_id=1, history=[(1, 1)], follower=B)
     down = linked(c)

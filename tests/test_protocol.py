@@ -117,3 +117,29 @@ def test_submit_frames():
         parse_submit(msgpack.packb([7, "submit", 1, b"x"]))
     with pytest.raises(ProtocolError, match="unknown client op"):
         parse_submit(msgpack.packb([1, "drop_tables", 1, b"x"]))
+
+
+def test_ack_endpoint_messages_round_trip():
+    assert p.parse_ack(p.ack_message(5, p.WAL, 9, b"\0\0")) == (p.ACK, 5, p.WAL, 9, b"\0\0", None, "")
+    assert p.parse_ack(p.ack_message(5, p.WAL, 9, b"", None, "tcp://c:1"))[6] == "tcp://c:1"
+    assert p.parse_ack(p.member_ack_message(3, 7, 9, b"\0\0\0\0", "tcp://b:1", "tcp://c:1")) == \
+        (p.MEMBER_ACK, 3, 7, 9, b"\0\0\0\0", "tcp://b:1", "tcp://c:1")
+    err = p.parse_ack(p.member_drop_message(3, 7, 9, "tcp://b:1", "tcp://c:1", Timeout("x")))
+    assert err[:6] == (p.MEMBER_DROP, 3, 7, 9, "tcp://b:1", "tcp://c:1")
+    assert err[6][0] == "Timeout"
+
+
+@pytest.mark.parametrize("msg", [
+    [1, p.MEMBER_ACK, 3, 9, 7, b"", "b", ""],  # first after last
+    [1, p.MEMBER_ACK, 3, 0, 7, b"", "b", ""],  # WAL ids start at 1
+    [1, p.MEMBER_ACK, 3, 1, 1, b"\0", "b", ""],  # odd codes
+    [1, p.MEMBER_ACK, 3, 1, 1, b"", 5, ""],  # member not a string
+    [1, p.MEMBER_DROP, -1, 1, 1, "b", "c", None],
+    [1, p.MEMBER_DROP, 1, 1, 1, "b", "c", "err"],
+    [1, p.ACK, 1, 1, 1, b"", None, 7],  # downstream not a string
+    [1, p.WAL, 1, 1, 1, [], None],  # data on the ack endpoint
+    [2, p.ACK, 1, 1, 1, b"", None],  # another version
+])
+def test_bad_ack_endpoint_messages_are_refused(msg):
+    with pytest.raises(ProtocolError):
+        p.parse_ack(p.packb(msg))

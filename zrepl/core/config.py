@@ -195,9 +195,10 @@ class Config:
     follower before raising ``Timeout``."""
 
     sync_downstream: bool = True
-    """Whether this node's link to its follower is synchronous: a leader
-    answers its callers, and a forwarder acknowledges its upstream, only
-    after the follower acknowledged.  False makes the link asynchronous
+    """Whether this node's link to its follower is synchronous: the head of
+    the chain answers its callers only after the follower acknowledged (a
+    forwarder's follower acknowledges straight to the head; see
+    ``docs/replication.md``).  False makes the link asynchronous
     (answered after the local apply; the follower still receives every
     batch, in order): for a WAN hop at the end of a chain.  Status
     reports each link's ``follower_sync``."""

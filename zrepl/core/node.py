@@ -53,9 +53,9 @@ it.
 **SYNCHRONOUS.**  What a node reports is a promise the supervisor acts on
 (it promotes only members of the synchronous chain).  A node may claim its
 follower SYNCHRONOUS only when *the follower has acknowledged everything
-this node acknowledged (to its callers or its upstream), and every entry
-this node holds beyond that is in flight to it, in order, within the
-window* (:meth:`follower_synchronous`).  The link gets there in two steps:
+this node confirmed to its callers, and every entry this node holds
+beyond what the follower acknowledged is in flight to it, in order,
+within the window* (:meth:`follower_synchronous`).  The link gets there in two steps:
 when catch-up has *sent* everything (checked while no write can start) the
 link starts *forwarding* - every new batch goes through the follower and
 waits for its acknowledgement; when the follower has *acknowledged*
@@ -65,12 +65,19 @@ whose bookkeeping ever disagrees with the position reports itself not
 synchronous rather than lie.
 
 **Acknowledgement topology.**  A node acknowledges a WAL batch to its
-upstream once it has logged and applied it and, when it forwarded the
-batch over a synchronous link, once its follower acknowledged it with the
-same codes (:meth:`_acks_wait_for_follower`).  So an acknowledgement at
-the head means every synchronous node of the chain holds the write.  This
-is the one rule that would change to let every member acknowledge
-straight to the head.
+upstream once it has logged and applied it.  When it forwarded the batch
+over a synchronous link whose handshake named the chain's head, its
+acknowledgement names that follower, and every member below acknowledges
+the batch straight to the head as well (``MEMBER_ACK``); the head
+confirms a batch only when its follower and every member named for it
+acknowledged it with its codes (:meth:`on_member_ack`, :meth:`_confirm`),
+and a member that loses its follower with named batches in flight says
+so (``MEMBER_DROP``, :meth:`_unannounce`).  Over a link whose handshake
+named no head the node waits for its follower's ack before its own
+(:meth:`_acks_wait_for_follower`, the one rule).  Either way an
+acknowledgement at the head means every synchronous node of the chain
+holds the write; straight to the head, a hop costs one message on the way
+down, not a round trip.
 
 **Failed versus busy.**  A link fails when the follower refuses (an error
 ack: fatal refusals put the link in ERROR), answers out of order, cannot be

@@ -510,3 +510,17 @@ def test_a_leader_that_steps_down_takes_nothing_new_but_commits_what_it_sent():
     assert c.role == NodeRole.FOLLOWER and not c.epoch_spent
     assert [e.level for e in effects if isinstance(e, fx.Log) and "successor" in e.text] == \
         [fx.INFO]
+
+
+def test_a_clear_state_from_a_stream_this_node_left_changes_nothing():
+    # (sim seed 1043: re-chained in the same epoch, the old upstream's late
+    # clear_state emptied a node its new upstream called synchronous)
+    c = core(address=C, role=NodeRole.FOLLOWER, leader_id=9, history=[(9, 1)], position=514)
+    c.on_connect(9, B, 5, [[9, 1]], 2, now=0.0, upstream_position=514)
+    c.set_leader(A)
+    c.on_connect(9, A, 6, [[9, 1]], 1, now=1.0, upstream_role=int(NodeRole.LEADER))
+    with pytest.raises(WrongUpstream):
+        c.on_clear_state(9, 2.0, stream=5)
+    assert c.position == 514 and not c.state_incomplete
+    assert kinds(c.on_clear_state(9, 2.0, stream=6))[0] == "ClearState"
+    assert c.position == 0

@@ -630,10 +630,18 @@ class NodeCore:
     def control_apply_state(self, leader_id: Any) -> None:
         self._check_epoch(leader_id)
 
-    def on_clear_state(self, leader_id: Any, now: float) -> Effects:
+    def on_clear_state(self, leader_id: Any, now: float, stream: Any = None) -> Effects:
+        """The upstream starts a state sync.  ``stream``: the conversation
+        it belongs to - a clear_state from an upstream this node no longer
+        follows (in the same epoch: it was re-chained, and the old
+        upstream's call arrived late) must not empty a node another
+        upstream already counts as holding its writes."""
         self._check_epoch(leader_id)
         if self.role == NodeRole.LEADER:
             raise ProtocolError("clear_state refused: this node is the leader")
+        if stream is not None and stream != self.up_stream:
+            raise WrongUpstream(f"clear_state of stream {stream}: {self.address} follows "
+                                f"{self.leader_address or 'nobody'} on another stream now")
         self.sessions.clear()
         # a cleared node holds nothing to offer a follower (which may hold
         # acknowledged writes) until a state sync, or the log from 1, arrives
@@ -1269,7 +1277,8 @@ class NodeCore:
                 self.commit_index = min(fi.position, self.position)
             return out
         link.slot = self.position + 1
-        return out + self._call("clear_state", {"leader_id": self.leader_id}, stream, now)
+        return out + self._call("clear_state", {"leader_id": self.leader_id, "stream": stream},
+                                stream, now)
 
     def _start_snapshot(self, now: float) -> Effects:
         link = self.link

@@ -184,12 +184,12 @@ class ControlServer:
     def op_max_applied_wal(self) -> int:
         return self.node.core.position
 
-    def op_clear_state(self, leader_id: Any) -> None:
+    def op_clear_state(self, leader_id: Any, stream: Any = None) -> None:
         self._from_upstream("clear_state")
         node = self.node
         with node.applier.lock:
             with node.core_lock:
-                effects = node.core.on_clear_state(leader_id, node.clock.now())
+                effects = node.core.on_clear_state(leader_id, node.clock.now(), stream)
             node.run(effects)
 
     def op_apply_state(self, leader_id: Any, datas: Any) -> None:

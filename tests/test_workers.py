@@ -95,6 +95,23 @@ def test_kv_batches_answer_and_end_as_a_dict_model_does(batches, lmdb_store):
             store.close()
 
 
+def test_a_batch_of_sets_only_answers_and_ends_as_one_command_at_a_time():
+    """(KV.apply writes a batch of nothing but sets in one pass: str and
+    bytes keys, a later duplicate winning, a value over the limit answered
+    TOO_LARGE - as the one-by-one loop does.)"""
+    from workers.kv import TOO_LARGE
+    from zrepl.storage.shared import MAX_VALUE_BYTES
+    big = b"x" * (MAX_VALUE_BYTES + 1)
+    cmds = [("set", f"k{i % 20}", i) for i in range(40)] + [("set", b"k1", "b")]
+    one_by_one = KV()
+    want = [code for c in cmds for code in one_by_one.apply([c])]
+    kv = KV()
+    assert kv.apply(cmds) == want == [0] * len(cmds)
+    assert kv.data == one_by_one.data and kv.get("k1") == 21 and kv.get(b"k1") == "b"
+    assert kv.apply(cmds[:20] + [("set", "big", big)]) == [0] * 20 + [TOO_LARGE]
+    assert kv.get("big") is None
+
+
 def test_kv_counters_stay_within_what_msgpack_carries():
     # (issue 12: incr by 2**63-1 three times made every later checkpoint
     # and state sync fail, and the WAL was never truncated again)

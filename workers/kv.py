@@ -28,6 +28,7 @@ lease, answered once it holds exactly the acknowledged writes
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any, Iterator
 
 import msgpack
@@ -50,15 +51,29 @@ TOO_LARGE = 5
 INT_MIN, INT_MAX = -2**63, 2**63 - 1
 
 _ARITY = {"set": 3, "delete": 2, "incr": 3, "cas": 4}
+_op, _key, _value = itemgetter(0), itemgetter(1), itemgetter(2)
+_ONLY_SET = {"set"}
 def encode(cmd: tuple) -> bytes:
     """A command's wire form (what remote clients submit)."""
     check(cmd)
     return packb(cmd)
 
 
+_PLAIN_KEY = MAX_KEY_BYTES // 4  # a str key shorter than this fits whatever its characters
+
+
+def check_all(cmds: list) -> None:
+    """:func:`check` of a batch; the commonest command, a set with a short
+    str key, plainly well-formed (what check finds too), without a call."""
+    for cmd in cmds:
+        if type(cmd) is not tuple or len(cmd) != 3 or cmd[0] != "set" or \
+                type(cmd[1]) is not str or len(cmd[1]) >= _PLAIN_KEY:
+            check(cmd)
+
+
 def check(cmd: Any) -> None:
     if type(cmd) is tuple and len(cmd) == 3 and cmd[0] == "set" and type(cmd[1]) is str and \
-            len(cmd[1]) < MAX_KEY_BYTES // 4:
+            len(cmd[1]) < _PLAIN_KEY:
         return  # the commonest command, plainly well-formed (what the checks below find too)
     if not isinstance(cmd, (tuple, list)) or not cmd or cmd[0] not in _ARITY:
         raise ValueError(f"KV command must be (op, ...) with op in {sorted(_ARITY)}; got {cmd!r:.80}")
@@ -78,7 +93,8 @@ class KV(App):
     node's data directory when a node runs it, readable by reader processes
     and ``LocalReader``; in memory when the App is used on its own."""
 
-    encode_cmd, decode_cmd, encode_cmds, decode_cmds = tuple_codec(check, "KV command")
+    encode_cmd, decode_cmd, encode_cmds, decode_cmds = tuple_codec(check, "KV command",
+                                                                    check_all)
 
     def __init__(self, store: SharedStore | None = None) -> None:
         self.store = store if store is not None else SharedStore()
@@ -87,6 +103,14 @@ class KV(App):
 
     def apply(self, cmds: list) -> list[int]:
         store = self.store
+        if len(cmds) > 16 and set(map(_op, cmds)) == _ONLY_SET:
+            # a batch of sets only (a catch-up, a bulk load): one pass per
+            # step, in C where it can be, and one store call
+            keys = [b"s" + k.encode() if type(k) is str else b"b" + k for k in map(_key, cmds)]
+            values = list(map(packb, map(_value, cmds)))
+            if max(map(len, values)) <= MAX_VALUE_BYTES:
+                store.put_many(keys, values)
+                return [OK] * len(cmds)
         get, put = store.get, store.put
         codes = []
         # runs of sets go to the store in one call (put_many) where no
@@ -205,7 +229,7 @@ def user_key(raw: bytes) -> str | bytes:
 
 
 def unpackb(raw: bytes) -> Any:
-    return _unpackb(raw, raw=False, use_list=False)
+    return _unpackb(raw, use_list=False)  # (raw=False: msgpack's default)
 
 
 class LocalReader(Closing):

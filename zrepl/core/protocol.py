@@ -92,7 +92,7 @@ _unpackb = msgpack.unpackb
 
 
 def unpackb(raw: bytes) -> Any:
-    return _unpackb(raw, raw=False, strict_map_key=False)
+    return _unpackb(raw, strict_map_key=False)
 
 
 def _decode(raw: bytes, what: str) -> Any:
@@ -336,7 +336,7 @@ def member_drop_message(leader_id: int, first: int, last: int, member: str, drop
 def parse_data(raw: bytes) -> list:
     """Decode and shape-check a data or ack message; ProtocolError if bad."""
     try:
-        msg = _unpackb(raw, raw=False, strict_map_key=False)
+        msg = _unpackb(raw, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types
         raise errors.ProtocolError(f"malformed data frame: {exc}") from None
     if type(msg) is not list or len(msg) < 2:
@@ -376,7 +376,7 @@ def parse_ack(raw: bytes) -> tuple:
     * ``(MEMBER_ACK, leader_id, first, last, codes, member, downstream)``
     * ``(MEMBER_DROP, leader_id, first, last, member, dropped, error)``"""
     try:
-        msg = _unpackb(raw, raw=False, strict_map_key=False)
+        msg = _unpackb(raw, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types
         raise errors.ProtocolError(f"malformed ack: {exc}") from None
     if type(msg) is not list or len(msg) < 2:

@@ -148,16 +148,21 @@ def stamp_leader(stamps: Stamps, leader: Replica, storage: Any) -> list:
             stamps.mark("ack")
 
     undo.append(_around(ack, "recv_wait", None, got))
-    inner_drain = ack.drain
+    undo.append(_stamp_drain(ack, stamps, "ack"))
+    return undo
+
+
+def _stamp_drain(receiver: Any, stamps: Stamps, stage: str) -> Callable[[], None]:
+    """Stamp ``stage`` for each message ``receiver.drain`` yields; the undo."""
+    inner = receiver.drain
 
     def drain(limit: int) -> Any:
-        for raw in inner_drain(limit):
-            stamps.mark("ack")
+        for raw in inner(limit):
+            stamps.mark(stage)
             yield raw
 
-    ack.drain = drain  # type: ignore[method-assign]
-    undo.append(lambda: ack.__dict__.pop("drain", None))
-    return undo
+    receiver.drain = drain
+    return lambda: receiver.__dict__.pop("drain", None)
 
 
 # --- the follower process ------------------------------------------------------------
@@ -182,15 +187,7 @@ def follower_main(address: str, data: str, out: str, fsync: str, profile: bool) 
     stamps = Stamps()
     stamps.on = True
     _stamp_store_and_app(stamps, node, storage)
-    data_in = node.endpoints_bound.data
-    inner_drain = data_in.drain
-
-    def drain(limit: int) -> Any:
-        for raw in inner_drain(limit):
-            stamps.mark("recv")
-            yield raw
-
-    data_in.drain = drain  # type: ignore[method-assign]
+    _stamp_drain(node.endpoints_bound.data, stamps, "recv")
     _around(node.upstream, "send_ack", None, lambda *_: stamps.mark("acked"))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

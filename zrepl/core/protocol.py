@@ -333,16 +333,23 @@ def member_drop_message(leader_id: int, first: int, last: int, member: str, drop
     return packb([PROTOCOL_VERSION, MEMBER_DROP, leader_id, first, last, member, dropped, err])
 
 
-def parse_data(raw: bytes) -> list:
-    """Decode and shape-check a data or ack message; ProtocolError if bad."""
+def _framed(raw: bytes, what: str) -> list:
+    """``raw`` unpacked as ``[version, kind, ...]`` of this protocol's
+    version, or ProtocolError("malformed WHAT frame: ...")."""
     try:
         msg = _unpackb(raw, strict_map_key=False)
     except Exception as exc:  # msgpack raises several types
-        raise errors.ProtocolError(f"malformed data frame: {exc}") from None
+        raise errors.ProtocolError(f"malformed {what} frame: {exc}") from None
     if type(msg) is not list or len(msg) < 2:
-        raise errors.ProtocolError("data frame must be an array [version, kind, ...]")
+        raise errors.ProtocolError(f"{what} frame must be an array [version, kind, ...]")
     if msg[0] != PROTOCOL_VERSION:
         _check_version(msg[0])
+    return msg
+
+
+def parse_data(raw: bytes) -> list:
+    """Decode and shape-check a data or ack message; ProtocolError if bad."""
+    msg = _framed(raw, "data")
     kind = msg[1]
     n = len(msg)
     if kind == WAL and n == 7:  # the hottest shape first
@@ -375,14 +382,7 @@ def parse_ack(raw: bytes) -> tuple:
     * ``(ACK, stream, kind, position, codes, error, downstream)``
     * ``(MEMBER_ACK, leader_id, first, last, codes, member, downstream)``
     * ``(MEMBER_DROP, leader_id, first, last, member, dropped, error)``"""
-    try:
-        msg = _unpackb(raw, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several types
-        raise errors.ProtocolError(f"malformed ack: {exc}") from None
-    if type(msg) is not list or len(msg) < 2:
-        raise errors.ProtocolError("ack frame must be an array [version, kind, ...]")
-    if msg[0] != PROTOCOL_VERSION:
-        _check_version(msg[0])
+    msg = _framed(raw, "ack")
     what, n = msg[1], len(msg)
     if what == ACK and (n == 7 or n == 8):
         stream, kind, position, codes, err = msg[2:7]

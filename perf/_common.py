@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,19 @@ sys.path.insert(0, str(ROOT))
 from zrepl import Config, FollowerState, NodeClient, NodeRole  # noqa: E402
 from zrepl.engine.security import keygen  # noqa: E402
 from zrepl.local import LocalCluster, free_tcp_base, wait_until  # noqa: E402,F401
+
+
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """A SIGTERM (``kill``, ``timeout``, ``perf/regress.py`` giving up)
+    runs the script's ``finally`` blocks, so its nodes and temporary
+    directory go with it instead of outliving it."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_term)
 
 
 def tcp_address() -> str:
@@ -56,6 +71,7 @@ class Workdir(LocalCluster):
     warnings only, plus other processes (``extra``) killed on close."""
 
     def __init__(self, prefix: str = "zrepl-perf-"):
+        exit_cleanly_on_sigterm()
         # Same session as the script: the nodes share the CPU with the
         # reference processes and the clients on equal terms.
         super().__init__(tempfile.mkdtemp(prefix=prefix), log_level="WARNING",

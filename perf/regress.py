@@ -116,15 +116,23 @@ def run_one(tree: Path, fig: Figure) -> dict[str, float] | str:
     """The figure's values on ``tree``, or why it could not be measured."""
     out = tree / f".regress-{os.getpid()}.json"
     env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.Popen([sys.executable, str(tree / "perf" / fig.script), *fig.args,
+                             "--json", str(out)], cwd=tree, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run([sys.executable, str(tree / "perf" / fig.script), *fig.args,
-                               "--json", str(out)], cwd=tree, env=env, capture_output=True,
-                              text=True, timeout=fig.timeout)
+        stdout, stderr = proc.communicate(timeout=fig.timeout)
     except subprocess.TimeoutExpired:
+        proc.terminate()  # (SIGTERM: the script stops its nodes on the way out)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        out.unlink(missing_ok=True)
         return f"timed out after {fig.timeout:g}s"
     try:
         if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             return f"exit {proc.returncode}: {tail[0][:200]}"
         doc = json.loads(out.read_text())
         return {name: read(doc) for name, (read, _, _) in fig.reads.items()}

@@ -357,6 +357,35 @@ def test_a_follower_rebooted_since_it_was_seen_synchronous_is_not_promoted():
     assert dead_leader(mem, obs, now=100).memory.leader == B
 
 
+def test_a_reboot_noticed_while_the_leader_lives_still_counts_once_the_leader_dies():
+    """The leader answers and still claims B synchronous (an idle link),
+    but B's machine rebooted: the planner re-links B and records its new
+    boot, so that B's next claim counts.  Until that claim comes, B may
+    have lost writes it acknowledged (only what it fsynced survived), even
+    if its log is as long as when it was recorded: if the leader dies now,
+    B is not promoted.  (Found by `zrepl sim` seed 3072, which then let a
+    second machine lose power because B looked whole again.)"""
+    mem = steady_memory()
+    mem.sync_boot = {A: "a1", B: "b1", C: "c1"}
+    obs = dict(steady(wal=110))
+    obs[A] = with_extra(obs[A], boot="a1")
+    obs[B] = with_extra(obs[B], boot="b2")  # power loss: synced up to 110 >= the 100 recorded
+    obs[C] = with_extra(obs[C], boot="c1")
+    p = plan(ORDER, obs, mem, CFG, now=10)
+    assert str(Call("set_follower", A, target=B)) in ops(p)  # re-linked before it counts
+    assert B not in dict(p.memory.sync_chain)
+    after = p.memory
+    obs[A] = None
+    p = dead_leader(after, obs, now=100)
+    assert p.new_epoch == 0 and "promoting nobody" in p.memory.note
+    # B's fresh claim (the leader saw it synchronous since the reboot) counts again
+    obs[A] = with_extra(s(A, L, 1, 120, B, SYNC), boot="a1")
+    obs[B] = with_extra(s(B, FW, 1, 120, C, SYNC, leader=A), boot="b2")
+    obs[C] = with_extra(s(C, F, 1, 120, leader=B), boot="c1")
+    p = plan(ORDER, obs, after, CFG, now=200)
+    assert B in dict(p.memory.sync_chain)
+
+
 def spent_leader() -> tuple[Memory, dict]:
     """A -> B -> C seen synchronous on machines a1, b1, c1; A then restarted
     (same machine) and reports its epoch spent."""

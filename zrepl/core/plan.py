@@ -487,11 +487,19 @@ def plan(order: list[str], observed: dict[str, NodeStatus | None], memory: Memor
         # claimed synchronous by an upstream that has not noticed (an idle
         # link): the claim is stale.  It is not counted now, and its
         # upstream re-links it (a handshake), so the next claim is fresh.
+        # Nor does the recorded chain count it, from it down: it kept only
+        # what it had fsynced, and recording its new boot below would
+        # otherwise make it look whole to ``promotable`` before any fresh
+        # claim (the leader dying then promoted a node that may have lost
+        # acknowledged writes).
         prev = leader
         for i, (a, _) in enumerate(chain_now):
             st = alive[a]
             if rebooted_since(mem, a, st):
                 chain_now = chain_now[:i]
+                recorded = [x for x, _ in mem.sync_chain]
+                if a in recorded:
+                    mem.sync_chain = mem.sync_chain[:recorded.index(a)]
                 mem.sync_boot[a] = str(st.extra.get("boot", ""))
                 calls.append(Call("set_follower", prev, target=a))
                 events.append((WARNING, f"{a} restarted after a reboot: {prev} re-links it "
